@@ -1,0 +1,99 @@
+"""The Redis key schema (pure): one function builds every key.
+
+Every key one script call touches shares one hash tag, so the schema is ready for Redis
+Cluster. Devices are spread over SHARDS fixed shards by a hash of their id; a shard's tag
+is `{d042}` and it holds the per-device keys and that shard's indexes. Anonymous buckets
+are tagged by a hash of the client IP (`{a017}`). Ids may contain `{`, `}`, `:` or `*`:
+they only ever come after the tag, and only the first `{...}` of a key is its tag.
+
+    <p>:{dNNN}:dev:<id>     hash    the device record (short field names, see FIELD_*)
+    <p>:{dNNN}:hist:<id>    list    change history, newest first, capped
+    <p>:{dNNN}:tb:<id>      hash    token bucket {t: milli-tokens, ts: us}; expires when full
+    <p>:{dNNN}:rl:<id>      hash    rate-limit override {r: milli-tokens per second, b: burst}
+    <p>:{dNNN}:active       zset    id -> last activity (ms): last request, or blocked_at if none
+    <p>:{dNNN}:blocked      zset    blocked ids -> last activity (ms), same score as in active
+    <p>:{dNNN}:names        hash    id -> custom name (renamed devices only), for the name search
+    <p>:{aNNN}:ip:<ip>      hash    token bucket of an anonymous client address
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+SHARDS = 256
+
+# Record field names, kept short because every device pays for them in Redis memory.
+FIELD_NAME = "n"
+FIELD_REQUESTS = "rc"
+FIELD_DENIED = "dc"
+FIELD_FIRST_SEEN = "fs"
+FIELD_LAST_ACTIVE = "la"
+FIELD_LAST_UPLOAD = "lu"
+FIELD_BLOCKED_AT = "b"
+# Declared device fields, in gateway.model.DEVICE_FIELDS order.
+DEVICE_FIELD_KEYS = ("a", "av", "o", "ov", "mf", "md")
+
+
+def shard_of(device_id: str) -> int:
+    """The fixed shard of a device id (stable across processes and versions)."""
+    return zlib.crc32(device_id.encode()) % SHARDS
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKeys:
+    """Every key of one device, all under its shard's hash tag."""
+
+    record: str
+    history: str
+    bucket: str
+    override: str
+    active: str
+    blocked: str
+    names: str
+
+    def enforce(self) -> tuple[str, str, str, str, str, str]:
+        """KEYS of enforce.lua, in order."""
+        return (self.record, self.history, self.active, self.blocked, self.bucket, self.override)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardKeys:
+    """The indexes of one shard."""
+
+    active: str
+    blocked: str
+    names: str
+
+
+class KeySchema:
+    """Builds keys under one prefix; shard tags are computed once."""
+
+    __slots__ = ("_anon_tags", "_dev_tags", "prefix")
+
+    def __init__(self, prefix: str = "dg") -> None:
+        self.prefix = prefix
+        self._dev_tags = tuple(f"{prefix}:{{d{i:03d}}}:" for i in range(SHARDS))
+        self._anon_tags = tuple(f"{prefix}:{{a{i:03d}}}:" for i in range(SHARDS))
+
+    def device(self, device_id: str) -> DeviceKeys:
+        """All keys of one device."""
+        tag = self._dev_tags[shard_of(device_id)]
+        return DeviceKeys(
+            record=f"{tag}dev:{device_id}",
+            history=f"{tag}hist:{device_id}",
+            bucket=f"{tag}tb:{device_id}",
+            override=f"{tag}rl:{device_id}",
+            active=f"{tag}active",
+            blocked=f"{tag}blocked",
+            names=f"{tag}names",
+        )
+
+    def shard(self, shard: int) -> ShardKeys:
+        """The index keys of one shard."""
+        tag = self._dev_tags[shard]
+        return ShardKeys(active=f"{tag}active", blocked=f"{tag}blocked", names=f"{tag}names")
+
+    def anonymous_bucket(self, client_ip: str) -> str:
+        """The token bucket of an anonymous client address."""
+        return f"{self._anon_tags[zlib.crc32(client_ip.encode()) % SHARDS]}ip:{client_ip}"

@@ -1,0 +1,29 @@
+-- block.lua: block a device; creates the record for an id never seen (a pre-block).
+-- Idempotent: blocking a blocked device keeps its first blocked_at.
+-- KEYS[1] record hash, KEYS[2] active zset, KEYS[3] blocked zset
+-- ARGV[1] now in microseconds since the epoch, or "" to read Redis TIME
+-- ARGV[2] device id
+-- Reply: the record as a flat HGETALL list.
+
+local now_us
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now_us = tonumber(ARGV[1])
+end
+local now_ms = string.format('%d', math.floor(now_us / 1000))
+local record, active, blocked, device_id = KEYS[1], KEYS[2], KEYS[3], ARGV[2]
+
+local current = redis.call('HMGET', record, 'rc', 'b', 'la')
+if not current[1] then
+  redis.call('HSET', record, 'rc', 0, 'dc', 0)
+end
+if not current[2] then
+  redis.call('HSET', record, 'b', now_ms)
+  -- Last activity is the last request, or the time it was blocked for a device never seen.
+  local score = current[3] or now_ms
+  redis.call('ZADD', active, score, device_id)
+  redis.call('ZADD', blocked, score, device_id)
+end
+return redis.call('HGETALL', record)

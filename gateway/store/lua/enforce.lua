@@ -1,0 +1,156 @@
+-- enforce.lua: the one call per request. Block check, token bucket, device upsert,
+-- change history and index updates, atomically.
+--
+-- Two modes, told apart by the number of KEYS:
+--   device (6 KEYS): KEYS[1] record hash, KEYS[2] history list, KEYS[3] active zset,
+--                    KEYS[4] blocked zset, KEYS[5] bucket hash, KEYS[6] override hash
+--   anonymous (1 KEY): KEYS[1] bucket hash of the client address
+-- ARGV[1]  now in microseconds since the epoch, or "" to read Redis TIME (production)
+-- ARGV[2]  default rate, milli-tokens per second (integer >= 1)
+-- ARGV[3]  default burst, whole tokens (integer >= 1)
+-- ARGV[4]  "1" when the method counts as a data upload, else "0"   (device mode)
+-- ARGV[5]  history cap, entries (integer >= 0)                       (device mode)
+-- ARGV[6]  device id                                                 (device mode)
+-- ARGV[7..12] application, application_version, os, os_version, manufacturer, model;
+--          "" when the request did not declare it (the stored value is kept)
+--
+-- Reply: {outcome, remaining, retry_after_us, full_after_us, rate, burst, new_device}
+--   outcome 0 allowed, 1 blocked (no token taken), 2 rate-limited
+--   remaining whole tokens left; retry_after_us until the next whole token (0 when full);
+--   full_after_us until the bucket is full; rate/burst of the bucket that applied;
+--   new_device 1 when this call created the record.
+--
+-- Tokens are integer milli-tokens (Redis truncates Lua floats in replies); a request
+-- costs 1000. The bucket's timestamp never moves backwards, and the bucket key expires
+-- the moment it would be full again (a missing bucket is a full one).
+
+local COST = 1000
+local MICROS = 1000000
+
+local now_us
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now_us = tonumber(t[1]) * MICROS + tonumber(t[2])
+else
+  now_us = tonumber(ARGV[1])
+end
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- Refill, then try to take one token. Returns the reply's bucket part.
+local function take(bucket_key)
+  local cap = burst * COST
+  local state = redis.call('HMGET', bucket_key, 't', 'ts')
+  local tokens, ts = cap, now_us
+  if state[1] then
+    tokens = math.min(tonumber(state[1]), cap)
+    ts = tonumber(state[2])
+    local elapsed = now_us - ts
+    if elapsed > 0 then
+      if elapsed * rate >= (cap - tokens) * MICROS then
+        tokens, ts = cap, now_us
+      else
+        local gained = math.floor(elapsed * rate / MICROS)
+        tokens = tokens + gained
+        -- Advance only by the time that produced whole milli-tokens: keeps the fraction.
+        ts = ts + math.floor(gained * MICROS / rate)
+      end
+    end
+  end
+  local carried = math.max(now_us - ts, 0)
+  local allowed = tokens >= COST
+  if allowed then
+    tokens = tokens - COST
+  end
+  local full_after = math.max(math.ceil((cap - tokens) * MICROS / rate) - carried, 0)
+  local retry_after = 0
+  if tokens < cap then
+    local need = COST - tokens % COST
+    retry_after = math.max(math.ceil(need * MICROS / rate) - carried, 1)
+  end
+  if allowed then
+    redis.call('HSET', bucket_key, 't', int(tokens), 'ts', int(ts))
+    redis.call('PEXPIRE', bucket_key, int(math.floor(full_after / 1000) + 1))
+  end
+  local outcome = 0
+  if not allowed then
+    outcome = 2
+  end
+  return {outcome, math.floor(tokens / COST), retry_after, full_after, rate, burst}
+end
+
+if #KEYS == 1 then
+  local reply = take(KEYS[1])
+  reply[7] = 0
+  return reply
+end
+
+local record, history, active, blocked_idx, bucket_key, override =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local upload = ARGV[4] == '1'
+local history_cap = tonumber(ARGV[5])
+local device_id = ARGV[6]
+local now_ms = math.floor(now_us / 1000)
+
+local FIELDS = {'a', 'av', 'o', 'ov', 'mf', 'md'}
+local current = redis.call('HMGET', record, 'rc', 'b', 'la', 'a', 'av', 'o', 'ov', 'mf', 'md')
+local is_new = not current[1]
+local is_blocked = current[2] ~= false
+
+local reply
+if is_blocked then
+  reply = {1, 0, 0, 0, rate, burst}
+else
+  local limit = redis.call('HMGET', override, 'r', 'b')
+  if limit[1] then
+    rate = tonumber(limit[1])
+    burst = tonumber(limit[2])
+  end
+  reply = take(bucket_key)
+end
+reply[7] = is_new and 1 or 0
+
+-- Upsert: timestamps come from this one clock; last_active never moves backwards.
+local last = tonumber(current[3] or '0')
+local stamp = math.max(now_ms, last)
+local updates = {'la', int(stamp)}
+if upload then
+  updates[#updates + 1] = 'lu'
+  updates[#updates + 1] = int(stamp)
+end
+if is_new then
+  updates[#updates + 1] = 'fs'
+  updates[#updates + 1] = int(stamp)
+end
+for i = 1, 6 do
+  local declared = ARGV[6 + i]
+  if declared ~= '' then
+    local old = current[3 + i]
+    if old ~= declared then
+      updates[#updates + 1] = FIELDS[i]
+      updates[#updates + 1] = declared
+      -- A first value is information, not a change: only a differing stored value is history.
+      if old and history_cap > 0 then
+        redis.call('LPUSH', history, table.concat({int(stamp), FIELDS[i], old, declared}, '\31'))
+        redis.call('LTRIM', history, 0, history_cap - 1)
+      end
+    end
+  end
+end
+redis.call('HSET', record, unpack(updates))
+redis.call('HINCRBY', record, 'rc', 1)
+if reply[1] ~= 0 then
+  redis.call('HINCRBY', record, 'dc', 1)
+end
+if is_new then
+  redis.call('HSETNX', record, 'dc', 0)
+end
+redis.call('ZADD', active, stamp, device_id)
+if is_blocked then
+  redis.call('ZADD', blocked_idx, stamp, device_id)
+end
+return reply

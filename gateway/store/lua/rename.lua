@@ -1,0 +1,18 @@
+-- rename.lua: set or clear a device's custom name. No record -> nil.
+-- KEYS[1] record hash, KEYS[2] names hash (the shard's name-search index)
+-- ARGV[1] device id
+-- ARGV[2] the new name, or "" to clear it
+-- Reply: the record as a flat HGETALL list, or nil when there is no record.
+
+local record, names, device_id, name = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+if redis.call('EXISTS', record) == 0 then
+  return nil
+end
+if name == '' then
+  redis.call('HDEL', record, 'n')
+  redis.call('HDEL', names, device_id)
+else
+  redis.call('HSET', record, 'n', name)
+  redis.call('HSET', names, device_id, name)
+end
+return redis.call('HGETALL', record)

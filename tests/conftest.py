@@ -1,0 +1,144 @@
+"""Shared fixtures: a fake clock, a real redis-server on a free port, stores on both."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from gateway.config import RedisSettings
+from gateway.store import Store
+
+# 2026-11-03T23:24:19.787Z, the seed document's timestamp.
+EPOCH_US = 1_793_748_259_787_000
+
+
+class FakeClock:
+    """An injectable clock in microseconds; tests move it with .advance(ms), never sleep."""
+
+    def __init__(self, start_us: int = EPOCH_US) -> None:
+        self.now_us = start_us
+
+    def __call__(self) -> int:
+        return self.now_us
+
+    def advance(self, ms: float) -> None:
+        """Move time forward by `ms` milliseconds (fractions allowed)."""
+        self.now_us += round(ms * 1000)
+
+    @property
+    def now_ms(self) -> int:
+        """The current time in epoch milliseconds."""
+        return self.now_us // 1000
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server process on a free loopback port, with no persistence."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="devicegate-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.dir,
+                "--logfile", os.path.join(self.dir, "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    pytest.fail("redis-server did not start within 10 s")
+                time.sleep(0.02)
+        client.close()
+
+    def flush(self) -> None:
+        """Empty the server and its script cache."""
+        with redis.Redis(port=self.port, socket_timeout=2) as client:
+            client.flushall()
+            client.script_flush()
+
+    def stop(self) -> None:
+        """Stop the server and remove its directory."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the whole session."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def real_redis(redis_server: RedisServer) -> RedisServer:
+    """The real redis-server, emptied for this test."""
+    redis_server.flush()
+    return redis_server
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fresh fake clock."""
+    return FakeClock()
+
+
+@pytest.fixture(params=["fake", "real"])
+async def store(
+    request: pytest.FixtureRequest, clock: FakeClock
+) -> AsyncIterator[Store]:
+    """A Store on fakeredis and on a real redis-server, with the fake clock."""
+    if request.param == "fake":
+        s = Store.memory(clock=clock)
+    else:
+        server: RedisServer = request.getfixturevalue("real_redis")
+        s = Store.from_settings(
+            RedisSettings(url=server.url, timeout=2.0, key_prefix=f"t{uuid.uuid4().hex[:6]}"),
+            clock=clock,
+        )
+    await s.start()
+    yield s
+    await s.close()
+
+
+TESTS_DIR = Path(__file__).parent
