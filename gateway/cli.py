@@ -1,0 +1,207 @@
+"""The `gateway` command: argument parsing only; the work happens in app, admin_client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import sys
+from collections.abc import Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from gateway.config import Settings, load_config
+from gateway.errors import AdminClientError, ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _config_path(arg: str | None, env: Mapping[str, str]) -> str | None:
+    """--config, else $GATEWAY_CONFIG, else ./config.yaml when present, else built-in defaults."""
+    if arg:
+        return arg
+    if env.get("GATEWAY_CONFIG"):
+        return env["GATEWAY_CONFIG"]
+    return "config.yaml" if Path("config.yaml").is_file() else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="devicegate: a reverse proxy that enforces policy per device."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", help="config file (default: ./config.yaml if present)")
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="also start a built-in echo upstream on loopback and print curl lines to try",
+    )
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config", help="config file (default: ./config.yaml if present)")
+
+    devices = sub.add_parser("devices", help="manage devices through a running admin API")
+    devices.add_argument("--config", help="config file, for the admin address and token")
+    devices.add_argument("--admin-url", help="admin API base URL (default: from admin.listen)")
+    devices.add_argument("--token", help="admin token (default: $GATEWAY_ADMIN_TOKEN)")
+    devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    dsub = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
+    lst = dsub.add_parser("list", help="list devices, most recent activity first")
+    lst.add_argument("--name", help="case-insensitive substring of the name or id")
+    lst.add_argument("--blocked", choices=("all", "hide", "only"), default="all")
+    lst.add_argument("--page", type=int, default=1)
+    lst.add_argument("--amount", type=int, default=20)
+    for action in ("show", "block", "unblock"):
+        p = dsub.add_parser(action, help=f"{action} one device")
+        p.add_argument("id")
+    rename = dsub.add_parser("rename", help="set a device's custom name ('' clears it)")
+    rename.add_argument("id")
+    rename.add_argument("name")
+    return parser
+
+
+def _load(args: argparse.Namespace, env: Mapping[str, str], err: TextIO) -> Settings | None:
+    try:
+        return load_config(_config_path(args.config, env), env)
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=err)
+        return None
+
+
+def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop when it is installed (the `speed` extra), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _cmd_run(settings: Settings, demo: bool, out: TextIO) -> int:
+    from gateway.app import Running, serve
+    from gateway.demo import curl_lines, start_echo
+    from gateway.logs import setup_logging
+
+    setup_logging(settings.log.level)
+
+    async def main() -> None:
+        echo = None
+        current = settings
+        if demo:
+            echo, origin = await start_echo()
+            current = dataclasses.replace(
+                settings, upstream=dataclasses.replace(settings.upstream, url=origin)
+            )
+
+        def ready(running: Running) -> None:
+            if demo:
+                print(
+                    curl_lines(running.public_url, running.admin_url, running.admin_token),
+                    file=out,
+                    flush=True,
+                )
+
+        try:
+            await serve(current, on_ready=ready)
+        finally:
+            if echo is not None:
+                await echo.cleanup()
+
+    try:
+        _run_async(main())
+    except OSError as exc:
+        print(f"gateway: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _admin_url(settings: Settings) -> str:
+    host = settings.admin.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.admin.listen.port}"
+
+
+def _cmd_devices(
+    args: argparse.Namespace, settings: Settings, env: Mapping[str, str], out: TextIO
+) -> int:
+    from gateway.admin_client import AdminClient, render_device, render_table
+
+    token = args.token or env.get("GATEWAY_ADMIN_TOKEN") or settings.admin.token
+    if not token:
+        raise AdminClientError(
+            "no admin token: pass --token, set GATEWAY_ADMIN_TOKEN or admin.token in the config"
+        )
+    url = args.admin_url or _admin_url(settings)
+
+    async def call() -> tuple[Any, int | None]:
+        client = AdminClient(url, token)
+        try:
+            if args.action == "list":
+                if args.page < 1 or not 1 <= args.amount <= 1000:
+                    raise AdminClientError("--page must be >= 1 and --amount 1..1000")
+                devices, total = await client.list_devices(
+                    args.name, args.blocked, args.page, args.amount
+                )
+                return devices, total
+            if args.action == "show":
+                return await client.get_device(args.id), None
+            if args.action == "block":
+                return await client.block(args.id), None
+            if args.action == "unblock":
+                return await client.unblock(args.id), None
+            return await client.rename(args.id, args.name or None), None
+        finally:
+            await client.close()
+
+    result, total = asyncio.run(call())
+    if args.json:
+        payload = {"devices": result, "total": total} if total is not None else result
+        out.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif total is not None:
+        out.write(render_table(result, total) + "\n")
+    else:
+        out.write(render_device(result) + "\n")
+    return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Entry point of the `gateway` console script; returns the exit code."""
+    env = os.environ if env is None else env
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = _parser().parse_args(argv)
+    settings = _load(args, env, err)
+    if settings is None:
+        return EXIT_USAGE
+    if args.command == "check-config":
+        print(f"config ok: {_config_path(args.config, env) or '<defaults>'}", file=out)
+        return EXIT_OK
+    if args.command == "run":
+        if args.log_level:
+            settings = dataclasses.replace(
+                settings, log=dataclasses.replace(settings.log, level=args.log_level)
+            )
+        return _cmd_run(settings, args.demo, out)
+    try:
+        return _cmd_devices(args, settings, env, out)
+    except AdminClientError as exc:
+        print(f"gateway: {exc}", file=err)
+        return EXIT_FAILURE
