@@ -124,9 +124,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture(params=["fake", "real"])
-async def store(
-    request: pytest.FixtureRequest, clock: FakeClock
-) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Store]:
     """A Store on fakeredis and on a real redis-server, with the fake clock."""
     if request.param == "fake":
         s = Store.memory(clock=clock)

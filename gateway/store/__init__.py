@@ -169,8 +169,8 @@ class Store:
 
     async def close(self) -> None:
         """Close both clients' connections."""
-        await self._hot.aclose()
-        await self._admin.aclose()
+        await self._hot.aclose(close_connection_pool=True)
+        await self._admin.aclose(close_connection_pool=True)
 
     async def ping(self) -> bool:
         """True when Redis answers in time; never raises."""

@@ -1,0 +1,24 @@
+# syntax=docker/dockerfile:1
+
+# Build stage: wheels for the gateway and its dependencies.
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[speed]'
+
+# Runtime stage: no compiler, no sources, a non-root user.
+FROM python:3.11-slim-bookworm
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin devicegate
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links=/wheels 'devicegate[speed]==0.1.0' \
+    && rm -rf /wheels
+COPY config.yaml /etc/devicegate/config.yaml
+USER 10001
+ENV PYTHONUNBUFFERED=1
+EXPOSE 8080 8081
+# The admin listener (127.0.0.1:8081 by default) answers /healthz without touching Redis.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["gateway"]
+CMD ["run", "--config", "/etc/devicegate/config.yaml"]

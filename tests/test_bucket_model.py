@@ -1,0 +1,94 @@
+"""Property test: enforce.lua's token bucket against a pure-Python model, fake and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from bucket_model import BucketModel
+from conftest import EPOCH_US, RedisServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.config import RedisSettings
+from gateway.model import Bucket, DeviceIdentity, Outcome
+from gateway.store import Store
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_us = EPOCH_US
+
+    def __call__(self) -> int:
+        return self.now_us
+
+
+@pytest.fixture(scope="module", params=["fake", "real"])
+def runner(request: pytest.FixtureRequest) -> Iterator[tuple[asyncio.Runner, str]]:
+    """An event loop kept across hypothesis examples, and the store's Redis URL."""
+    with asyncio.Runner() as loop:
+        if request.param == "fake":
+            yield loop, "memory://"
+        else:
+            server: RedisServer = request.getfixturevalue("redis_server")
+            yield loop, server.url
+
+
+steps = st.lists(
+    # Elapsed microseconds before each request; negative steps are a clock going backwards.
+    st.one_of(
+        st.integers(min_value=0, max_value=3_000_000),
+        st.integers(min_value=-50_000, max_value=0),
+        st.just(0),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rate_milli=st.integers(min_value=1, max_value=50_000),
+    burst=st.integers(min_value=1, max_value=20),
+    elapsed=steps,
+    anonymous=st.booleans(),
+)
+def test_lua_bucket_matches_the_model(
+    runner: tuple[asyncio.Runner, str],
+    rate_milli: int,
+    burst: int,
+    elapsed: list[int],
+    anonymous: bool,
+) -> None:
+    loop, url = runner
+    clock = _Clock()
+    store = Store.from_settings(
+        RedisSettings(url=url, timeout=2.0, key_prefix=f"m{uuid.uuid4().hex[:8]}"), clock=clock
+    )
+    model = BucketModel(rate_milli, burst)
+    bucket = Bucket(rate=rate_milli / 1000, burst=burst)
+    identity = None if anonymous else DeviceIdentity(f"d-{uuid.uuid4().hex}")
+    mismatches = []
+
+    async def run() -> None:
+        for step in elapsed:
+            clock.now_us += step
+            want = model.take(clock.now_us)
+            got = await store.enforce(identity, "198.51.100.7", bucket, upload=False)
+            seen = (
+                got.outcome is Outcome.ALLOW,
+                got.remaining,
+                got.retry_after_us,
+                got.full_after_us,
+            )
+            expected = (want.allowed, want.remaining, want.retry_after_us, want.full_after_us)
+            if seen != expected:
+                mismatches.append((step, expected, seen))
+        await store.close()
+
+    loop.run(run())
+    assert mismatches == []

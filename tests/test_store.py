@@ -1,0 +1,363 @@
+"""The store on fakeredis and on a real redis-server: registration, blocking, lists, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import FakeClock, free_port
+
+from gateway.config import RedisSettings
+from gateway.errors import StoreUnavailable
+from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
+from gateway.store import Store
+
+BUCKET = Bucket(rate=1.0, burst=3)
+PHONE = DeviceIdentity(
+    "phone-1",
+    application="FieldApp",
+    application_version="2.4.1",
+    os="Android",
+    os_version="15",
+    manufacturer="Samsung",
+    model="Galaxy S24",
+)
+
+
+async def call(store: Store, identity: DeviceIdentity | None = PHONE, *, upload: bool = False):
+    return await store.enforce(identity, "203.0.113.9", BUCKET, upload=upload)
+
+
+def test_iso_ms_formats_like_the_seed() -> None:
+    assert iso_ms(1_793_748_259_787) == "2026-11-03T23:24:19.787Z"
+    assert iso_ms(1_793_748_259_007) == "2026-11-03T23:24:19.007Z"
+    assert iso_ms(None) is None
+
+
+async def test_first_request_registers_the_device(store: Store, clock: FakeClock) -> None:
+    decision = await call(store, upload=True)
+    assert decision.outcome is Outcome.ALLOW
+    assert decision.new_device
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert device.to_json() == {
+        "id": "phone-1",
+        "name": None,
+        "display_name": "phone-1",
+        "application": "FieldApp",
+        "application_version": "2.4.1",
+        "os": "Android",
+        "os_version": "15",
+        "manufacturer": "Samsung",
+        "model": "Galaxy S24",
+        "first_seen": "2026-11-03T23:24:19.787Z",
+        "last_active": "2026-11-03T23:24:19.787Z",
+        "last_data_upload": "2026-11-03T23:24:19.787Z",
+        "last_activity": "2026-11-03T23:24:19.787Z",
+        "blocked": False,
+        "blocked_at": None,
+        "request_count": 1,
+        "denied_count": 0,
+        "rate_limit": None,
+    }
+    assert not (await call(store)).new_device
+
+
+async def test_last_active_moves_and_upload_only_for_uploads(
+    store: Store, clock: FakeClock
+) -> None:
+    await call(store, upload=True)
+    uploaded = clock.now_ms
+    clock.advance(5_000)
+    await call(store, upload=False)
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert device.last_active == clock.now_ms
+    assert device.last_data_upload == uploaded
+    assert device.first_seen == uploaded
+    assert device.request_count == 2
+
+
+async def test_timestamps_never_move_backwards(store: Store, clock: FakeClock) -> None:
+    await call(store)
+    first = clock.now_ms
+    clock.advance(-30_000)
+    await call(store)
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert device.last_active == first
+
+
+async def test_undeclared_fields_keep_their_stored_values(store: Store) -> None:
+    await call(store)
+    await call(store, DeviceIdentity("phone-1"))
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.application, device.model) == ("FieldApp", "Galaxy S24")
+    assert await store.history("phone-1") == []
+
+
+async def test_changes_are_recorded_newest_first(store: Store, clock: FakeClock) -> None:
+    await call(store)
+    clock.advance(1_000)
+    await call(store, DeviceIdentity("phone-1", application_version="2.5.0", os_version="16"))
+    history = await store.history("phone-1")
+    assert history is not None
+    assert [e.to_json() for e in history] == [
+        {"at": iso_ms(clock.now_ms), "field": "os_version", "old": "15", "new": "16"},
+        {
+            "at": iso_ms(clock.now_ms),
+            "field": "application_version",
+            "old": "2.4.1",
+            "new": "2.5.0",
+        },
+    ]
+
+
+async def test_history_is_capped(clock: FakeClock) -> None:
+    store = Store.memory(clock=clock, history_size=3)
+    for version in range(6):
+        await call(store, DeviceIdentity("phone-1", application_version=str(version)))
+    history = await store.history("phone-1")
+    assert history is not None
+    assert [e.new for e in history] == ["5", "4", "3"]
+    assert await store.history("nobody") is None
+    await store.close()
+
+
+async def test_bucket_allows_burst_then_limits_then_refills(store: Store, clock: FakeClock) -> None:
+    outcomes = [(await call(store)).outcome for _ in range(4)]
+    assert outcomes == [Outcome.ALLOW] * 3 + [Outcome.LIMITED]
+    limited = await call(store)
+    assert limited.retry_after_us == 1_000_000
+    clock.advance(999)
+    assert (await call(store)).outcome is Outcome.LIMITED
+    clock.advance(1)
+    assert (await call(store)).outcome is Outcome.ALLOW
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.request_count, device.denied_count) == (7, 3)
+
+
+async def test_blocked_device_is_denied_without_taking_tokens(
+    store: Store, clock: FakeClock
+) -> None:
+    await call(store)
+    await store.block("phone-1")
+    clock.advance(2_000)
+    for _ in range(5):
+        assert (await call(store)).outcome is Outcome.BLOCKED
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert device.blocked
+    assert device.denied_count == 5
+    assert device.last_active == clock.now_ms  # ops see a blocked device that keeps trying
+    await store.unblock("phone-1")
+    # The bucket was full before the block and no token was taken while blocked.
+    remaining = [(await call(store)).remaining for _ in range(3)]
+    assert remaining == [2, 1, 0]
+
+
+async def test_block_is_idempotent_and_keeps_the_first_time(store: Store, clock: FakeClock) -> None:
+    await call(store)
+    first = await store.block("phone-1")
+    clock.advance(10_000)
+    again = await store.block("phone-1")
+    assert first.blocked_at == again.blocked_at == clock.now_ms - 10_000
+    unblocked = await store.unblock("phone-1")
+    assert unblocked is not None
+    assert not unblocked.blocked
+    assert unblocked.blocked_at is None
+    assert (await store.unblock("phone-1")) is not None
+
+
+async def test_pre_block_creates_a_record_and_denies_the_first_request(
+    store: Store, clock: FakeClock
+) -> None:
+    device = await store.block("lost-phone")
+    assert device.blocked
+    assert device.first_seen is None
+    assert device.last_activity == clock.now_ms
+    assert (await call(store, DeviceIdentity("lost-phone"))).outcome is Outcome.BLOCKED
+
+
+async def test_unknown_devices(store: Store) -> None:
+    assert await store.get_device("ghost") is None
+    assert await store.unblock("ghost") is None
+    assert await store.rename("ghost", "x") is None
+    assert await store.delete("ghost") is False
+    assert await store.delete_rate_limit("ghost") is False
+
+
+async def test_rename_and_clear(store: Store) -> None:
+    await call(store)
+    renamed = await store.rename("phone-1", "Warehouse scanner")
+    assert renamed is not None
+    assert (renamed.name, renamed.display_name) == ("Warehouse scanner", "Warehouse scanner")
+    cleared = await store.rename("phone-1", None)
+    assert cleared is not None
+    assert (cleared.name, cleared.display_name) == (None, "phone-1")
+    devices, total = await store.list_devices(name="warehouse")
+    assert (devices, total) == ([], 0)
+
+
+async def test_delete_removes_every_key(store: Store) -> None:
+    await call(store)
+    await call(store, DeviceIdentity("phone-1", application="Other"))
+    await store.rename("phone-1", "n")
+    await store.block("phone-1")
+    await store.set_rate_limit("phone-1", Bucket(rate=2, burst=2))
+    assert await store.delete("phone-1") is True
+    assert await store.get_device("phone-1") is None
+    prefix = store.keys.prefix
+    left = [k async for k in store._admin.scan_iter(match=f"{prefix}:*")]
+    # Empty index keys vanish by themselves in Redis; only non-empty ones could remain.
+    assert left == []
+    assert await store.list_devices() == ([], 0)
+
+
+async def test_rate_limit_override_takes_precedence(store: Store) -> None:
+    await store.set_rate_limit("phone-1", Bucket(rate=0.5, burst=1))
+    first = await call(store)
+    assert first.bucket == Bucket(rate=0.5, burst=1)
+    assert first.retry_after_us == 2_000_000
+    assert (await call(store)).outcome is Outcome.LIMITED
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert device.rate_limit == Bucket(rate=0.5, burst=1)
+    assert await store.delete_rate_limit("phone-1") is True
+    assert (await call(store)).bucket is BUCKET
+
+
+async def test_anonymous_buckets_are_per_address(store: Store) -> None:
+    for _ in range(3):
+        assert (await store.enforce(None, "198.51.100.1", BUCKET, upload=False)).policy == (
+            "anonymous"
+        )
+    assert (await store.enforce(None, "198.51.100.1", BUCKET, upload=False)).outcome is (
+        Outcome.LIMITED
+    )
+    assert (await store.enforce(None, "198.51.100.2", BUCKET, upload=False)).outcome is (
+        Outcome.ALLOW
+    )
+    assert await store.list_devices() == ([], 0)
+
+
+async def test_bucket_key_expires_when_it_would_be_full(store: Store) -> None:
+    await call(store)
+    ttl = await store._admin.pttl(store.keys.device("phone-1").bucket)
+    assert 0 < ttl <= 1_001
+
+
+async def seed_devices(store: Store, clock: FakeClock, count: int) -> list[str]:
+    ids = []
+    for i in range(count):
+        ids.append(f"dev-{i:03d}")
+        await store.enforce(DeviceIdentity(ids[-1]), "", BUCKET, upload=False)
+        clock.advance(10)
+    return ids
+
+
+async def test_list_is_most_recent_first_with_paging(store: Store, clock: FakeClock) -> None:
+    ids = await seed_devices(store, clock, 45)
+    newest_first = ids[::-1]
+    page1, total = await store.list_devices(page=1, amount=20)
+    page3, _ = await store.list_devices(page=3, amount=20)
+    beyond, _ = await store.list_devices(page=4, amount=20)
+    assert total == 45
+    assert [d.id for d in page1] == newest_first[:20]
+    assert [d.id for d in page3] == newest_first[40:]
+    assert beyond == []
+    everything, _ = await store.list_devices(page=1, amount=1000)
+    assert [d.id for d in everything] == newest_first
+
+
+async def test_list_blocked_filters(store: Store, clock: FakeClock) -> None:
+    ids = await seed_devices(store, clock, 30)
+    for device_id in ids[::3]:
+        await store.block(device_id)
+    blocked = [i for i in ids[::-1] if int(i[-3:]) % 3 == 0]
+    unblocked = [i for i in ids[::-1] if int(i[-3:]) % 3]
+    only, only_total = await store.list_devices(blocked="only", amount=100)
+    hide, hide_total = await store.list_devices(blocked="hide", amount=100)
+    hide_page2, _ = await store.list_devices(blocked="hide", page=2, amount=7)
+    assert ([d.id for d in only], only_total) == (blocked, 10)
+    assert ([d.id for d in hide], hide_total) == (unblocked, 20)
+    assert [d.id for d in hide_page2] == unblocked[7:14]
+
+
+async def test_list_orders_never_seen_blocked_devices_by_block_time(
+    store: Store, clock: FakeClock
+) -> None:
+    await call(store)
+    clock.advance(1_000)
+    await store.block("lost-phone")
+    clock.advance(1_000)
+    await call(store, DeviceIdentity("tablet"))
+    devices, _ = await store.list_devices()
+    assert [d.id for d in devices] == ["tablet", "lost-phone", "phone-1"]
+
+
+async def test_name_search_matches_id_or_custom_name(store: Store, clock: FakeClock) -> None:
+    await seed_devices(store, clock, 12)
+    await store.rename("dev-003", "Front DESK tablet")
+    await store.block("dev-010")
+    by_name, total = await store.list_devices(name="desk")
+    assert ([d.id for d in by_name], total) == (["dev-003"], 1)
+    by_id, total = await store.list_devices(name="DEV-01")
+    assert ([d.id for d in by_id], total) == (["dev-011", "dev-010"], 2)
+    only, _ = await store.list_devices(name="dev-01", blocked="only")
+    hide, _ = await store.list_devices(name="dev-01", blocked="hide")
+    assert [d.id for d in only] == ["dev-010"]
+    assert [d.id for d in hide] == ["dev-011"]
+    paged, total = await store.list_devices(name="dev", page=2, amount=5)
+    assert total == 12
+    assert [d.id for d in paged] == ["dev-006", "dev-005", "dev-004", "dev-003", "dev-002"]
+
+
+async def test_two_stores_share_one_server(clock: FakeClock) -> None:
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+    a = Store.memory(clock=clock, server=server)
+    b = Store.memory(clock=clock, server=server)
+    await a.enforce(PHONE, "", BUCKET, upload=False)
+    await b.block("phone-1")
+    assert (await a.enforce(PHONE, "", BUCKET, upload=False)).outcome is Outcome.BLOCKED
+    await a.close()
+    await b.close()
+
+
+async def test_unreachable_redis_raises_store_unavailable_in_time() -> None:
+    store = Store.from_settings(
+        RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.1)
+    )
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await call(store)
+    assert await store.ping() is False
+    await store.start()  # tolerated: the scripts load on first use
+    assert time.monotonic() - started < 2
+    await store.close()
+
+
+async def test_black_holed_redis_is_bounded_by_the_timeout() -> None:
+    # A listener that accepts and never answers: the call must end at the timeout.
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = Store.from_settings(RedisSettings(url=f"redis://127.0.0.1:{port}/0", timeout=0.1))
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not answer|failed"):
+        await call(store)
+    assert time.monotonic() - started < 1.0
+    await store.close()
+    for writer in accepted:
+        writer.close()
+    server.close()
+    await server.wait_closed()
