@@ -58,7 +58,7 @@ def test_crc16_matches_the_cluster_spec_vector() -> None:
 @pytest.mark.parametrize("device_id", HOSTILE_IDS)
 def test_all_keys_of_a_device_share_one_slot(device_id: str) -> None:
     keys = KeySchema("dg").device(device_id)
-    slots = {key_slot(k) for k in keys.enforce() + (keys.names,)}
+    slots = {key_slot(k) for k in (*keys.enforce(), keys.names)}
     assert len(slots) == 1
 
 

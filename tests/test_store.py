@@ -353,7 +353,7 @@ async def test_black_holed_redis_is_bounded_by_the_timeout() -> None:
     port = server.sockets[0].getsockname()[1]
     store = Store.from_settings(RedisSettings(url=f"redis://127.0.0.1:{port}/0", timeout=0.1))
     started = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="did not answer|failed"):
+    with pytest.raises(StoreUnavailable, match=r"did not answer|failed"):
         await call(store)
     assert time.monotonic() - started < 1.0
     await store.close()
