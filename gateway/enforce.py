@@ -35,6 +35,7 @@ UNAVAILABLE_REASON = "Service temporarily unavailable"
 ANONYMOUS_REASON = "A device id is required"
 BODY_REASON = "Request body too large"
 CONNECT_REASON = "Method not allowed"
+INTERNAL_REASON = "Internal error"
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
@@ -124,6 +125,12 @@ def enforce_middleware(*, enforcer: Enforcer) -> Middleware:
         started = time.perf_counter()
         try:
             return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            # A bug must still answer in the envelope, never with a traceback page.
+            log.exception("unexpected error while forwarding %s %s", request.method, request.path)
+            return responses.error(500, INTERNAL_REASON)
         finally:
             request[REQUEST_INFO].upstream_s = time.perf_counter() - started
 

@@ -202,3 +202,22 @@ async def test_store_down(
     if status == 503:
         assert resp.headers["Retry-After"] == "1"
         assert (await envelope(resp))["status"] is False
+
+
+async def test_unexpected_error_is_a_500_envelope(
+    aiohttp_client: MakeClient, settings: Settings, store: Store
+) -> None:
+    async def broken(_request: web.Request) -> web.Response:
+        raise RuntimeError("bug")
+
+    app = web.Application(
+        middlewares=[
+            access_log_middleware(enabled=False),
+            enforce_middleware(enforcer=Enforcer(settings, store)),
+        ]
+    )
+    app.router.add_route("*", "/{tail:.*}", broken)
+    client = await aiohttp_client(app)
+    resp = await client.get("/x", headers={"X-Device-Id": "d1"})
+    assert resp.status == 500
+    assert await envelope(resp) == {"status": False, "result": "Internal error"}
