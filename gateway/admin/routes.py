@@ -1,0 +1,300 @@
+"""The admin API: device list, details, rename, block, rate-limit overrides, and the web page."""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from importlib import resources
+from typing import Any, Final, Literal, cast
+
+import orjson
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+from multidict import MultiMapping
+
+from gateway.admin.auth import auth_middleware
+from gateway.config import MAX_BURST, MAX_RATE
+from gateway.errors import StoreUnavailable
+from gateway.model import Bucket
+from gateway.responses import error, ok
+from gateway.store import Store
+
+logger = logging.getLogger("gateway.admin")
+
+STORE_KEY: Final = web.AppKey("admin_store", Store)
+
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_NAME_CHARS: Final = 256
+MAX_AMOUNT: Final = 1000
+MAX_PAGE: Final = 1_000_000_000
+MIN_RATE: Final = 0.001
+REMOVED: Final = "Successfully Removed"
+DEVICE_NOT_FOUND: Final = "Device not found"
+
+_DEVICE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_DIGITS = re.compile(r"[0-9]{1,10}")
+_BLOCKED_VALUES: Final = ("all", "hide", "only")
+_LIST_PARAMS: Final = ("name", "blocked", "page", "amount")
+_RETRY_AFTER: Final = {"Retry-After": "1"}
+_PUBLIC_ROUTES: Final = ("healthz", "page", "asset")
+_PAGE: Final = {"index.html": "text/html"}
+_ASSETS: Final = {"app.js": "text/javascript", "style.css": "text/css"}
+_PAGE_HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+_HTTP_REASONS: Final = {404: "Not found", 405: "Method not allowed"}
+
+
+class BadRequest(Exception):
+    """A request the admin API rejects with 400; the message says why."""
+
+
+# ---- validation (pure) -------------------------------------------------------------------
+
+
+def check_device_id(device_id: str) -> str:
+    """The id if it is 1 to 128 visible ASCII characters, else BadRequest."""
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise BadRequest("Invalid device id: must be 1 to 128 visible ASCII characters")
+    return device_id
+
+
+def check_name(value: str, what: str) -> str:
+    """The text if it fits a device name (<= 256 characters, no control characters)."""
+    if len(value) > MAX_NAME_CHARS:
+        raise BadRequest(f"{what}: must be at most {MAX_NAME_CHARS} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise BadRequest(f"{what}: must not contain control characters")
+    return value
+
+
+def _int_param(raw: str, what: str, low: int, high: int) -> int:
+    value = int(raw) if _DIGITS.fullmatch(raw) else 0
+    if not low <= value <= high:
+        raise BadRequest(f"{what}: must be an integer from {low} to {high}")
+    return value
+
+
+def parse_list_query(
+    query: MultiMapping[str],
+) -> tuple[str | None, Literal["all", "hide", "only"], int, int]:
+    """`GET /devices` parameters -> (name, blocked, page, amount); unknown ones are refused."""
+    for key in query:
+        if key not in _LIST_PARAMS:
+            raise BadRequest(f"Unknown query parameter: {key}")
+        if len(query.getall(key)) > 1:
+            raise BadRequest(f"Repeated query parameter: {key}")
+    name = check_name(query.get("name", ""), "name") or None
+    blocked = query.get("blocked", "all")
+    if blocked not in _BLOCKED_VALUES:
+        raise BadRequest("blocked: must be one of all, hide, only")
+    page = _int_param(query.get("page", "1"), "page", 1, MAX_PAGE)
+    amount = _int_param(query.get("amount", "20"), "amount", 1, MAX_AMOUNT)
+    return name, cast(Literal["all", "hide", "only"], blocked), page, amount
+
+
+def parse_object(body: bytes, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object holding exactly `fields`, else BadRequest naming the problem."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("Invalid JSON body") from None
+    if not isinstance(data, dict):
+        raise BadRequest("Body must be a JSON object")
+    for key in data:
+        if key not in fields:
+            raise BadRequest(f"Unknown field: {key}")
+    for key in fields:
+        if key not in data:
+            raise BadRequest(f"Missing field: {key}")
+    return data
+
+
+def parse_rename(body: bytes) -> str | None:
+    """`{"name": ...}` -> the new custom name, None to clear it (null, empty or blank)."""
+    name = parse_object(body, ("name",))["name"]
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise BadRequest("name: must be a string or null")
+    return check_name(name, "name").strip() or None
+
+
+def parse_bucket(body: bytes) -> Bucket:
+    """`{"rate": .., "burst": ..}` -> a Bucket within the configuration's bounds."""
+    data = parse_object(body, ("rate", "burst"))
+    rate, burst = data["rate"], data["burst"]
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        raise BadRequest("rate: must be a number")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise BadRequest(f"rate: must be from {MIN_RATE:g} to {MAX_RATE:g} tokens per second")
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_BURST:
+        raise BadRequest(f"burst: must be an integer from 1 to {MAX_BURST}")
+    return Bucket(rate=float(rate), burst=burst)
+
+
+# ---- handlers ----------------------------------------------------------------------------
+
+
+def _target(request: web.Request) -> tuple[Store, str]:
+    return request.app[STORE_KEY], check_device_id(request.match_info["id"])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Never touches the store."""
+    return ok("ok")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store answers a ping."""
+    if await request.app[STORE_KEY].ping():
+        return ok("ready")
+    return error(503, "Store unavailable", headers=_RETRY_AFTER)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    """One page of devices, most recent activity first; the total in `X-Total-Count`."""
+    name, blocked, page, amount = parse_list_query(request.query)
+    devices, total = await request.app[STORE_KEY].list_devices(
+        name=name, blocked=blocked, page=page, amount=amount
+    )
+    return ok([d.to_json() for d in devices], headers={"X-Total-Count": str(total)})
+
+
+async def get_device(request: web.Request) -> web.Response:
+    """One device record."""
+    store, device_id = _target(request)
+    device = await store.get_device(device_id)
+    return ok(device.to_json()) if device else error(404, DEVICE_NOT_FOUND)
+
+
+async def get_history(request: web.Request) -> web.Response:
+    """A device's software and hardware changes, newest first."""
+    store, device_id = _target(request)
+    entries = await store.history(device_id)
+    if entries is None:
+        return error(404, DEVICE_NOT_FOUND)
+    return ok([e.to_json() for e in entries])
+
+
+async def rename(request: web.Request) -> web.Response:
+    """Set or clear a device's custom name."""
+    store, device_id = _target(request)
+    device = await store.rename(device_id, parse_rename(await request.read()))
+    return ok(device.to_json()) if device else error(404, DEVICE_NOT_FOUND)
+
+
+async def block(request: web.Request) -> web.Response:
+    """Block a device (creating the record for an id never seen)."""
+    store, device_id = _target(request)
+    return ok((await store.block(device_id)).to_json())
+
+
+async def unblock(request: web.Request) -> web.Response:
+    """Unblock a device."""
+    store, device_id = _target(request)
+    device = await store.unblock(device_id)
+    return ok(device.to_json()) if device else error(404, DEVICE_NOT_FOUND)
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    """Remove a device record."""
+    store, device_id = _target(request)
+    return ok(REMOVED) if await store.delete(device_id) else error(404, DEVICE_NOT_FOUND)
+
+
+async def set_rate_limit(request: web.Request) -> web.Response:
+    """Set a device's rate-limit override (also for an id never seen)."""
+    store, device_id = _target(request)
+    bucket = parse_bucket(await request.read())
+    await store.set_rate_limit(device_id, bucket)
+    return ok({"rate": bucket.rate, "burst": bucket.burst})
+
+
+async def delete_rate_limit(request: web.Request) -> web.Response:
+    """Remove a device's rate-limit override."""
+    store, device_id = _target(request)
+    if await store.delete_rate_limit(device_id):
+        return ok(REMOVED)
+    return error(404, "Rate limit override not found")
+
+
+# ---- the web page ------------------------------------------------------------------------
+
+
+def _load_assets(kinds: dict[str, str]) -> dict[str, tuple[bytes, str]]:
+    folder = resources.files("gateway.admin") / "static"
+    return {name: ((folder / name).read_bytes(), kind) for name, kind in kinds.items()}
+
+
+def _asset_handler(assets: dict[str, tuple[bytes, str]], fixed: str | None) -> Handler:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        asset = assets.get(fixed or request.match_info["name"])
+        if asset is None:
+            return error(404, _HTTP_REASONS[404])
+        body, content_type = asset
+        return web.Response(
+            body=body, content_type=content_type, charset="utf-8", headers=_PAGE_HEADERS
+        )
+
+    return serve
+
+
+# ---- errors and the app ------------------------------------------------------------------
+
+
+def error_middleware() -> Middleware:
+    """Turn every failure into the envelope: 400, 404/405/413, 503 store down, 500 otherwise."""
+
+    @web.middleware
+    async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return error(400, str(exc))
+        except StoreUnavailable:
+            return error(503, "Store unavailable", headers=_RETRY_AFTER)
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"Request body too large: at most {MAX_BODY_BYTES} bytes")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            allow = {"Allow": exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
+            return error(exc.status, _HTTP_REASONS.get(exc.status, exc.reason), headers=allow)
+        except Exception:
+            logger.exception("admin API: unexpected error on %s %s", request.method, request.path)
+            return error(500, "Internal error")
+
+    return impl
+
+
+def create_admin_app(store: Store, token: str) -> web.Application:
+    """The admin application: every route but /healthz and the page needs the bearer token."""
+    app = web.Application(
+        middlewares=[error_middleware(), auth_middleware(token=token, public=_PUBLIC_ROUTES)],
+        client_max_size=MAX_BODY_BYTES,  # request.read() raises 413 past it, chunked or not
+    )
+    app[STORE_KEY] = store
+    device = "/devices/{id:[^/]+}"  # `/` inside an id travels as %2F; aiohttp decodes it here
+    r = app.router
+    r.add_get("/", _asset_handler(_load_assets(_PAGE), "index.html"), name="page")
+    r.add_get("/static/{name}", _asset_handler(_load_assets(_ASSETS), None), name="asset")
+    r.add_get("/healthz", healthz, name="healthz")
+    r.add_get("/readyz", readyz)
+    r.add_get("/devices", list_devices)
+    r.add_get(device, get_device)
+    r.add_put(device, rename)
+    r.add_delete(device, delete_device)
+    r.add_get(f"{device}/history", get_history)
+    r.add_post(f"{device}/block", block)
+    r.add_post(f"{device}/unblock", unblock)
+    r.add_put(f"{device}/rate_limit", set_rate_limit)
+    r.add_delete(f"{device}/rate_limit", delete_rate_limit)
+    return app
