@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.logs import ACCESS_LOGGER
+from gateway.metrics import Metrics
 
 
 class RequestInfo:
@@ -27,8 +28,9 @@ class RequestInfo:
 REQUEST_INFO = web.RequestKey("devicegate.request_info", RequestInfo)
 
 
-def access_log_middleware(*, enabled: bool = True) -> Middleware:
-    """Outermost middleware: starts the request's info, logs it once the answer is done."""
+def access_log_middleware(*, enabled: bool = True, metrics: Metrics | None = None) -> Middleware:
+    """Outermost middleware: starts the request's info; counts and logs it once it is done."""
+    metrics = metrics or Metrics()
     logger = logging.getLogger(ACCESS_LOGGER)
 
     @web.middleware
@@ -47,6 +49,7 @@ def access_log_middleware(*, enabled: bool = True) -> Middleware:
             status = 499  # the client went away before the answer was complete
             raise
         finally:
+            metrics.observe(info.decision, status)
             if enabled and logger.isEnabledFor(logging.INFO):
                 logger.info(
                     "request",

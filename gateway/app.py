@@ -15,6 +15,7 @@ from gateway.accesslog import access_log_middleware
 from gateway.admin import create_admin_app
 from gateway.config import Settings
 from gateway.enforce import Enforcer, enforce_middleware, extra_headers
+from gateway.metrics import Metrics
 from gateway.proxy import Forwarder, forwarder_ctx
 from gateway.store import Store
 
@@ -29,13 +30,14 @@ def handler_args() -> dict[str, object]:
     return {"auto_decompress": False, "keepalive_timeout": KEEPALIVE_TIMEOUT}
 
 
-def create_app(settings: Settings, store: Store) -> web.Application:
+def create_app(settings: Settings, store: Store, metrics: Metrics | None = None) -> web.Application:
     """The public (data plane) application. The caller owns the store's lifecycle."""
     forwarder = Forwarder(settings.upstream, settings.limits)
+    metrics = metrics or Metrics()
     app = web.Application(
         middlewares=[
-            access_log_middleware(enabled=settings.log.access),
-            enforce_middleware(enforcer=Enforcer(settings, store)),
+            access_log_middleware(enabled=settings.log.access, metrics=metrics),
+            enforce_middleware(enforcer=Enforcer(settings, store, metrics)),
         ],
         client_max_size=settings.limits.max_body_bytes,
         handler_args=handler_args(),
@@ -82,10 +84,11 @@ async def serve(
     store = store or Store.from_settings(settings.redis, history_size=settings.devices.history_size)
     await store.start()
     token = admin_token(settings)
+    metrics = Metrics()
     public = web.AppRunner(
-        create_app(settings, store), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        create_app(settings, store, metrics), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
-    admin = web.AppRunner(create_admin_app(store, token), access_log=None)
+    admin = web.AppRunner(create_admin_app(store, token, metrics), access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

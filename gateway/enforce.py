@@ -21,6 +21,7 @@ from gateway.accesslog import REQUEST_INFO
 from gateway.config import Settings
 from gateway.errors import IdentityError, StoreUnavailable
 from gateway.identity import IdentityReader, client_ip
+from gateway.metrics import Metrics
 from gateway.model import Outcome
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
 from gateway.store import Store
@@ -42,11 +43,12 @@ ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 class Enforcer:
     """Everything the middleware needs, built once at start from the settings."""
 
-    __slots__ = ("_on_error", "_store", "identity", "max_body", "policy", "require_id",
-                 "trusted", "upload_methods")  # fmt: skip
+    __slots__ = ("_metrics", "_on_error", "_store", "identity", "max_body", "policy",
+                 "require_id", "trusted", "upload_methods")  # fmt: skip
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._on_error: Literal["open", "closed"] = settings.redis.on_error
         self.identity = IdentityReader(settings.devices)
         self.policy = BucketPolicy(settings.rate_limits)
@@ -93,6 +95,7 @@ class Enforcer:
                 upload=request.method in self.upload_methods,
             )
         except StoreUnavailable as exc:
+            self._metrics.store_failures += 1
             log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
             if self._on_error == "closed":
                 info.decision = "store_down_closed"

@@ -16,6 +16,7 @@ from multidict import MultiMapping
 from gateway.admin.auth import auth_middleware
 from gateway.config import MAX_BURST, MAX_RATE
 from gateway.errors import StoreUnavailable
+from gateway.metrics import Metrics
 from gateway.model import Bucket
 from gateway.responses import error, ok
 from gateway.store import Store
@@ -23,6 +24,7 @@ from gateway.store import Store
 logger = logging.getLogger("gateway.admin")
 
 STORE_KEY: Final = web.AppKey("admin_store", Store)
+METRICS_KEY: Final = web.AppKey("admin_metrics", Metrics)
 
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_NAME_CHARS: Final = 256
@@ -275,19 +277,30 @@ def error_middleware() -> Middleware:
     return impl
 
 
-def create_admin_app(store: Store, token: str) -> web.Application:
+async def metrics_text(request: web.Request) -> web.Response:
+    """GET /metrics: the public listener's counters in Prometheus text format."""
+    return web.Response(
+        text=request.app[METRICS_KEY].render(),
+        content_type="text/plain",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -> web.Application:
     """The admin application: every route but /healthz and the page needs the bearer token."""
     app = web.Application(
         middlewares=[error_middleware(), auth_middleware(token=token, public=_PUBLIC_ROUTES)],
         client_max_size=MAX_BODY_BYTES,  # request.read() raises 413 past it, chunked or not
     )
     app[STORE_KEY] = store
+    app[METRICS_KEY] = metrics or Metrics()
     device = "/devices/{id:[^/]+}"  # `/` inside an id travels as %2F; aiohttp decodes it here
     r = app.router
     r.add_get("/", _asset_handler(_load_assets(_PAGE), "index.html"), name="page")
     r.add_get("/static/{name}", _asset_handler(_load_assets(_ASSETS), None), name="asset")
     r.add_get("/healthz", healthz, name="healthz")
     r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_text)
     r.add_get("/devices", list_devices)
     r.add_get(device, get_device)
     r.add_put(device, rename)
