@@ -12,6 +12,7 @@ from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
 from gateway.store import Store
+from gateway.store.keys import shard_of
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(
@@ -361,3 +362,26 @@ async def test_black_holed_redis_is_bounded_by_the_timeout() -> None:
         writer.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_list_merges_correctly_when_one_shard_holds_many(
+    store: Store, clock: FakeClock
+) -> None:
+    # Ids chosen to share one shard force the lazy per-shard refills of the merge.
+    crowded = [i for i in (f"c-{n}" for n in range(20_000)) if shard_of(i) == 7][:70]
+    others = [f"o-{n}" for n in range(30)]
+    order = []
+    for device_id in crowded[:35] + others + crowded[35:]:
+        await store.enforce(DeviceIdentity(device_id), "", BUCKET, upload=False)
+        order.append(device_id)
+        clock.advance(1)
+    for device_id in crowded[::5]:
+        await store.block(device_id)
+    newest_first = order[::-1]
+    pages = [(await store.list_devices(page=p, amount=9))[0] for p in range(1, 13)]
+    assert [d.id for page in pages for d in page] == newest_first
+    hidden = [i for i in newest_first if i not in crowded[::5]]
+    hide_pages = [
+        (await store.list_devices(blocked="hide", page=p, amount=11))[0] for p in range(1, 10)
+    ]
+    assert [d.id for page in hide_pages for d in page] == hidden

@@ -364,7 +364,10 @@ class Store:
     async def _merged_page(self, blocked: BlockedFilter, offset: int, amount: int) -> list[str]:
         """K-way merge of the shards' indexes, fetched lazily in chunks, newest first."""
         want = offset + amount
-        chunk = min(max(want, 16), SCAN_COUNT)
+        # Ids spread evenly over the shards, so the first `want` entries overall hold about
+        # want / SHARDS of each shard: ask for twice that, and double a shard's step each
+        # time it runs dry.
+        chunk = [min(SCAN_COUNT, 2 * want // SHARDS + 16)] * SHARDS
         shards = [self._keys.shard(i) for i in range(SHARDS)]
         index = [s.blocked if blocked == "only" else s.active for s in shards]
         buffers: list[deque[tuple[float, str]]] = [deque() for _ in range(SHARDS)]
@@ -374,7 +377,7 @@ class Store:
         async def refill(indices: list[int]) -> None:
             replies = await self._pipelined(
                 lambda p, i: p.zrevrange(
-                    index[i], cursor[i], cursor[i] + chunk - 1, withscores=True
+                    index[i], cursor[i], cursor[i] + chunk[i] - 1, withscores=True
                 ),
                 indices,
             )
@@ -389,7 +392,8 @@ class Store:
                     hidden[j] = {m for m, f in zip(members[j], got, strict=True) if f is not None}
             for j, (i, reply) in enumerate(zip(indices, replies, strict=True)):
                 cursor[i] += len(reply)
-                done[i] = len(reply) < chunk
+                done[i] = len(reply) < chunk[i]
+                chunk[i] = min(SCAN_COUNT, chunk[i] * 2)
                 buffers[i].extend((s, m) for m, s in reply if m not in hidden[j])
 
         async def head_of(i: int) -> _Head | None:
