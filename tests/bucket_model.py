@@ -2,7 +2,9 @@
 
 Written from the documented rule, in exact integer arithmetic: milli-tokens, microseconds,
 a request costs 1000, the timestamp never moves backwards and keeps the fraction of a
-milli-token that has not been credited yet.
+milli-token that has not been credited yet. Key expiry is not modelled: Redis expires keys
+on its own clock, not the test's, so the property test keeps the bucket key persistent and
+tests/test_store.py checks the expiry itself.
 """
 
 from __future__ import annotations
@@ -34,12 +36,9 @@ class BucketModel:
         self.rate = rate_milli
         self.cap = burst * COST
         self.state: tuple[int, int] | None = None  # (tokens, ts); None: full (no key)
-        self.expires_at: int | None = None
 
     def take(self, now_us: int) -> Result:
         """Refill to `now_us`, then try to take one token."""
-        if self.state is not None and self.expires_at is not None and now_us >= self.expires_at:
-            self.state = None  # the key expired: a missing bucket is a full one
         tokens, ts = self.cap, now_us
         if self.state is not None:
             tokens, ts = min(self.state[0], self.cap), self.state[1]
@@ -62,6 +61,4 @@ class BucketModel:
             retry_after = max(_ceil_div(need * MICROS, self.rate) - carried, 1)
         if allowed:
             self.state = (tokens, ts)
-            # PEXPIRE floor(full_after / 1000) + 1 ms, from now.
-            self.expires_at = now_us + (full_after // 1000 + 1) * 1000
         return Result(allowed, tokens // COST, retry_after, full_after)
