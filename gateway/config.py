@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from gateway.errors import ConfigError
+# Re-exported: callers of load_config catch the error from the same module.
+from gateway.errors import ConfigError as ConfigError
 
 T = TypeVar("T")
 

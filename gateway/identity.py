@@ -1,0 +1,176 @@
+"""Who is calling: device identification headers and the client IP (pure, runs per request).
+
+Device headers (names from `devices.headers`):
+
+- the id header absent: anonymous, `read` returns None (the other headers are then ignored:
+  nothing is recorded for an anonymous request);
+- any identity header sent more than once: invalid (a client cannot smuggle a second identity,
+  and a proxy that merges or picks one of them must not decide which device is charged);
+- the id: 1 to 128 visible ASCII characters (0x21-0x7E); an empty id is invalid, not anonymous;
+- the other fields: at most 256 characters, no control characters (C0, DEL, C1, U+2028,
+  U+2029) and valid UTF-8; absent or empty both mean "not declared" (None), so a client that
+  sends `X-App-Name:` does not wipe a stored value with an empty string.
+
+Client IP for anonymous requests: the socket peer, or X-Forwarded-For walked from the right
+past `server.trusted_proxies`, as uvicorn's proxy_headers.py does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Final
+
+from multidict import MultiMapping, istr
+
+from gateway.config import DeviceSettings
+from gateway.errors import IdentityError
+from gateway.model import DEVICE_FIELDS, DeviceIdentity
+
+__all__ = ["MAX_FIELD_LENGTH", "MAX_ID_LENGTH", "IdentityReader", "client_ip"]
+
+MAX_ID_LENGTH: Final = 128
+MAX_FIELD_LENGTH: Final = 256
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_ID_OK: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
+# C0, DEL, C1, the Unicode line/paragraph separators (they break log lines just like \n),
+# and lone surrogates: aiohttp decodes header bytes with "surrogateescape", so invalid UTF-8
+# arrives as U+DC80-U+DCFF, which neither orjson nor redis-py could encode later.
+_FIELD_BAD: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]").search
+_NONE: Final[tuple[str, ...]] = ()
+
+_REPEATED: Final = "sent more than once"
+_ID_EMPTY: Final = "must not be empty"
+_ID_LONG: Final = f"must be at most {MAX_ID_LENGTH} characters"
+_ID_CHARS: Final = "must be visible ASCII characters (0x21-0x7E)"
+_FIELD_LONG: Final = f"must be at most {MAX_FIELD_LENGTH} characters"
+_FIELD_CONTROL: Final = "must not contain control characters"
+_FIELD_UTF8: Final = "must be valid UTF-8"
+
+
+class IdentityReader:
+    """Reads and validates the device identification headers of one request."""
+
+    __slots__ = ("_fields", "_id_key", "_id_name")
+
+    def __init__(self, devices: DeviceSettings) -> None:
+        names = devices.headers
+        # istr keys skip the case folding multidict would otherwise do on every lookup.
+        self._id_name: str = names.id
+        self._id_key: istr = istr(names.id)
+        self._fields: tuple[tuple[str, istr], ...] = tuple(
+            (getattr(names, f), istr(getattr(names, f))) for f in DEVICE_FIELDS
+        )
+
+    def read(self, headers: MultiMapping[str]) -> DeviceIdentity | None:
+        """The declared identity, None if anonymous; raises IdentityError naming the header."""
+        ids = headers.getall(self._id_key, _NONE)
+        if not ids:
+            return None
+        if len(ids) > 1:
+            raise IdentityError(self._id_name, _REPEATED)
+        device_id = ids[0]
+        if _ID_OK(device_id) is None:
+            raise IdentityError(self._id_name, _id_problem(device_id))
+        values: list[str | None] = []
+        for name, key in self._fields:
+            found = headers.getall(key, _NONE)
+            if not found:
+                values.append(None)
+                continue
+            if len(found) > 1:
+                raise IdentityError(name, _REPEATED)
+            value = found[0]
+            if len(value) > MAX_FIELD_LENGTH:
+                raise IdentityError(name, _FIELD_LONG)
+            bad = _FIELD_BAD(value)
+            if bad is not None:
+                problem = _FIELD_UTF8 if "\ud800" <= bad.group() <= "\udfff" else _FIELD_CONTROL
+                raise IdentityError(name, problem)
+            values.append(value or None)
+        return DeviceIdentity(device_id, *values)
+
+
+def _id_problem(device_id: str) -> str:
+    """Why an id that failed the pattern is invalid (the slow path, for the message only)."""
+    if not device_id:
+        return _ID_EMPTY
+    if len(device_id) > MAX_ID_LENGTH:
+        return _ID_LONG
+    return _ID_CHARS
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> IPAddress | None:
+    """One address as a peer or an X-Forwarded-For entry writes it, or None if it is not one.
+
+    Accepts `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]`, `[2001:db8::1]:443` and
+    zones (`fe80::1%eth0`, dropped); IPv4-mapped IPv6 becomes IPv4, so one client has one key
+    whether it came over IPv4 or a dual-stack socket. Cached: peers and proxies repeat.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
+            return None
+        host = host.partition("%")[0]
+    elif text.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has at least two
+        host, _, port = text.partition(":")
+        if not _is_port(port):
+            return None
+    else:
+        host = text.partition("%")[0] if ":" in text else text
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdecimal()
+
+
+def _trusted(ip: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
+    # `in` across IP versions is simply False, so one list can mix IPv4 and IPv6 blocks.
+    return any(ip in net for net in trusted)
+
+
+def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]) -> str:
+    """The client address that keys anonymous rate limits, never one the client picked itself.
+
+    `peer` is the socket peer (None when unknown: "unknown"), `forwarded_for` every
+    X-Forwarded-For header value in order. The peer wins unless it lies in a `trusted`
+    network; then X-Forwarded-For is walked from the right past trusted hops and the first
+    untrusted address is the client. If every entry is trusted the leftmost one is (a trusted
+    host calling itself). An entry that is not an IP address (`unknown`, garbage, an
+    obfuscated name) stops the walk: the hop to its right wrote it, so that hop is the last
+    address we can vouch for and becomes the client. Empty list elements are skipped.
+    """
+    if peer is None:
+        return "unknown"
+    peer_ip = _parse_ip(peer)
+    if peer_ip is None:
+        # A unix socket or an odd transport: not spoofable by the client, keep it as given.
+        return peer or "unknown"
+    if not trusted or not _trusted(peer_ip, trusted):
+        return str(peer_ip)
+    last = peer_ip  # the nearest hop known to be trusted
+    for value in reversed(forwarded_for):
+        for entry in reversed(value.split(",")):
+            text = entry.strip(" \t")
+            if not text:
+                continue
+            ip = _parse_ip(text)
+            if ip is None:
+                return str(last)
+            if not _trusted(ip, trusted):
+                return str(ip)
+            last = ip
+    return str(last)
