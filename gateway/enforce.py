@@ -34,7 +34,6 @@ BLOCKED_REASON = "Access denied: device is blocked"
 LIMITED_REASON = "Too many requests"
 UNAVAILABLE_REASON = "Service temporarily unavailable"
 ANONYMOUS_REASON = "A device id is required"
-BODY_REASON = "Request body too large"
 CONNECT_REASON = "Method not allowed"
 INTERNAL_REASON = "Internal error"
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -78,7 +77,7 @@ class Enforcer:
         declared = request.content_length
         if declared is not None and declared > self.max_body:
             info.decision = "too_large"
-            return responses.error(413, BODY_REASON)
+            return responses.error(413, responses.REASON_BODY_TOO_LARGE)
 
         ip = ""
         if identity is None:

@@ -19,7 +19,7 @@ from yarl import URL
 
 from gateway.config import LimitSettings, UpstreamSettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from gateway.responses import error
+from gateway.responses import REASON_BODY_TOO_LARGE, error
 
 _log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ SKIP_AUTO_HEADERS: Final = frozenset(
 )
 
 REASON_INVALID_TARGET: Final = "Invalid request target"
-REASON_BODY_TOO_LARGE: Final = "Request body too large"
 REASON_BODY_INCOMPLETE: Final = "Request body could not be read"
 REASON_UNREACHABLE: Final = "Upstream unreachable"
 REASON_TIMED_OUT: Final = "Upstream timed out"

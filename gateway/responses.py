@@ -10,6 +10,9 @@ from aiohttp import web
 
 JSON_CONTENT_TYPE = "application/json"
 
+# Reasons more than one layer gives (the enforce middleware and the proxy).
+REASON_BODY_TOO_LARGE = "Request body too large"
+
 
 def envelope(status: bool, result: Any) -> bytes:
     """Serialise the seed API's envelope."""
