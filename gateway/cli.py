@@ -48,21 +48,28 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", help="config file (default: ./config.yaml if present)")
 
-    devices = sub.add_parser("devices", help="manage devices through a running admin API")
-    devices.add_argument("--config", help="config file, for the admin address and token")
-    devices.add_argument("--admin-url", help="admin API base URL (default: from admin.listen)")
-    devices.add_argument("--token", help="admin token (default: $GATEWAY_ADMIN_TOKEN)")
-    devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    # Accepted before or after the action (`gateway devices --json list` and
+    # `gateway devices list --json`); SUPPRESS keeps a later parser from resetting them.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--config", help="config file, for the admin address and token")
+    common.add_argument("--admin-url", help="admin API base URL (default: from admin.listen)")
+    common.add_argument("--token", help="admin token (default: $GATEWAY_ADMIN_TOKEN)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    devices = sub.add_parser(
+        "devices", help="manage devices through a running admin API", parents=[common]
+    )
     dsub = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
-    lst = dsub.add_parser("list", help="list devices, most recent activity first")
+    lst = dsub.add_parser("list", help="list devices, most recent activity first", parents=[common])
     lst.add_argument("--name", help="case-insensitive substring of the name or id")
     lst.add_argument("--blocked", choices=("all", "hide", "only"), default="all")
     lst.add_argument("--page", type=int, default=1)
     lst.add_argument("--amount", type=int, default=20)
     for action in ("show", "block", "unblock"):
-        p = dsub.add_parser(action, help=f"{action} one device")
+        p = dsub.add_parser(action, help=f"{action} one device", parents=[common])
         p.add_argument("id")
-    rename = dsub.add_parser("rename", help="set a device's custom name ('' clears it)")
+    rename = dsub.add_parser(
+        "rename", help="set a device's custom name ('' clears it)", parents=[common]
+    )
     rename.add_argument("id")
     rename.add_argument("name")
     return parser
@@ -70,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace, env: Mapping[str, str], err: TextIO) -> Settings | None:
     try:
-        return load_config(_config_path(args.config, env), env)
+        return load_config(_config_path(getattr(args, "config", None), env), env)
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=err)
         return None
@@ -138,12 +145,12 @@ def _cmd_devices(
 ) -> int:
     from gateway.admin_client import AdminClient, render_device, render_table
 
-    token = args.token or env.get("GATEWAY_ADMIN_TOKEN") or settings.admin.token
+    token = getattr(args, "token", None) or env.get("GATEWAY_ADMIN_TOKEN") or settings.admin.token
     if not token:
         raise AdminClientError(
             "no admin token: pass --token, set GATEWAY_ADMIN_TOKEN or admin.token in the config"
         )
-    url = args.admin_url or _admin_url(settings)
+    url = getattr(args, "admin_url", None) or _admin_url(settings)
 
     async def call() -> tuple[Any, int | None]:
         client = AdminClient(url, token)
@@ -166,7 +173,7 @@ def _cmd_devices(
             await client.close()
 
     result, total = asyncio.run(call())
-    if args.json:
+    if getattr(args, "json", False):
         payload = {"devices": result, "total": total} if total is not None else result
         out.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
     elif total is not None:

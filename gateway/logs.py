@@ -41,7 +41,14 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        # orjson leaves U+2028/U+2029 raw (valid JSON), but line-splitting tools break on
+        # them; in JSON text they can only stand inside strings, so escaping them is safe.
+        return (
+            orjson.dumps(entry, default=str)
+            .decode()
+            .replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+        )
 
 
 def setup_logging(level: str = "info", *, stream: Any = None) -> None:

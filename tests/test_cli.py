@@ -262,11 +262,6 @@ async def test_devices_against_an_unreachable_admin_exits_1() -> None:
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/cli.py: --json/--token/--admin-url/--config belong to the `devices` parser "
-    "only, so `gateway devices list --json` fails with 'unrecognized arguments'",
-)
 async def test_devices_options_are_accepted_after_the_action(admin_url: str) -> None:
     code, out, err = await asyncio.to_thread(
         run_cli, "devices", "list", "--json", "--admin-url", admin_url, "--token", TOKEN

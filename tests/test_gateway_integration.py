@@ -873,11 +873,6 @@ async def test_every_request_gets_one_json_access_log_line(
     assert all(e["logger"] == ACCESS_LOGGER and e["message"] == "request" for e in lines)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/logs.py JsonFormatter leaves U+2028/U+2029 raw (orjson does not escape "
-    "them), so str.splitlines() and JS-based log viewers split the line",
-)
 def test_json_formatter_escapes_line_separators_in_fields() -> None:
     record = logging.makeLogRecord(
         {
