@@ -18,7 +18,7 @@ from gateway.model import Bucket, DeviceIdentity, Outcome
 from gateway.store import Store
 
 if TYPE_CHECKING:
-    from conftest import FakeClock
+    from tests.conftest import FakeClock
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -7,14 +7,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from bucket_model import BucketModel
-from conftest import EPOCH_US, RedisServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import RedisSettings
 from gateway.model import Bucket, DeviceIdentity, Outcome
 from gateway.store import Store
+from tests.bucket_model import BucketModel
+from tests.conftest import EPOCH_US, RedisServer
 
 
 class _Clock:

@@ -20,13 +20,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import TESTS_DIR, FakeClock, free_port
 from pytest_aiohttp import AiohttpServer
 
 from gateway.admin import create_admin_app
 from gateway.cli import main
 from gateway.model import Bucket, DeviceIdentity
 from gateway.store import Store
+from tests.conftest import TESTS_DIR, FakeClock, free_port
 
 REPO = TESTS_DIR.parent
 CONFIG = REPO / "config.yaml"

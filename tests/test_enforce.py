@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import FakeClock
 
 from gateway.accesslog import access_log_middleware
 from gateway.config import Settings, parse_config
 from gateway.enforce import Enforcer, enforce_middleware, extra_headers
 from gateway.errors import StoreUnavailable
 from gateway.store import Store
+from tests.conftest import FakeClock
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -186,7 +186,11 @@ class DownStore:
     ("on_error", "status", "reached_count"), [("open", 200, 1), ("closed", 503, 0)]
 )
 async def test_store_down(
-    aiohttp_client: MakeClient, settings: Settings, on_error: str, status: int, reached_count: int
+    aiohttp_client: MakeClient,
+    settings: Settings,
+    on_error: Literal["open", "closed"],
+    status: int,
+    reached_count: int,
 ) -> None:
     mode = dataclasses.replace(
         settings, redis=dataclasses.replace(settings.redis, on_error=on_error)

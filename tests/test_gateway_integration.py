@@ -26,7 +26,6 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from aiohttp import web
-from conftest import FakeClock, RedisServer, free_port
 from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
@@ -37,6 +36,7 @@ from gateway.config import Settings, parse_config
 from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.model import Device, HistoryEntry
 from gateway.store import Store
+from tests.conftest import FakeClock, RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 

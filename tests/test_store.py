@@ -6,13 +6,13 @@ import asyncio
 import time
 
 import pytest
-from conftest import FakeClock, free_port
 
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
+from tests.conftest import FakeClock, free_port
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(
