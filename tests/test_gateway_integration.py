@@ -11,10 +11,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +19,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import redis
 import redis.asyncio as aioredis
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -574,32 +569,6 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-def restart_on_same_port(server: RedisServer) -> None:
-    """Start redis-server again on the server's port (empty: it keeps no data)."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    server.dir = tempfile.mkdtemp(prefix="devicegate-redis-")
-    server.proc = subprocess.Popen(
-        [binary, "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", server.dir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=server.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + WAIT
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not restart"
-                assert server.proc.poll() is None, "redis-server exited at restart"
-                time.sleep(0.02)
-    finally:
-        client.close()
-
-
 async def timed(coro: Awaitable[Answer]) -> tuple[Answer, float]:
     """The answer and the seconds it took."""
     started = time.monotonic()
@@ -622,7 +591,7 @@ async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
     healthy = await call(http, "GET", url, PHONE)
     assert healthy.status == 200 and "RateLimit" in healthy.headers
 
-    await asyncio.to_thread(own_redis.stop)
+    await asyncio.to_thread(own_redis.kill)
     before = len(upstream.seen)
     for headers in (PHONE, None):  # a device and an anonymous request
         answer, took = await timed(call(http, "GET", url, headers))
@@ -637,7 +606,7 @@ async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
             assert int(answer.headers["Retry-After"]) >= 1
     assert len(upstream.seen) == before + (2 if on_error == "open" else 0)
 
-    await asyncio.to_thread(restart_on_same_port, own_redis)
+    await asyncio.to_thread(own_redis.restart)
     resumed = await call(http, "GET", url, PHONE)
     assert resumed.status == 200
     assert resumed.headers["X-RateLimit-Remaining"] == "19"  # a fresh Redis, a fresh bucket
@@ -659,14 +628,14 @@ async def test_a_hung_redis_costs_at_most_the_timeout(
     url = f"{gw.url}/api/data"
     assert (await call(http, "GET", url, PHONE)).status == 200
 
-    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    own_redis.freeze()
     try:
         for _ in range(3):
             answer, took = await timed(call(http, "GET", url, PHONE))
             assert took < 1.0, f"{took:.3f} s with redis.timeout 0.1"
             assert answer.status == 200 and rate_headers(answer) == {}
     finally:
-        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        own_redis.thaw()
 
     # Enforcement resumes on its own; replies to the abandoned calls are not taken for
     # answers to new ones. (An abandoned call that had reached Redis's socket may still be

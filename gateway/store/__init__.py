@@ -35,6 +35,7 @@ from gateway.model import (
 )
 from gateway.store import keys as K
 from gateway.store.keys import SHARDS, KeySchema
+from gateway.store.pipeline import ScriptPipeline
 from gateway.typedefs import Clock
 
 __all__ = ["BlockedFilter", "Store"]
@@ -99,8 +100,10 @@ class Store:
         admin_timeout: float = ADMIN_TIMEOUT,
         history_size: int = 50,
         clock: Clock | None = None,
+        pipeline: ScriptPipeline | None = None,
     ) -> None:
         self._hot = hot
+        self._pipeline = pipeline
         self._admin = admin
         self._keys = KeySchema(key_prefix)
         self._timeout = timeout
@@ -129,6 +132,7 @@ class Store:
             timeout=settings.timeout,
             history_size=history_size,
             clock=clock,
+            pipeline=ScriptPipeline(settings.url, _script("enforce.lua"), timeout=settings.timeout),
         )
 
     @classmethod
@@ -163,12 +167,17 @@ class Store:
     async def start(self) -> None:
         """Load the scripts; tolerates a Redis that is down (they load on first use)."""
         try:
-            await self._guard(self._hot.script_load(self._enforce.script), self._timeout)
+            if self._pipeline is not None:
+                await self._pipeline.connect()
+            else:
+                await self._guard(self._hot.script_load(self._enforce.script), self._timeout)
         except StoreUnavailable as exc:
             log.warning("store not reachable at start, will retry per request: %s", exc)
 
     async def close(self) -> None:
         """Close both clients' connections."""
+        if self._pipeline is not None:
+            await self._pipeline.close()
         await self._hot.aclose(close_connection_pool=True)
         await self._admin.aclose(close_connection_pool=True)
 
@@ -215,7 +224,11 @@ class Store:
                 *(value or "" for value in identity.fields()),
             )
             policy = _POLICY_DEVICE
-        reply = await self._guard(self._enforce(keys, args), self._timeout)
+        if self._pipeline is not None:
+            # Bounded by the pipeline's own deadline; it raises StoreUnavailable itself.
+            reply = await self._pipeline.call(keys, args)
+        else:
+            reply = await self._guard(self._enforce(keys, args), self._timeout)
         outcome, remaining, retry_after, full_after, rate_milli, burst, new = (
             int(x) for x in reply
         )
