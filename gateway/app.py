@@ -1,4 +1,4 @@
-"""Application factories and the process's run loop."""
+"""The process's run loop: the data plane on the public port, the admin app on its own."""
 
 from __future__ import annotations
 
@@ -11,44 +11,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.accesslog import access_log_middleware
 from gateway.admin import create_admin_app
 from gateway.config import Settings
-from gateway.enforce import Enforcer, enforce_middleware, extra_headers
+from gateway.dataplane import DataPlane, start_public
 from gateway.metrics import Metrics
-from gateway.proxy import Forwarder, forwarder_ctx
 from gateway.store import Store
 
 log = logging.getLogger("gateway")
 
-KEEPALIVE_TIMEOUT = 75.0  # seconds; aiohttp's default of 3630 s holds idle sockets for an hour
 SHUTDOWN_TIMEOUT = 30.0
-
-
-def handler_args() -> dict[str, object]:
-    """Server settings for the public listener: never decompress, bounded keep-alive."""
-    return {"auto_decompress": False, "keepalive_timeout": KEEPALIVE_TIMEOUT}
-
-
-def create_app(settings: Settings, store: Store, metrics: Metrics | None = None) -> web.Application:
-    """The public (data plane) application. The caller owns the store's lifecycle."""
-    forwarder = Forwarder(settings.upstream, settings.limits)
-    metrics = metrics or Metrics()
-    app = web.Application(
-        middlewares=[
-            access_log_middleware(enabled=settings.log.access, metrics=metrics),
-            enforce_middleware(enforcer=Enforcer(settings, store, metrics)),
-        ],
-        client_max_size=settings.limits.max_body_bytes,
-        handler_args=handler_args(),
-    )
-
-    async def forward(request: web.Request) -> web.StreamResponse:
-        return await forwarder.forward(request, extra_headers(request))
-
-    app.router.add_route("*", "/{tail:.*}", forward)
-    app.cleanup_ctx.append(forwarder_ctx(forwarder))
-    return app
 
 
 def admin_token(settings: Settings) -> str:
@@ -78,33 +49,38 @@ async def serve(
     store: Store | None = None,
     on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
+    token: str | None = None,
+    admin: bool = True,
+    reuse_port: bool = False,
 ) -> None:
-    """Run both listeners until SIGINT/SIGTERM (or `stop` is set), then shut down cleanly."""
+    """Run the listeners until SIGINT/SIGTERM (or `stop` is set), then shut down cleanly.
+
+    `admin=False` runs the data plane alone (a worker process of `gateway run --workers`).
+    """
     own_store = store is None
     store = store or Store.from_settings(settings.redis, history_size=settings.devices.history_size)
     await store.start()
-    token = admin_token(settings)
+    token = token or admin_token(settings)
     metrics = Metrics()
-    public = web.AppRunner(
-        create_app(settings, store, metrics), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
-    )
-    admin = web.AppRunner(create_admin_app(store, token, metrics), access_log=None)
+    plane = DataPlane(settings, store, metrics)
+    admin_runner = web.AppRunner(create_admin_app(store, token, metrics), access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    public: asyncio.Server | None = None
     try:
-        await public.setup()
-        await admin.setup()
-        public_site = web.TCPSite(
-            public, settings.server.listen.host, settings.server.listen.port, backlog=1024
-        )
-        admin_site = web.TCPSite(admin, settings.admin.listen.host, settings.admin.listen.port)
-        await public_site.start()
-        await admin_site.start()
+        listen = settings.server.listen
+        public = await start_public(plane, listen.host, listen.port, reuse_port=reuse_port)
+        admin_url = ""
+        if admin:
+            await admin_runner.setup()
+            site = web.TCPSite(admin_runner, settings.admin.listen.host, settings.admin.listen.port)
+            await site.start()
+            admin_url = _url(admin_runner.addresses[0])
         running = Running(
-            public_url=_url(public),
-            admin_url=_url(admin),
+            public_url=_url(public.sockets[0].getsockname()),
+            admin_url=admin_url,
             admin_token=token,
         )
         log.info(
@@ -112,7 +88,7 @@ async def serve(
             extra={
                 "fields": {
                     "public": running.public_url,
-                    "admin": running.admin_url,
+                    "admin": running.admin_url or None,
                     "upstream": settings.upstream.url,
                     "store": settings.redis.url.split("@")[-1],
                 }
@@ -127,14 +103,18 @@ async def serve(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await public.cleanup()
-        await admin.cleanup()
+        if public is not None:
+            public.close()
+        await plane.shutdown(SHUTDOWN_TIMEOUT)
+        if public is not None:
+            await public.wait_closed()
+        await admin_runner.cleanup()
         if own_store:
             await store.close()
 
 
-def _url(runner: web.AppRunner) -> str:
-    host, port = runner.addresses[0][:2]
+def _url(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = address[0], address[1]
     # A wildcard bind is reached on loopback from this machine.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     if ":" in host:

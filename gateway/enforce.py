@@ -1,46 +1,57 @@
-"""The enforce middleware: identity -> declared body size -> store decision -> answer or pass on.
+"""Enforcement: identity -> declared body size -> store decision -> a verdict.
 
 Order of checks: identity validation (400) -> declared body size (413) -> blocked (403, no
 token taken) -> token bucket (429) -> forward. When the store cannot be asked, `on_error`
 decides: `open` forwards without rate-limit headers (they are never invented), `closed`
-answers 503 with Retry-After.
+answers 503 with Retry-After. Transport-free: the data plane passes what it parsed.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
-from typing import Literal
+from dataclasses import dataclass
+from typing import Final, Literal
 
-from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler, Middleware
+from multidict import MultiMapping
 
-from gateway import responses
-from gateway.accesslog import REQUEST_INFO
 from gateway.config import Settings
 from gateway.errors import IdentityError, StoreUnavailable
 from gateway.identity import IdentityReader, client_ip
 from gateway.metrics import Metrics
 from gateway.model import Outcome
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
+from gateway.responses import REASON_BODY_TOO_LARGE
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
-RATE_LIMIT_HEADERS = web.RequestKey("devicegate.rate_limit_headers", dict[str, str])
+BLOCKED_REASON: Final = "Access denied: device is blocked"
+LIMITED_REASON: Final = "Too many requests"
+UNAVAILABLE_REASON: Final = "Service temporarily unavailable"
+ANONYMOUS_REASON: Final = "A device id is required"
+CONNECT_REASON: Final = "Method not allowed"
+ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
-BLOCKED_REASON = "Access denied: device is blocked"
-LIMITED_REASON = "Too many requests"
-UNAVAILABLE_REASON = "Service temporarily unavailable"
-ANONYMOUS_REASON = "A device id is required"
-CONNECT_REASON = "Method not allowed"
-INTERNAL_REASON = "Internal error"
-ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+FORWARD: Final = 0
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What to do with one request: forward it (status 0) or answer `status` with `reason`.
+
+    `headers` are the rate-limit headers (for a forwarded request, added to the upstream's
+    answer); `decision` names the outcome for the access log and the metrics.
+    """
+
+    status: int
+    reason: str
+    headers: dict[str, str] | None
+    decision: str
+    device_id: str | None = None
 
 
 class Enforcer:
-    """Everything the middleware needs, built once at start from the settings."""
+    """Everything a decision needs, built once at start from the settings."""
 
     __slots__ = ("_metrics", "_on_error", "_store", "identity", "max_body", "policy",
                  "require_id", "trusted", "upload_methods")  # fmt: skip
@@ -56,89 +67,49 @@ class Enforcer:
         self.trusted = settings.server.trusted_proxies
         self.upload_methods = settings.devices.data_upload_methods
 
-    async def check(self, request: web.Request) -> web.StreamResponse | dict[str, str] | None:
-        """An answer to send instead of forwarding, or the rate-limit headers to add (or None)."""
-        info = request[REQUEST_INFO]
-        if request.method == hdrs.METH_CONNECT:
-            info.decision = "method"
-            return responses.error(
-                405,
-                CONNECT_REASON,
-                headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"},
-            )
+    async def check(
+        self,
+        method: str,
+        headers: MultiMapping[str],
+        peer: str | None,
+        content_length: int | None,
+    ) -> Verdict:
+        """The verdict for one request whose head has been parsed."""
+        if method == "CONNECT":
+            return Verdict(405, CONNECT_REASON, {"Allow": ALLOWED_METHODS}, "method")
         try:
-            identity = self.identity.read(request.headers)
+            identity = self.identity.read(headers)
         except IdentityError as exc:
-            info.decision = "invalid"
-            return responses.error(400, str(exc))
+            return Verdict(400, str(exc), None, "invalid")
         if identity is None and self.require_id:
-            info.decision = "anonymous"
-            return responses.error(401, ANONYMOUS_REASON)
-        declared = request.content_length
-        if declared is not None and declared > self.max_body:
-            info.decision = "too_large"
-            return responses.error(413, responses.REASON_BODY_TOO_LARGE)
+            return Verdict(401, ANONYMOUS_REASON, None, "anonymous")
+        device_id = None if identity is None else identity.id
+        if content_length is not None and content_length > self.max_body:
+            return Verdict(413, REASON_BODY_TOO_LARGE, None, "too_large", device_id)
 
         ip = ""
         if identity is None:
-            ip = client_ip(
-                request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()), self.trusted
-            )
-        else:
-            info.device_id = identity.id
+            ip = client_ip(peer, headers.getall("X-Forwarded-For", ()), self.trusted)
         try:
             decision = await self._store.enforce(
                 identity,
                 ip,
                 self.policy.for_request(identity is not None),
-                upload=request.method in self.upload_methods,
+                upload=method in self.upload_methods,
             )
         except StoreUnavailable as exc:
             self._metrics.store_failures += 1
             log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
             if self._on_error == "closed":
-                info.decision = "store_down_closed"
-                return responses.error(503, UNAVAILABLE_REASON, headers={"Retry-After": "1"})
-            info.decision = "store_down_open"
-            return None
+                return Verdict(
+                    503, UNAVAILABLE_REASON, {"Retry-After": "1"}, "store_down_closed", device_id
+                )
+            return Verdict(FORWARD, "", None, "store_down_open", device_id)
 
         if decision.outcome is Outcome.BLOCKED:
-            info.decision = "blocked"
-            return responses.error(403, BLOCKED_REASON)
-        headers = rate_limit_headers(decision)
+            return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
+        rate_headers = rate_limit_headers(decision)
         if decision.outcome is Outcome.LIMITED:
-            info.decision = "limited"
-            headers["Retry-After"] = str(retry_after_seconds(decision))
-            return responses.error(429, LIMITED_REASON, headers=headers)
-        info.decision = "allow"
-        return headers
-
-
-def enforce_middleware(*, enforcer: Enforcer) -> Middleware:
-    """Answers blocked, limited and invalid requests itself; passes the rest on."""
-
-    @web.middleware
-    async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
-        verdict = await enforcer.check(request)
-        if isinstance(verdict, web.StreamResponse):
-            return verdict
-        if verdict is not None:
-            request[RATE_LIMIT_HEADERS] = verdict
-        started = time.perf_counter()
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise
-        except Exception:
-            # A bug must still answer in the envelope, never with a traceback page.
-            log.exception("unexpected error while forwarding %s %s", request.method, request.path)
-            return responses.error(500, INTERNAL_REASON)
-        finally:
-            request[REQUEST_INFO].upstream_s = time.perf_counter() - started
-
-    return impl
-
-
-def extra_headers(request: web.Request) -> Mapping[str, str] | None:
-    """The rate-limit headers the middleware left for the proxied response, if any."""
-    return request.get(RATE_LIMIT_HEADERS)
+            rate_headers["Retry-After"] = str(retry_after_seconds(decision))
+            return Verdict(429, LIMITED_REASON, rate_headers, "limited", device_id)
+        return Verdict(FORWARD, "", rate_headers, "allow", device_id)

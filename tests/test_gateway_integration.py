@@ -1,6 +1,6 @@
 """The gateway end to end: real sockets, a real redis-server and a real upstream app.
 
-Every gateway here is `create_app` (or `serve`) on a loopback port in front of `Upstream`,
+Every gateway here is the data plane (or `serve`) on a loopback port in front of `Upstream`,
 an aiohttp app that records each request it saw, so a test can say "the upstream never saw
 it". Stores get the fake clock: the token bucket is driven by `clock.advance`, never sleep.
 """
@@ -26,8 +26,9 @@ from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
 from gateway.admin import create_admin_app
-from gateway.app import Running, create_app, serve
+from gateway.app import Running, serve
 from gateway.config import Settings, parse_config
+from gateway.dataplane import DataPlane, start_public
 from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.model import Device, HistoryEntry
 from gateway.store import Store
@@ -151,8 +152,9 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 async def start_gateway(
     aiohttp_server: AiohttpServer, clock: FakeClock
 ) -> AsyncIterator[StartGateway]:
-    """Factory: serve create_app + create_admin_app for settings (a new Store unless given)."""
+    """Factory: the data plane + create_admin_app for settings (a new Store unless given)."""
     own: list[Store] = []
+    planes: list[tuple[DataPlane, asyncio.Server]] = []
 
     async def start(settings: Settings, store: Store | None = None) -> Gateway:
         if store is None:
@@ -161,11 +163,18 @@ async def start_gateway(
             )
             own.append(store)
             await store.start()
-        public = await aiohttp_server(create_app(settings, store))
+        plane = DataPlane(settings, store)
+        server = await start_public(plane, "127.0.0.1", 0)
+        planes.append((plane, server))
         admin = await aiohttp_server(create_admin_app(store, TOKEN))
-        return Gateway(public.make_url(""), admin.make_url(""), store)
+        port = server.sockets[0].getsockname()[1]
+        return Gateway(URL(f"http://127.0.0.1:{port}"), admin.make_url(""), store)
 
     yield start
+    for plane, server in planes:
+        server.close()
+        await plane.shutdown(1.0)
+        await server.wait_closed()
     for store in own:
         await store.close()
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from gateway.accesslog import access_log_middleware
 from gateway.admin import create_admin_app
 from gateway.config import parse_config
-from gateway.enforce import Enforcer, enforce_middleware
+from gateway.dataplane import DataPlane, start_public
+from gateway.enforce import Enforcer
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.store import Store
@@ -37,26 +38,32 @@ def test_render_is_prometheus_text() -> None:
 
 
 async def test_open_mode_counts_store_failures_and_admin_shows_them(aiohttp_client: Any) -> None:
-    settings = parse_config("redis: {on_error: open}", "test")
-    metrics = Metrics()
-
-    async def upstream(_request: web.Request) -> web.Response:
+    async def upstream_ok(_request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    public = web.Application(
-        middlewares=[
-            access_log_middleware(enabled=False, metrics=metrics),
-            enforce_middleware(enforcer=Enforcer(settings, DownStore(), metrics)),  # type: ignore[arg-type]
-        ]
+    upstream_app = web.Application()
+    upstream_app.router.add_route("*", "/{tail:.*}", upstream_ok)
+    upstream = await aiohttp_client(upstream_app)
+    settings = parse_config(
+        f"redis: {{on_error: open}}\nupstream: {{url: 'http://127.0.0.1:{upstream.port}'}}",
+        "test",
     )
-    public.router.add_route("*", "/{tail:.*}", upstream)
-    client = await aiohttp_client(public)
-    for _ in range(2):
-        assert (await client.get("/", headers={"X-Device-Id": "d1"})).status == 200
+    metrics = Metrics()
+    store = Store.memory()
+    plane = DataPlane(settings, store, metrics)
+    plane.enforcer = Enforcer(settings, DownStore(), metrics)  # type: ignore[arg-type]
+    server = await start_public(plane, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.get(f"http://127.0.0.1:{port}/", headers={"X-Device-Id": "d1"}) as r:
+                assert r.status == 200
+    server.close()
+    await plane.shutdown(1.0)
+    await server.wait_closed()
     assert metrics.store_failures == 2
     assert metrics.decisions["store_down_open"] == 2
 
-    store = Store.memory()
     admin = await aiohttp_client(create_admin_app(store, TOKEN, metrics))
     assert (await admin.get("/metrics")).status == 401
     resp = await admin.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})

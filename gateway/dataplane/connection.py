@@ -1,0 +1,321 @@
+"""The client side: one asyncio protocol per connection, requests parsed by llhttp.
+
+llhttp (through httptools) is strict: conflicting Content-Length and Transfer-Encoding,
+obs-fold, bare LF, duplicate Content-Length and unknown HTTP versions are refused, and the
+connection is closed after a 400 envelope. Requests on one connection are answered in
+order; a pipelined request waits for the one before it (reading pauses past a few).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from email.utils import formatdate
+from typing import Final
+
+import httptools
+
+from gateway.config import Settings
+from gateway.dataplane import wire
+from gateway.dataplane.exchange import Exchange
+from gateway.dataplane.upstream import UpstreamPool
+from gateway.enforce import Enforcer
+from gateway.logs import ACCESS_LOGGER
+from gateway.metrics import Metrics
+from gateway.store import Store
+
+log = logging.getLogger("gateway.dataplane")
+
+MAX_LINE: Final = 8190  # request target, as aiohttp's default max_line_size
+MAX_FIELD: Final = 8190  # one header line
+MAX_HEADERS: Final = 128
+MAX_QUEUED: Final = 8  # pipelined requests waiting before reading pauses
+KEEPALIVE_TIMEOUT: Final = 75.0
+
+
+class _Reject(Exception):
+    """A request head over a size limit."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class DataPlane:
+    """What every client connection of one process shares, built once at start."""
+
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        self.enforcer = Enforcer(settings, store, self.metrics)
+        self.pool = UpstreamPool(settings.upstream)
+        self.timeout = settings.upstream.timeout
+        self.max_body = settings.limits.max_body_bytes
+        self.preserve_host = settings.upstream.preserve_host
+        self.access_log = settings.log.access
+        self.access_logger = logging.getLogger(ACCESS_LOGGER)
+        self.connections: set[ClientConnection] = set()
+        self._date = b""
+        self._date_second = -1
+
+    def protocol(self) -> ClientConnection:
+        """A protocol factory for `loop.create_server`."""
+        return ClientConnection(self)
+
+    def date(self) -> bytes:
+        """The HTTP Date header value, formatted once per second."""
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = formatdate(now, usegmt=True).encode()
+        return self._date
+
+    def log_exchange(self, ex: Exchange) -> None:
+        """Count the finished exchange and write its access-log line."""
+        self.metrics.observe(ex.decision, ex.status)
+        if not self.access_log or not self.access_logger.isEnabledFor(logging.INFO):
+            return
+        now = time.perf_counter()
+        self.access_logger.info(
+            "request",
+            extra={
+                "fields": {
+                    "device_id": ex.device_id,
+                    "method": ex.method.decode("latin-1"),
+                    "path": ex.target.decode("latin-1"),
+                    "status": ex.status,
+                    "decision": ex.decision,
+                    "upstream_ms": (
+                        None
+                        if ex.upstream_started is None
+                        else round((now - ex.upstream_started) * 1000, 3)
+                    ),
+                    "total_ms": round((now - ex.started) * 1000, 3),
+                    "remote": ex.conn.peer,
+                }
+            },
+        )
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close idle connections now; give busy ones up to `timeout`, then cut them."""
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        self.pool.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self.peer_bytes = b"unknown"
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[Exchange] = deque()
+        self._parsing: Exchange | None = None
+        self._url = b""
+        self._headers: wire.RawHeaders = []
+        self._closing = False
+        self._paused = False
+        self._write_paused = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0])
+            self.peer_bytes = self.peer.encode()
+        self.plane.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._disarm_idle()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade is hop-by-hop and never forwarded; what follows is not HTTP/1.1.
+            self._closing = True
+            if self._parsing is not None:
+                self._parsing.keep_alive = False
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._refuse(cause.status, cause.reason)
+            else:
+                log.error("request parsing failed: %r", cause)
+                self._refuse(400, "Bad request")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"Bad request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._closing = True
+        self._disarm_idle()
+        self.plane.connections.discard(self)
+        queue, self._queue = self._queue, deque()
+        for ex in queue:
+            ex.client_lost()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._queue:
+            self._queue[0].pause_download()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._queue:
+            self._queue[0].resume_download()
+
+    # -- llhttp callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_LINE:
+            raise _Reject(414, "Request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_FIELD:
+            raise _Reject(431, "Request header too large")
+        self._headers.append((name, value))
+        if len(self._headers) > MAX_HEADERS:
+            raise _Reject(431, "Too many request headers")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        content_length: int | None = None
+        chunked = False
+        expect = False
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                content_length = int(value)  # llhttp has validated it
+            elif lower == b"transfer-encoding":
+                chunked = True  # llhttp accepts it only with chunked last
+            elif lower == b"expect":
+                expect = value.strip().lower() == b"100-continue"
+        ex = Exchange(
+            self,
+            parser.get_method(),
+            self._url,
+            self._headers,
+            keep_alive=parser.should_keep_alive() and not self._closing,
+            http11=parser.get_http_version() == "1.1",
+            content_length=content_length,
+            chunked=chunked,
+            expect_continue=expect,
+        )
+        self._parsing = ex
+        self._queue.append(ex)
+        if len(self._queue) == 1:
+            self._start(ex)
+        elif len(self._queue) > MAX_QUEUED:
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex, self._parsing = self._parsing, None
+        if ex is not None:
+            ex.request_end()
+
+    # -- exchanges -----------------------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        ex.task = asyncio.get_running_loop().create_task(ex.run())
+        if self._write_paused:
+            ex.pause_download()
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """Called once per exchange when its answer is complete (or given up)."""
+        self.plane.log_exchange(ex)
+        if self._queue and self._queue[0] is ex:
+            self._queue.popleft()
+        elif ex in self._queue:
+            self._queue.remove(ex)
+        transport = self.transport
+        if transport is None:
+            return
+        if not ex.keep_alive or self._closing:
+            self._closing = True
+            transport.close()
+            return
+        if self._queue:
+            self._start(self._queue[0])
+            if len(self._queue) <= MAX_QUEUED:
+                self.resume_reading()
+        else:
+            self._arm_idle()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client."""
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        """Stop reading the client (its body waits, or the upstream's socket is full)."""
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the client again."""
+        if self._paused and self.transport is not None and len(self._queue) <= MAX_QUEUED:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Cut the connection (a broken answer must never look complete)."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_when_idle(self) -> None:
+        """Graceful stop: close now if idle, else after the answer in progress."""
+        self._closing = True
+        if not self._queue and self.transport is not None:
+            self.transport.close()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """A request that cannot be parsed: answer it in the envelope and close."""
+        self._closing = True
+        if self._queue:
+            return  # the answer in progress goes out first; then the connection closes
+        self.write(wire.envelope_answer(status, reason, keep_alive=False, date=self.plane.date()))
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- keep-alive idle timeout -----------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        self._disarm_idle()
+        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT, self._on_idle)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if not self._queue and self.transport is not None:
+            self._closing = True
+            self.transport.close()

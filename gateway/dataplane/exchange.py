@@ -1,0 +1,454 @@
+"""One request's life: verdict, upstream attempt(s), both bodies streamed, its log line.
+
+Events come from two protocols: the client connection (request body) and the upstream
+connection (response head, body, end, failure). Writes to the client produced by one
+upstream read are gathered and sent in one `transport.write`. Flow control runs both ways:
+a full client socket pauses the upstream read, a full upstream socket pauses the client
+read. Every answer the gateway makes itself is the JSON envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+from multidict import CIMultiDict
+
+from gateway.dataplane import wire
+from gateway.dataplane.upstream import NO_BODY, PoolExhausted, UpstreamConnection
+from gateway.enforce import FORWARD, Verdict
+from gateway.errors import UpstreamError, UpstreamUnreachable
+from gateway.responses import REASON_BODY_TOO_LARGE
+
+if TYPE_CHECKING:
+    from gateway.dataplane.connection import ClientConnection
+
+log = logging.getLogger("gateway.dataplane")
+
+REASON_UNREACHABLE: Final = "Upstream unreachable"
+REASON_TIMED_OUT: Final = "Upstream timed out"
+REASON_BAD_RESPONSE: Final = "Invalid upstream response"
+REASON_BUSY: Final = "Upstream connection limit reached"
+REASON_INTERNAL: Final = "Internal error"
+
+# Methods a stale pooled connection may be retried with (RFC 9110 section 9.2.2).
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+BUFFER_LIMIT: Final = 1 << 20  # request body held while the verdict is pending; then pause
+
+# Attempt outcomes.
+_DONE: Final = 0
+_RETRY: Final = 1
+
+
+class Exchange:
+    """One request from head to the end of its answer."""
+
+    __slots__ = (
+        "_attempt",
+        "_body_bytes",
+        "_buffer",
+        "_buffered",
+        "_deadline",
+        "_last_io",
+        "_out",
+        "_out_chunked",
+        "_retried",
+        "_reused",
+        "_sent_body",
+        "_upstream",
+        "body_done",
+        "chunked",
+        "conn",
+        "content_length",
+        "decision",
+        "device_id",
+        "expect_continue",
+        "finished",
+        "head_started",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "started",
+        "status",
+        "target",
+        "task",
+        "upstream_started",
+        "verdict_headers",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: bytes,
+        target: bytes,
+        headers: wire.RawHeaders,
+        *,
+        keep_alive: bool,
+        http11: bool,
+        content_length: int | None,
+        chunked: bool,
+        expect_continue: bool,
+    ) -> None:
+        self.conn = conn
+        self.http11 = http11
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.expect_continue = expect_continue
+        self.body_done = content_length in (None, 0) and not chunked
+        self._body_bytes = 0
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._upstream: UpstreamConnection | None = None
+        self._attempt: asyncio.Future[int] | None = None
+        self._reused = False
+        self._retried = False
+        self._sent_body = False
+        self._out: list[bytes] = []
+        self._out_chunked = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._last_io = 0.0
+        self.head_started = False
+        self.finished = False
+        self.status = 0
+        self.decision = "-"
+        self.device_id: str | None = None
+        self.verdict_headers: dict[str, str] | None = None
+        self.started = time.perf_counter()
+        self.upstream_started: float | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # -- the request's course ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Decide, forward, and wait for the answer to be complete."""
+        plane = self.conn.plane
+        try:
+            verdict = await plane.enforcer.check(
+                self.method.decode("latin-1"),
+                self._str_headers(),
+                self.conn.peer,
+                self.content_length,
+            )
+            self.decision = verdict.decision
+            self.device_id = verdict.device_id
+            if self.finished:
+                return  # answered meanwhile (body over the limit)
+            if verdict.status != FORWARD:
+                self._answer_verdict(verdict)
+                return
+            self.verdict_headers = verdict.headers
+            self.upstream_started = time.perf_counter()
+            while await self._forward() == _RETRY:
+                pass
+        except asyncio.CancelledError:
+            self._finish()
+            raise
+        except Exception:
+            log.exception("unexpected error in %s %r", self.method, self.target)
+            self.answer(500, REASON_INTERNAL)
+
+    def _str_headers(self) -> CIMultiDict[str]:
+        return CIMultiDict(
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+            for name, value in self.headers
+        )
+
+    def _answer_verdict(self, verdict: Verdict) -> None:
+        self.answer(verdict.status, verdict.reason, verdict.headers)
+
+    async def _forward(self) -> int:
+        """One upstream attempt; _RETRY when a stale pooled connection may be tried again."""
+        plane = self.conn.plane
+        try:
+            upstream, self._reused = await plane.pool.acquire()
+        except PoolExhausted:
+            self.answer(503, REASON_BUSY, self.verdict_headers, retry_after=True)
+            return _DONE
+        except UpstreamUnreachable as exc:
+            log.warning("upstream unreachable: %s", exc)
+            self.answer(502, REASON_UNREACHABLE, self.verdict_headers)
+            return _DONE
+        if self.finished:
+            plane.pool.release(upstream)
+            return _DONE
+        loop = asyncio.get_running_loop()
+        self._attempt = loop.create_future()
+        self._upstream = upstream
+        upstream.begin(self, head_request=self.method == b"HEAD")
+        content_length = self.content_length
+        chunked = self.chunked and content_length is None
+        if content_length is None and not chunked and self.method in _BODY_METHODS:
+            content_length = 0  # many origins answer 411 to a POST without a length
+        head = wire.request_head(
+            self.method,
+            self.target,
+            self.headers,
+            host=plane.pool.host_header,
+            peer=self.conn.peer_bytes,
+            scheme=b"http",
+            preserve_host=plane.preserve_host,
+            content_length=content_length,
+            chunked=chunked,
+        )
+        parts = [head]
+        for piece in self._buffer:
+            parts.append(wire.chunk(piece) if chunked else piece)
+        self._sent_body = bool(self._buffer)
+        self._buffer = []
+        self._buffered = 0
+        if self.body_done and chunked:
+            parts.append(wire.LAST_CHUNK)
+        upstream.write(b"".join(parts))
+        if self.expect_continue and not self.body_done:
+            self.expect_continue = False
+            self.conn.write(wire.CONTINUE)
+        self.conn.resume_reading()
+        self._last_io = loop.time()
+        self._deadline = loop.call_at(self._last_io + plane.timeout, self._on_deadline)
+        return await self._attempt
+
+    # -- client events -------------------------------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body arrived from the client."""
+        if self.finished:
+            return  # answered already; the connection closes after the answer
+        self._body_bytes += len(data)
+        if self._body_bytes > self.conn.plane.max_body:
+            self._body_over_limit()
+            return
+        upstream = self._upstream
+        if upstream is not None:
+            self._sent_body = True
+            framed = self.chunked and self.content_length is None
+            upstream.write(wire.chunk(data) if framed else data)
+        elif not self.finished:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > BUFFER_LIMIT:
+                self.conn.pause_reading()
+
+    def request_end(self) -> None:
+        """The request body is complete."""
+        self.body_done = True
+        upstream = self._upstream
+        if upstream is not None and self.chunked and self.content_length is None:
+            upstream.write(wire.LAST_CHUNK)
+
+    def _body_over_limit(self) -> None:
+        """Cut the body: the upstream never sees a complete over-limit request."""
+        self.keep_alive = False
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        if not self.head_started:
+            self.answer(413, REASON_BODY_TOO_LARGE, self.verdict_headers)
+        else:
+            self.conn.abort()
+        self._resolve(_DONE)
+
+    def client_lost(self) -> None:
+        """The client went away: drop the upstream side (an upload stays incomplete)."""
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        if self.status == 0:
+            self.status = 499
+        self._resolve(_DONE)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self._finish()
+
+    # -- upstream events (ResponseSink) ----------------------------------------------------
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: wire.RawHeaders, framing: int | None
+    ) -> None:
+        """Start the answer: the upstream's head, the gateway's framing, rate-limit headers."""
+        self.head_started = True
+        self.status = status
+        content_length: int | None = None
+        chunked = False
+        if framing is NO_BODY:
+            if self.method == b"HEAD" or status == 304:
+                for name, value in headers:
+                    if name.lower() == b"content-length" and value.strip().isdigit():
+                        content_length = int(value)
+                        break
+        elif framing >= 0:
+            content_length = framing
+        elif self.http11:
+            chunked = True
+        else:
+            self.keep_alive = False  # an HTTP/1.0 client reads to the close
+        self._out_chunked = chunked
+        self._out.append(
+            wire.response_head(
+                status,
+                reason,
+                wire.response_headers(headers),
+                self.verdict_headers,
+                content_length=content_length,
+                chunked=chunked,
+                keep_alive=self.keep_alive,
+            )
+        )
+
+    def on_response_body(self, data: bytes) -> None:
+        """Relay a piece of the body."""
+        self._out.append(wire.chunk(data) if self._out_chunked else data)
+
+    def on_response_end(self, reusable: bool) -> None:
+        """The answer is complete: close the framing, give the connection back."""
+        if self._out_chunked:
+            self._out.append(wire.LAST_CHUNK)
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            if reusable and self.body_done:
+                self.conn.plane.pool.release(upstream)
+            else:
+                upstream.abort()
+        self._resolve(_DONE)
+
+    def on_upstream_flush(self) -> None:
+        """Send what one upstream read produced, in one write."""
+        if self._out:
+            self.conn.write(b"".join(self._out))
+            self._out = []
+            self._last_io = asyncio.get_running_loop().time()
+        if self._attempt is not None and self._attempt.done():
+            self._finish()
+
+    def on_upstream_failed(self, exc: BaseException) -> None:
+        """The upstream connection broke or sent nonsense."""
+        self._upstream = None
+        if self.finished:
+            return
+        if self.head_started:
+            # The status line is out: the only honest signal left is a cut connection.
+            log.warning("upstream broke mid-response: %r", exc)
+            self._out = []
+            self.conn.abort()
+            self._resolve(_DONE)
+            self._finish()
+            return
+        if (
+            self._reused
+            and not self._retried
+            and not self._sent_body
+            and self.body_done
+            and self.method in IDEMPOTENT
+        ):
+            self._retried = True  # a pooled connection the upstream had closed: try a new one
+            self._cancel_deadline()
+            self._resolve(_RETRY)
+            return
+        parse_error = not isinstance(exc, OSError | UpstreamError)
+        log.warning("upstream failed: %r", exc)
+        self.answer(502, REASON_BAD_RESPONSE if parse_error else REASON_UNREACHABLE,
+                    self.verdict_headers)  # fmt: skip
+
+    def pause_upload(self) -> None:
+        """The upstream's socket is full: stop reading the client."""
+        self.conn.pause_reading()
+
+    def resume_upload(self) -> None:
+        """The upstream's socket drained."""
+        self.conn.resume_reading()
+
+    def pause_download(self) -> None:
+        """The client's socket is full: stop reading the upstream."""
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_download(self) -> None:
+        """The client's socket drained."""
+        upstream = self._upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    # -- deadlines -----------------------------------------------------------------------
+
+    def _on_deadline(self) -> None:
+        """No answer head within the timeout -> 504; silence mid-body as long -> cut."""
+        self._deadline = None
+        if self.finished or self._upstream is None:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self.conn.plane.timeout
+        if self.head_started:
+            due = self._last_io + timeout
+            if loop.time() < due:
+                self._deadline = loop.call_at(due, self._on_deadline)
+                return
+            log.warning("upstream silent for %.1f s mid-response", timeout)
+            upstream, self._upstream = self._upstream, None
+            upstream.abort()
+            self.conn.abort()
+            self._resolve(_DONE)
+            self._finish()
+            return
+        upstream, self._upstream = self._upstream, None
+        upstream.abort()
+        self.answer(504, REASON_TIMED_OUT, self.verdict_headers)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    # -- answers and the end -------------------------------------------------------------
+
+    def answer(
+        self,
+        status: int,
+        reason: str,
+        extra: dict[str, str] | None = None,
+        *,
+        retry_after: bool = False,
+    ) -> None:
+        """Send an envelope answer of the gateway's own and end the exchange."""
+        if self.finished or self.head_started:
+            return
+        if not self.body_done:
+            self.keep_alive = False  # the rest of the body is not read: close after this
+        if retry_after:
+            extra = {**(extra or {}), "Retry-After": "1"}
+        self.status = status
+        self.head_started = True
+        self.conn.write(
+            wire.envelope_answer(
+                status,
+                reason,
+                extra,
+                keep_alive=self.keep_alive,
+                date=self.conn.plane.date(),
+                head_only=self.method == b"HEAD",
+            )
+        )
+        self._resolve(_DONE)
+        self._finish()
+
+    def _resolve(self, outcome: int) -> None:
+        attempt = self._attempt
+        if attempt is not None and not attempt.done():
+            attempt.set_result(outcome)
+
+    def _finish(self) -> None:
+        """Log once, then let the connection go on to its next request (or close)."""
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_deadline()
+        self.conn.exchange_done(self)
+
+
+_BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})

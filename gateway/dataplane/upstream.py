@@ -1,0 +1,270 @@
+"""The upstream side: a pool of keep-alive connections, responses parsed by llhttp.
+
+A connection serves one exchange at a time. Response events go to the exchange that holds
+it (`ResponseSink`); when the response is complete and both sides allow it, the connection
+returns to the pool. Bytes that arrive on an idle connection mean it cannot be trusted any
+more (a desynchronised or misbehaving upstream): it is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import Final, Protocol
+
+import httptools
+from yarl import URL
+
+from gateway.config import UpstreamSettings
+from gateway.dataplane.wire import RawHeaders
+from gateway.errors import UpstreamError, UpstreamUnreachable
+
+IDLE_TIMEOUT: Final = 30.0  # seconds a pooled connection may sit unused before it is closed
+
+
+class PoolExhausted(UpstreamError):
+    """Every upstream connection is busy and the pool may not open another."""
+
+    status = 503
+
+
+class ResponseSink(Protocol):
+    """What an exchange does with the events of its upstream response."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: RawHeaders, framing: int | None
+    ) -> None:
+        """The head arrived. `framing`: Content-Length, or -1 chunked/until close, or None."""
+
+    def on_response_body(self, data: bytes) -> None:
+        """A piece of the body arrived."""
+
+    def on_response_end(self, reusable: bool) -> None:
+        """The response is complete."""
+
+    def on_upstream_failed(self, exc: BaseException) -> None:
+        """The connection failed or sent something unparsable."""
+
+    def on_upstream_flush(self) -> None:
+        """One read from the socket was handled: send what it produced."""
+
+    def pause_upload(self) -> None:
+        """The upstream's socket buffer is full: stop reading the client's body."""
+
+    def resume_upload(self) -> None:
+        """The upstream's socket buffer drained."""
+
+
+NO_BODY: Final = None
+UNTIL_CLOSE: Final = -1
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the upstream origin."""
+
+    __slots__ = ("_head_request", "_headers", "_informational", "_parser", "_pool",
+                 "_reason", "_until_close", "idle_since", "sink", "transport")  # fmt: skip
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._headers: RawHeaders = []
+        self._reason = b""
+        self._head_request = False
+        self._informational = False
+        self._until_close = False
+        self.idle_since = 0.0
+
+    # -- driven by the exchange ----------------------------------------------------------
+
+    def begin(self, sink: ResponseSink, *, head_request: bool) -> None:
+        """Hand the connection to an exchange; its response events go to `sink`."""
+        self.sink = sink
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        self._reason = b""
+        self._head_request = head_request
+        self._until_close = False
+
+    def write(self, data: bytes) -> None:
+        """Send request bytes."""
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        """Drop the connection at once (the upstream must never see a complete request)."""
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        parser = self._parser
+        if sink is None or parser is None:
+            self.abort()  # bytes nobody asked for: this connection cannot be trusted
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(exc)
+            return
+        sink.on_upstream_flush()  # the exchange that owned this read sends what it produced
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        sink, self.sink = self.sink, None
+        self._pool._lost(self)
+        if sink is None:
+            return
+        if self._until_close and exc is None:
+            sink.on_response_end(False)  # a body delimited by the close is complete now
+            sink.on_upstream_flush()
+        else:
+            sink.on_upstream_failed(exc or ConnectionResetError("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.pause_upload()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.resume_upload()
+
+    # -- llhttp callbacks ----------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        sink = self.sink
+        assert parser is not None and sink is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            # 100 Continue / 103 Early Hints: the final response follows on this parser.
+            self._informational = True
+            self._headers = []
+            self._reason = b""
+            return
+        self._informational = False
+        framing: int | None = NO_BODY
+        if not self._head_request and status not in (204, 304):
+            framing = UNTIL_CLOSE
+            for name, value in self._headers:
+                lower = name.lower()
+                if lower == b"content-length":
+                    framing = int(value)
+                    break
+            else:
+                chunked = any(
+                    n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
+                    for n, v in self._headers
+                )
+                self._until_close = not chunked
+        sink.on_response_head(status, self._reason, self._headers, framing)
+        if self._head_request and self.sink is sink:
+            # llhttp cannot be told that a HEAD answer has no body: end it here, and do not
+            # reuse a connection whose parser still expects one.
+            self.sink = None
+            sink.on_response_end(False)
+
+    def on_body(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            parser = self._parser
+            sink.on_response_end(parser is not None and parser.should_keep_alive())
+
+    def _fail(self, exc: BaseException) -> None:
+        sink, self.sink = self.sink, None
+        if self.transport is not None:
+            self.transport.abort()
+        if sink is not None:
+            sink.on_upstream_failed(exc)
+
+
+class UpstreamPool:
+    """Keep-alive connections to the one upstream origin, at most `max_connections`."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        url = URL(settings.url)
+        self.host = url.host or "127.0.0.1"
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.host_header = (url.host_port_subcomponent or self.host).encode()
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if url.scheme == "https" else None
+        )
+        self._connect_timeout = settings.connect_timeout
+        self._max = settings.max_connections
+        self._idle: list[UpstreamConnection] = []
+        self._open = 0
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open or being opened."""
+        return self._open
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused; raises PoolExhausted or UpstreamUnreachable."""
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                continue
+            if now - conn.idle_since > IDLE_TIMEOUT:
+                transport.close()
+                continue
+            return conn, True
+        if self._open >= self._max:
+            raise PoolExhausted("Upstream connection limit reached")
+        self._open += 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port, ssl=self._ssl
+                )
+        except (OSError, TimeoutError) as exc:
+            self._open -= 1
+            raise UpstreamUnreachable(f"cannot connect to the upstream: {exc!r}") from exc
+        except BaseException:
+            self._open -= 1
+            raise
+        return conn, False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give back a connection whose exchange finished cleanly."""
+        if conn.transport is not None and not conn.transport.is_closing():
+            conn.sink = None
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+
+    def _lost(self, conn: UpstreamConnection) -> None:
+        self._open -= 1
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        """Close the idle connections (busy ones close with their exchanges)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            if conn.transport is not None:
+                conn.transport.close()

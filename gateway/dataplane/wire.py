@@ -1,0 +1,165 @@
+"""HTTP/1.1 on the wire (pure): header filtering, message heads, framing, own answers.
+
+Headers travel as the raw `(name, value)` byte pairs the parser saw, so what the client or
+the upstream sent is forwarded byte for byte; names are lower-cased only to compare them.
+"""
+
+from __future__ import annotations
+
+import http
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
+
+import orjson
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection that some clients still send.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request headers the gateway writes itself: framing is its own, and the forwarding
+# headers are rebuilt; Expect is answered by the gateway (it sends 100 Continue itself).
+_REQUEST_OWN: Final = frozenset(
+    {b"content-length", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+     b"x-forwarded-host"}
+)  # fmt: skip
+_RESPONSE_OWN: Final = frozenset({b"content-length"})
+
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_REASONS: Final = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status code (b"Unknown" for unlisted codes)."""
+    return _REASONS.get(status, b"Unknown")
+
+
+def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The lower-cased header names listed in every Connection header (hop-by-hop too)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def end_to_end(headers: Sequence[tuple[bytes, bytes]], own: frozenset[bytes]) -> RawHeaders:
+    """The headers to forward: without hop-by-hop ones, those named in Connection, or `own`."""
+    named = connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if (lower := name.lower()) not in HOP_BY_HOP and lower not in own and lower not in named
+    ]
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    host: bytes,
+    peer: bytes,
+    scheme: bytes,
+    preserve_host: bool,
+    content_length: int | None,
+    chunked: bool,
+) -> bytes:
+    """The request head sent upstream: method, raw target, end-to-end headers, our own."""
+    client_host = b""
+    forwarded: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"host":
+            client_host = value
+        elif lower == b"x-forwarded-for":
+            forwarded.append(value)
+    forwarded.append(peer)
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    lines.append(b"Host: " + (client_host if preserve_host and client_host else host))
+    lines.extend(name + b": " + value for name, value in end_to_end(headers, _REQUEST_OWN))
+    lines.append(b"X-Forwarded-For: " + b", ".join(forwarded))
+    lines.append(b"X-Forwarded-Proto: " + scheme)
+    if client_host:
+        lines.append(b"X-Forwarded-Host: " + client_host)
+    if content_length is not None:
+        lines.append(b"Content-Length: %d" % content_length)
+    elif chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    return CRLF.join(lines) + CRLF + CRLF
+
+
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    extra: Mapping[str, str] | None,
+    *,
+    content_length: int | None,
+    chunked: bool,
+    keep_alive: bool,
+) -> bytes:
+    """The response head sent to the client; `extra` (rate-limit headers) replaces namesakes."""
+    lines = [b"HTTP/1.1 %d " % status + (reason or reason_phrase(status))]
+    if extra:
+        replaced = {k.lower().encode() for k in extra}
+        lines.extend(n + b": " + v for n, v in headers if n.lower() not in replaced)
+        lines.extend(k.encode() + b": " + v.encode() for k, v in extra.items())
+    else:
+        lines.extend(n + b": " + v for n, v in headers)
+    if content_length is not None:
+        lines.append(b"Content-Length: %d" % content_length)
+    elif chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    return CRLF.join(lines) + CRLF + CRLF
+
+
+def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
+    """The upstream's response headers to forward (framing is re-done by the gateway)."""
+    return end_to_end(headers, _RESPONSE_OWN)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n" % len(data) + data + CRLF
+
+
+def envelope_answer(
+    status: int,
+    reason: str,
+    extra: Mapping[str, str] | None = None,
+    *,
+    keep_alive: bool = True,
+    date: bytes = b"",
+    head_only: bool = False,
+) -> bytes:
+    """A complete answer the gateway makes itself: `{"status": false, "result": reason}`."""
+    body = orjson.dumps({"status": False, "result": reason})
+    lines = [b"HTTP/1.1 %d " % status + reason_phrase(status)]
+    if date:
+        lines.append(b"Date: " + date)
+    lines.append(b"Content-Type: application/json")
+    lines.append(b"Content-Length: %d" % len(body))
+    if extra:
+        lines.extend(k.encode() + b": " + v.encode() for k, v in extra.items())
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    head = CRLF.join(lines) + CRLF + CRLF
+    return head if head_only else head + body
