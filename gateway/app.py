@@ -49,21 +49,22 @@ async def serve(
     store: Store | None = None,
     on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
-    token: str | None = None,
     admin: bool = True,
     reuse_port: bool = False,
+    metrics: Metrics | None = None,
 ) -> None:
     """Run the listeners until SIGINT/SIGTERM (or `stop` is set), then shut down cleanly.
 
-    `admin=False` runs the data plane alone (a worker process of `gateway run --workers`).
+    `admin=False` runs the data plane alone (a worker process of `gateway run --workers`,
+    whose supervisor serves the admin API).
     """
     own_store = store is None
     store = store or Store.from_settings(settings.redis, history_size=settings.devices.history_size)
     await store.start()
-    token = token or admin_token(settings)
-    metrics = Metrics()
+    token = admin_token(settings) if admin else ""
+    metrics = metrics or Metrics()
     plane = DataPlane(settings, store, metrics)
-    admin_runner = web.AppRunner(create_admin_app(store, token, metrics), access_log=None)
+    admin_runner = web.AppRunner(create_admin_app(store, token or "-", metrics), access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import orjson
 
 from gateway.config import Settings, load_config
-from gateway.errors import AdminClientError, ConfigError
+from gateway.errors import AdminClientError, ConfigError, WorkerFailed
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also start a built-in echo upstream on loopback and print curl lines to try",
     )
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="data-plane processes sharing the public port (default: the number of CPUs; "
+        "always 1 on the embedded memory:// store)",
+    )
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", help="config file (default: ./config.yaml if present)")
@@ -83,7 +90,7 @@ def _load(args: argparse.Namespace, env: Mapping[str, str], err: TextIO) -> Sett
         return None
 
 
-def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+def run_event_loop(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run on uvloop when it is installed (the `speed` extra), else on asyncio's loop."""
     try:
         import uvloop
@@ -93,7 +100,7 @@ def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
         return runner.run(coro)
 
 
-def _cmd_run(settings: Settings, demo: bool, out: TextIO) -> int:
+def _cmd_run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
     from gateway.app import Running, serve
     from gateway.demo import curl_lines, start_echo
     from gateway.logs import setup_logging
@@ -118,14 +125,19 @@ def _cmd_run(settings: Settings, demo: bool, out: TextIO) -> int:
                 )
 
         try:
-            await serve(current, on_ready=ready)
+            if workers > 1:
+                from gateway.workers import supervise
+
+                await supervise(current, workers, on_ready=ready)
+            else:
+                await serve(current, on_ready=ready)
         finally:
             if echo is not None:
                 await echo.cleanup()
 
     try:
-        _run_async(main())
-    except OSError as exc:
+        run_event_loop(main())
+    except (OSError, WorkerFailed) as exc:
         print(f"gateway: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -206,7 +218,15 @@ def main(
             settings = dataclasses.replace(
                 settings, log=dataclasses.replace(settings.log, level=args.log_level)
             )
-        return _cmd_run(settings, args.demo, out)
+        workers = args.workers
+        if workers < 1:
+            print("gateway: --workers must be at least 1", file=err)
+            return EXIT_USAGE
+        if workers > 1 and settings.redis.url.startswith("memory:"):
+            # The embedded store lives in one process: workers would not share devices.
+            print("gateway: memory:// store: running 1 worker", file=err)
+            workers = 1
+        return _cmd_run(settings, args.demo, workers, out)
     try:
         return _cmd_devices(args, settings, env, out)
     except AdminClientError as exc:

@@ -8,7 +8,8 @@
     ├── UpstreamError          the upstream could not give an answer
     │   ├── UpstreamUnreachable  refused, reset, connect timeout (-> 502)
     │   └── UpstreamTimeout      the whole request took too long (-> 504)
-    └── AdminClientError       the `gateway devices ...` CLI could not talk to the admin API
+    ├── AdminClientError       the `gateway devices ...` CLI could not talk to the admin API
+    └── WorkerFailed           a data-plane worker process could not start
 
 Exceptions become HTTP answers in two places only: the enforce middleware and the
 proxy handler (and, for the admin API, its own error middleware).
@@ -68,3 +69,7 @@ class UpstreamTimeout(UpstreamError):
 
 class AdminClientError(GatewayError):
     """The ops CLI could not complete a call to the admin API."""
+
+
+class WorkerFailed(GatewayError):
+    """A data-plane worker process of `gateway run --workers` could not start."""

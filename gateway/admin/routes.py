@@ -16,7 +16,7 @@ from multidict import MultiMapping
 from gateway.admin.auth import auth_middleware
 from gateway.config import MAX_BURST, MAX_RATE
 from gateway.errors import StoreUnavailable
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Renderable
 from gateway.model import Bucket
 from gateway.responses import error, ok
 from gateway.store import Store
@@ -24,7 +24,7 @@ from gateway.store import Store
 logger = logging.getLogger("gateway.admin")
 
 STORE_KEY: Final = web.AppKey("admin_store", Store)
-METRICS_KEY: Final = web.AppKey("admin_metrics", Metrics)
+METRICS_KEY: Final = web.AppKey("admin_metrics", Renderable)
 
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_NAME_CHARS: Final = 256
@@ -286,7 +286,9 @@ async def metrics_text(request: web.Request) -> web.Response:
     )
 
 
-def create_admin_app(store: Store, token: str, metrics: Metrics | None = None) -> web.Application:
+def create_admin_app(
+    store: Store, token: str, metrics: Renderable | None = None
+) -> web.Application:
     """The admin application: every route but /healthz and the page needs the bearer token."""
     app = web.Application(
         middlewares=[error_middleware(), auth_middleware(token=token, public=_PUBLIC_ROUTES)],

@@ -1,0 +1,203 @@
+"""`gateway run --workers N`: a supervisor with the admin listener and N data-plane processes.
+
+Each worker binds the public port with SO_REUSEPORT (the kernel spreads connections), runs
+its own store connections and upstream pool, and counts into its block of a shared mapped
+file that the supervisor's /metrics adds up. Workers get their settings from the supervisor
+over a pipe (so CLI overrides and the demo upstream apply to them too) and say "ready" on
+stdout. A worker that dies is started again; one that dies at the first start (a port in
+use, say) stops the whole run. SIGTERM/SIGINT stops the workers gracefully, then the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+
+from gateway.admin import create_admin_app
+from gateway.app import SHUTDOWN_TIMEOUT, Running, admin_token, serve
+from gateway.config import Settings
+from gateway.errors import WorkerFailed
+from gateway.metrics import SharedCounters
+from gateway.store import Store
+
+log = logging.getLogger("gateway")
+
+READY: Final = b"ready\n"
+START_TIMEOUT: Final = 15.0
+RESTART_DELAY: Final = 1.0
+
+
+class _Worker:
+    """One worker process and what the supervisor knows of it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+
+
+async def _spawn(worker: _Worker, payload: bytes) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.workers",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    worker.proc = proc
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(payload)
+    await proc.stdin.drain()
+    proc.stdin.close()
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            line = await proc.stdout.readline()
+    except TimeoutError:
+        line = b""
+    if line != READY:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise WorkerFailed(f"worker {worker.index} did not start (exit code {proc.returncode})")
+
+
+async def supervise(
+    settings: Settings,
+    workers: int,
+    *,
+    on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run N data-plane workers and the admin listener until stopped."""
+    directory = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    counters_path = directory / f"devicegate-{os.getpid()}.metrics"
+    counters = SharedCounters(counters_path, workers, create=True)
+    store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
+    await store.start()
+    token = admin_token(settings)
+    admin = web.AppRunner(create_admin_app(store, token, counters), access_log=None)
+    stop = stop or asyncio.Event()
+    stopping = False
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    pool = [_Worker(i) for i in range(workers)]
+    payloads = [pickle.dumps((settings, i, workers, str(counters_path))) for i in range(workers)]
+
+    async def keep_alive(worker: _Worker) -> None:
+        while True:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if stopping:
+                return
+            log.error("worker %d exited with %s; starting it again", worker.index, code)
+            await asyncio.sleep(RESTART_DELAY)
+            try:
+                await _spawn(worker, payloads[worker.index])
+            except WorkerFailed as exc:
+                log.error("%s", exc)
+
+    watchers: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.gather(*(_spawn(w, payloads[w.index]) for w in pool))
+        watchers = [asyncio.create_task(keep_alive(w)) for w in pool]
+        await admin.setup()
+        site = web.TCPSite(admin, settings.admin.listen.host, settings.admin.listen.port)
+        await site.start()
+        listen = settings.server.listen
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
+        running = Running(
+            public_url=f"http://{f'[{host}]' if ':' in host else host}:{listen.port}",
+            admin_url=_admin_url(admin),
+            admin_token=token,
+        )
+        log.info(
+            "listening",
+            extra={"fields": {"public": running.public_url, "admin": running.admin_url,
+                              "workers": workers, "upstream": settings.upstream.url}},
+        )  # fmt: skip
+        if on_ready is not None:
+            result = on_ready(running)
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("stopping workers")
+    finally:
+        stopping = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await _stop_workers(pool)
+        for task in watchers:
+            task.cancel()
+        await admin.cleanup()
+        await store.close()
+        counters.close()
+        counters_path.unlink(missing_ok=True)
+
+
+async def _stop_workers(pool: list[_Worker]) -> None:
+    running = [w.proc for w in pool if w.proc is not None and w.proc.returncode is None]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(SHUTDOWN_TIMEOUT + 5):
+            await asyncio.gather(*(p.wait() for p in running))
+    except TimeoutError:
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await asyncio.gather(*(p.wait() for p in running))
+
+
+def _admin_url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+async def _worker(settings: Settings, index: int, workers: int, counters_path: str) -> None:
+    counters = SharedCounters(Path(counters_path), workers, create=False)
+
+    def ready(_running: Running) -> None:
+        sys.stdout.buffer.write(READY)
+        sys.stdout.buffer.flush()
+
+    try:
+        await serve(
+            settings,
+            admin=False,
+            reuse_port=True,
+            metrics=counters.block(index),
+            on_ready=ready,
+        )
+    finally:
+        counters.close()
+
+
+def worker_main() -> int:
+    """Entry point of a worker process: settings arrive pickled on stdin from the supervisor."""
+    from gateway.cli import run_event_loop
+    from gateway.logs import setup_logging
+
+    settings, index, workers, counters_path = pickle.loads(sys.stdin.buffer.read())
+    setup_logging(settings.log.level)
+    try:
+        run_event_loop(_worker(settings, index, workers, counters_path))
+    except OSError as exc:
+        log.error("worker %d cannot start: %s", index, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main())
