@@ -1,0 +1,172 @@
+"""`gateway run --workers 2` as a real process tree: shared port, shared counters, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.metrics import Metrics, SharedCounters, render
+from tests.conftest import RedisServer, free_port
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "workers-test-token-0123456789"
+WAIT = 20.0
+
+
+def test_shared_counters_add_up_across_blocks(tmp_path: Path) -> None:
+    created = SharedCounters(tmp_path / "m", 3, create=True)
+    attached = SharedCounters(tmp_path / "m", 3, create=False)
+    attached.block(0).observe("allow", 200)
+    attached.block(2).observe("allow", 200)
+    attached.block(2).observe("blocked", 403)
+    attached.block(1).store_failures = 4
+    text = created.render()
+    assert 'devicegate_requests_total{decision="allow"} 2\n' in text
+    assert 'devicegate_responses_total{status="403"} 1\n' in text
+    assert "devicegate_store_failures_total 4\n" in text
+    assert render([Metrics(), Metrics()]).endswith("devicegate_store_failures_total 0\n")
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(text=f"pid {os.getpid()}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+async def wait_for(url: str, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + WAIT
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url, headers=headers) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, f"{url} did not come up"
+            await asyncio.sleep(0.1)
+
+
+async def test_two_workers_share_the_port_the_counters_and_the_store(
+    tmp_path: Path, own_redis: RedisServer, upstream: str
+) -> None:
+    public, admin = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {{listen: '127.0.0.1:{public}'}}\n"
+        f"admin: {{listen: '127.0.0.1:{admin}', token: '{TOKEN}'}}\n"
+        f"upstream: {{url: '{upstream}'}}\n"
+        f"redis: {{url: '{own_redis.url}'}}\n"
+        "log: {access: false, level: warning}\n"
+    )
+    with (tmp_path / "stderr").open("wb") as err:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config), "--workers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        await wait_for(f"http://127.0.0.1:{admin}/healthz")
+        await wait_for(f"http://127.0.0.1:{public}/")
+        workers = children(proc.pid)
+        assert len(workers) == 2
+
+        async with aiohttp.ClientSession() as http:
+            device = {"X-Device-Id": "fleet-1"}
+            for _ in range(20):  # fresh connections: the kernel spreads them over both
+                async with aiohttp.ClientSession() as one:
+                    async with one.get(f"http://127.0.0.1:{public}/x", headers=device) as r:
+                        assert r.status == 200
+            async with http.post(
+                f"http://127.0.0.1:{admin}/devices/fleet-1/block", headers=auth
+            ) as r:
+                assert r.status == 200
+            for _ in range(6):  # whichever worker answers, the block holds
+                async with aiohttp.ClientSession() as one:
+                    async with one.get(f"http://127.0.0.1:{public}/x", headers=device) as r:
+                        assert r.status == 403
+            async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
+                text = await r.text()
+            assert 'devicegate_requests_total{decision="allow"} 21\n' in text
+            assert 'devicegate_requests_total{decision="blocked"} 6\n' in text
+
+            # A worker that dies is replaced, and the port keeps answering meanwhile.
+            os.kill(workers[0], signal.SIGKILL)
+            deadline = time.monotonic() + WAIT
+            while len(set(children(proc.pid)) - {workers[0]}) < 2:
+                assert time.monotonic() < deadline, "the worker was not replaced"
+                await asyncio.sleep(0.1)
+            await wait_for(f"http://127.0.0.1:{public}/")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(proc.wait, WAIT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert children(proc.pid) == []
+    assert not list(Path("/dev/shm").glob(f"devicegate-{proc.pid}.metrics"))
+
+
+def test_memory_store_runs_one_worker(tmp_path: Path) -> None:
+    public, admin = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {{listen: '127.0.0.1:{public}'}}\n"
+        f"admin: {{listen: '127.0.0.1:{admin}', token: '{TOKEN}'}}\n"
+        "log: {level: warning}\n"
+    )
+    with (tmp_path / "stderr").open("wb") as err:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config), "--workers", "4"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        asyncio.run(wait_for(f"http://127.0.0.1:{admin}/healthz"))
+        assert children(proc.pid) == []  # no worker processes: the data plane runs in-process
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(WAIT)
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 0
+    assert "memory:// store: running 1 worker" in stderr
