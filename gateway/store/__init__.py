@@ -254,20 +254,17 @@ class Store:
 
     async def get_device(self, device_id: str) -> Device | None:
         """The device's record, or None when there is none."""
-        k = self._keys.device(device_id)
-        async with self._admin.pipeline(transaction=False) as pipe:
-            pipe.hgetall(k.record)
-            pipe.hmget(k.override, ["r", "b"])
-            record, override = await self._admin_call(pipe.execute())
-        if not record:
-            return None
-        return _device(device_id, record, override)
+        record = cast(
+            dict[str, str],
+            await self._admin_call(self._admin.hgetall(self._keys.device(device_id).record)),
+        )
+        return _device(device_id, record) if K.FIELD_REQUESTS in record else None
 
     async def history(self, device_id: str) -> list[HistoryEntry] | None:
         """The device's changes, newest first; None when there is no record."""
         k = self._keys.device(device_id)
         async with self._admin.pipeline(transaction=False) as pipe:
-            pipe.exists(k.record)
+            pipe.hexists(k.record, K.FIELD_REQUESTS)
             pipe.lrange(k.history, 0, -1)
             exists, entries = await self._admin_call(pipe.execute())
         if not exists:
@@ -278,7 +275,7 @@ class Store:
         """Set (or with None/"" clear) the custom name; None when there is no record."""
         k = self._keys.device(device_id)
         flat = await self._admin_call(self._rename((k.record, k.names), (device_id, name or "")))
-        return await self._with_override(device_id, flat)
+        return _from_flat(device_id, flat)
 
     async def block(self, device_id: str) -> Device:
         """Block the device (idempotent); creates the record for an id never seen."""
@@ -286,7 +283,7 @@ class Store:
         flat = await self._admin_call(
             self._block((k.record, k.active, k.blocked), (self._now(), device_id))
         )
-        device = await self._with_override(device_id, flat)
+        device = _from_flat(device_id, flat)
         assert device is not None  # block.lua always returns the record
         return device
 
@@ -294,39 +291,38 @@ class Store:
         """Unblock the device (idempotent); None when there is no record."""
         k = self._keys.device(device_id)
         flat = await self._admin_call(self._unblock((k.record, k.blocked), (device_id,)))
-        return await self._with_override(device_id, flat)
+        return _from_flat(device_id, flat)
 
     async def delete(self, device_id: str) -> bool:
         """Remove the device and everything kept for it; False when there was no record."""
         k = self._keys.device(device_id)
         removed = await self._admin_call(
             self._delete(
-                (k.record, k.history, k.bucket, k.override, k.active, k.blocked, k.names),
-                (device_id,),
+                (k.record, k.history, k.bucket, k.active, k.blocked, k.names), (device_id,)
             )
         )
         return bool(removed)
 
     async def set_rate_limit(self, device_id: str, bucket: Bucket) -> None:
-        """Give the device its own bucket (also for an id not seen yet)."""
+        """Give the device its own bucket (also for an id not seen yet: no record is made)."""
         k = self._keys.device(device_id)
         await self._admin_call(
-            self._admin.hset(k.override, mapping={"r": bucket.rate_milli, "b": bucket.burst})
+            self._admin.hset(
+                k.record,
+                mapping={
+                    K.FIELD_OVERRIDE_RATE: bucket.rate_milli,
+                    K.FIELD_OVERRIDE_BURST: bucket.burst,
+                },
+            )
         )
 
     async def delete_rate_limit(self, device_id: str) -> bool:
         """Remove the device's own bucket; False when it had none."""
         k = self._keys.device(device_id)
-        return bool(await self._admin_call(self._admin.delete(k.override)))
-
-    async def _with_override(self, device_id: str, flat: list[str] | None) -> Device | None:
-        if not flat:
-            return None
-        record = dict(zip(flat[::2], flat[1::2], strict=True))
-        override = await self._admin_call(
-            self._admin.hmget(self._keys.device(device_id).override, ["r", "b"])
+        removed = await self._admin_call(
+            self._admin.hdel(k.record, K.FIELD_OVERRIDE_RATE, K.FIELD_OVERRIDE_BURST)
         )
-        return _device(device_id, record, cast(list[str | None], override))
+        return bool(removed)
 
     # -- admin: lists ----------------------------------------------------------------
 
@@ -486,19 +482,13 @@ class Store:
     async def _records(self, ids: list[str]) -> list[Device]:
         if not ids:
             return []
-        key_list = [self._keys.device(i) for i in ids]
-        replies = await self._pipelined(
-            lambda p, j: (
-                p.hgetall(key_list[j // 2].record)
-                if j % 2 == 0
-                else p.hmget(key_list[j // 2].override, ["r", "b"])
-            ),
-            range(2 * len(ids)),
+        records = await self._pipelined(
+            lambda p, j: p.hgetall(self._keys.device(ids[j]).record), range(len(ids))
         )
         return [
-            _device(device_id, replies[2 * j], replies[2 * j + 1])
-            for j, device_id in enumerate(ids)
-            if replies[2 * j]  # deleted between the index read and now
+            _device(device_id, record)
+            for device_id, record in zip(ids, records, strict=True)
+            if K.FIELD_REQUESTS in record  # deleted between the index read and now
         ]
 
 
@@ -506,9 +496,16 @@ def _int(value: str | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _device(device_id: str, h: dict[str, str], override: list[str | None]) -> Device:
+def _from_flat(device_id: str, flat: list[str] | None) -> Device | None:
+    """A record from a script's flat HGETALL reply (None: no record)."""
+    if not flat:
+        return None
+    return _device(device_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def _device(device_id: str, h: dict[str, str]) -> Device:
     declared = dict(zip(DEVICE_FIELDS, (h.get(f) for f in K.DEVICE_FIELD_KEYS), strict=True))
-    rate, burst = override
+    rate, burst = h.get(K.FIELD_OVERRIDE_RATE), h.get(K.FIELD_OVERRIDE_BURST)
     return Device(
         id=device_id,
         name=h.get(K.FIELD_NAME),

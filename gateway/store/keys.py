@@ -6,14 +6,14 @@ is `{d042}` and it holds the per-device keys and that shard's indexes. Anonymous
 are tagged by a hash of the client IP (`{a017}`). Ids may contain `{`, `}`, `:` or `*`:
 they only ever come after the tag, and only the first `{...}` of a key is its tag.
 
-    <p>:{dNNN}:dev:<id>     hash    the device record (short field names, see FIELD_*)
+    <p>:{dNNN}:dev:<id>     hash    the device record (short field names, see FIELD_*),
+                                    with the rate-limit override in `rr`/`rb` when set
     <p>:{dNNN}:hist:<id>    list    change history, newest first, capped
-    <p>:{dNNN}:tb:<id>      hash    token bucket {t: milli-tokens, ts: us}; expires when full
-    <p>:{dNNN}:rl:<id>      hash    rate-limit override {r: milli-tokens per second, b: burst}
+    <p>:{dNNN}:tb:<id>      string  token bucket "<milli-tokens>:<us>"; expires when full
     <p>:{dNNN}:active       zset    id -> last activity (ms): last request, or blocked_at if none
     <p>:{dNNN}:blocked      zset    blocked ids -> last activity (ms), same score as in active
     <p>:{dNNN}:names        hash    id -> custom name (renamed devices only), for the name search
-    <p>:{aNNN}:ip:<ip>      hash    token bucket of an anonymous client address
+    <p>:{aNNN}:ip:<ip>      string  token bucket of an anonymous client address
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ FIELD_FIRST_SEEN = "fs"
 FIELD_LAST_ACTIVE = "la"
 FIELD_LAST_UPLOAD = "lu"
 FIELD_BLOCKED_AT = "b"
+FIELD_OVERRIDE_RATE = "rr"  # milli-tokens per second
+FIELD_OVERRIDE_BURST = "rb"
 # Declared device fields, in gateway.model.DEVICE_FIELDS order.
 DEVICE_FIELD_KEYS = ("a", "av", "o", "ov", "mf", "md")
 
@@ -47,14 +49,13 @@ class DeviceKeys:
     record: str
     history: str
     bucket: str
-    override: str
     active: str
     blocked: str
     names: str
 
-    def enforce(self) -> tuple[str, str, str, str, str, str]:
+    def enforce(self) -> tuple[str, str, str, str, str]:
         """KEYS of enforce.lua, in order."""
-        return (self.record, self.history, self.active, self.blocked, self.bucket, self.override)
+        return (self.record, self.history, self.active, self.blocked, self.bucket)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,6 @@ class KeySchema:
             record=f"{tag}dev:{device_id}",
             history=f"{tag}hist:{device_id}",
             bucket=f"{tag}tb:{device_id}",
-            override=f"{tag}rl:{device_id}",
             active=f"{tag}active",
             blocked=f"{tag}blocked",
             names=f"{tag}names",

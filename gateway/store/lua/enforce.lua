@@ -1,10 +1,11 @@
 -- enforce.lua: the one call per request. Block check, token bucket, device upsert,
--- change history and index updates, atomically.
+-- change history and index updates, atomically, in as few Redis commands as possible
+-- (a known device costs TIME, HMGET, GET, SET and HSET; the index only moves once a second).
 --
 -- Two modes, told apart by the number of KEYS:
---   device (6 KEYS): KEYS[1] record hash, KEYS[2] history list, KEYS[3] active zset,
---                    KEYS[4] blocked zset, KEYS[5] bucket hash, KEYS[6] override hash
---   anonymous (1 KEY): KEYS[1] bucket hash of the client address
+--   device (5 KEYS): KEYS[1] record hash, KEYS[2] history list, KEYS[3] active zset,
+--                    KEYS[4] blocked zset, KEYS[5] bucket string
+--   anonymous (1 KEY): KEYS[1] bucket string of the client address
 -- ARGV[1]  now in microseconds since the epoch, or "" to read Redis TIME (production)
 -- ARGV[2]  default rate, milli-tokens per second (integer >= 1)
 -- ARGV[3]  default burst, whole tokens (integer >= 1)
@@ -17,15 +18,17 @@
 -- Reply: {outcome, remaining, retry_after_us, full_after_us, rate, burst, new_device}
 --   outcome 0 allowed, 1 blocked (no token taken), 2 rate-limited
 --   remaining whole tokens left; retry_after_us until the next whole token (0 when full);
---   full_after_us until the bucket is full; rate/burst of the bucket that applied;
---   new_device 1 when this call created the record.
+--   full_after_us until the bucket is full; rate/burst of the bucket that applied (the
+--   record's override `rr`/`rb` when set); new_device 1 when this call created the record.
 --
--- Tokens are integer milli-tokens (Redis truncates Lua floats in replies); a request
--- costs 1000. The bucket's timestamp never moves backwards, and the bucket key expires
--- the moment it would be full again (a missing bucket is a full one).
+-- The bucket is a string "<milli-tokens>:<timestamp us>", written with an expiry at the
+-- moment it would be full again (a missing bucket is a full one). Tokens are integer
+-- milli-tokens (Redis truncates Lua floats in replies); a request costs 1000. The bucket's
+-- timestamp never moves backwards.
 
 local COST = 1000
 local MICROS = 1000000
+local INDEX_STEP_MS = 1000  -- the activity index moves when last_active moved this much
 
 local now_us
 if ARGV[1] == '' then
@@ -44,11 +47,12 @@ end
 -- Refill, then try to take one token. Returns the reply's bucket part.
 local function take(bucket_key)
   local cap = burst * COST
-  local state = redis.call('HMGET', bucket_key, 't', 'ts')
   local tokens, ts = cap, now_us
-  if state[1] then
-    tokens = math.min(tonumber(state[1]), cap)
-    ts = tonumber(state[2])
+  local state = redis.call('GET', bucket_key)
+  if state then
+    local t, s = string.match(state, '^(%d+):(%d+)$')
+    tokens = math.min(tonumber(t), cap)
+    ts = tonumber(s)
     local elapsed = now_us - ts
     if elapsed > 0 then
       if elapsed * rate >= (cap - tokens) * MICROS then
@@ -73,8 +77,8 @@ local function take(bucket_key)
     retry_after = math.max(math.ceil(need * MICROS / rate) - carried, 1)
   end
   if allowed then
-    redis.call('HSET', bucket_key, 't', int(tokens), 'ts', int(ts))
-    redis.call('PEXPIRE', bucket_key, int(math.floor(full_after / 1000) + 1))
+    redis.call('SET', bucket_key, int(tokens) .. ':' .. int(ts),
+               'PX', int(math.floor(full_after / 1000) + 1))
   end
   local outcome = 0
   if not allowed then
@@ -89,35 +93,40 @@ if #KEYS == 1 then
   return reply
 end
 
-local record, history, active, blocked_idx, bucket_key, override =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local record, history, active, blocked_idx, bucket_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local upload = ARGV[4] == '1'
 local history_cap = tonumber(ARGV[5])
 local device_id = ARGV[6]
 local now_ms = math.floor(now_us / 1000)
 
 local FIELDS = {'a', 'av', 'o', 'ov', 'mf', 'md'}
-local current = redis.call('HMGET', record, 'rc', 'b', 'la', 'a', 'av', 'o', 'ov', 'mf', 'md')
+local current = redis.call('HMGET', record,
+  'rc', 'dc', 'b', 'la', 'rr', 'rb', 'a', 'av', 'o', 'ov', 'mf', 'md')
+local requests = tonumber(current[1] or '0')
+local denied = tonumber(current[2] or '0')
 local is_new = not current[1]
-local is_blocked = current[2] ~= false
+local is_blocked = current[3] ~= false
+local last = tonumber(current[4] or '0')
 
 local reply
 if is_blocked then
   reply = {1, 0, 0, 0, rate, burst}
 else
-  local limit = redis.call('HMGET', override, 'r', 'b')
-  if limit[1] then
-    rate = tonumber(limit[1])
-    burst = tonumber(limit[2])
+  if current[5] then
+    rate = tonumber(current[5])
+    burst = tonumber(current[6])
   end
   reply = take(bucket_key)
 end
 reply[7] = is_new and 1 or 0
+if reply[1] ~= 0 then
+  denied = denied + 1
+end
 
 -- Upsert: timestamps come from this one clock; last_active never moves backwards.
-local last = tonumber(current[3] or '0')
 local stamp = math.max(now_ms, last)
-local updates = {'la', int(stamp)}
+local updates = {'rc', int(requests + 1), 'dc', int(denied), 'la', int(stamp)}
 if upload then
   updates[#updates + 1] = 'lu'
   updates[#updates + 1] = int(stamp)
@@ -129,7 +138,7 @@ end
 for i = 1, 6 do
   local declared = ARGV[6 + i]
   if declared ~= '' then
-    local old = current[3 + i]
+    local old = current[6 + i]
     if old ~= declared then
       updates[#updates + 1] = FIELDS[i]
       updates[#updates + 1] = declared
@@ -142,15 +151,11 @@ for i = 1, 6 do
   end
 end
 redis.call('HSET', record, unpack(updates))
-redis.call('HINCRBY', record, 'rc', 1)
-if reply[1] ~= 0 then
-  redis.call('HINCRBY', record, 'dc', 1)
-end
-if is_new then
-  redis.call('HSETNX', record, 'dc', 0)
-end
-redis.call('ZADD', active, stamp, device_id)
-if is_blocked then
-  redis.call('ZADD', blocked_idx, stamp, device_id)
+-- The list is ordered by last activity to the second: skip the index write in between.
+if is_new or stamp - last >= INDEX_STEP_MS then
+  redis.call('ZADD', active, stamp, device_id)
+  if is_blocked then
+    redis.call('ZADD', blocked_idx, stamp, device_id)
+  end
 end
 return reply

@@ -5,7 +5,8 @@
 -- Reply: the record as a flat HGETALL list, or nil when there is no record.
 
 local record, names, device_id, name = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-if redis.call('EXISTS', record) == 0 then
+-- A record exists once a request or a block made it (an override alone is no record).
+if redis.call('HEXISTS', record, 'rc') == 0 then
   return nil
 end
 if name == '' then
