@@ -59,10 +59,26 @@ class DataPlane:
         self.connections: set[ClientConnection] = set()
         self._date = b""
         self._date_second = -1
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def protocol(self) -> ClientConnection:
         """A protocol factory for `loop.create_server`."""
+        if self._sweeper is None:
+            self._sweep()
         return ClientConnection(self)
+
+    def _sweep(self) -> None:
+        """Once a second: close connections idle past the keep-alive timeout.
+
+        One timer for all connections instead of one per request (as nginx does it).
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [
+            c for c in self.connections if c.idle_since and now - c.idle_since > KEEPALIVE_TIMEOUT
+        ]:
+            conn.close_when_idle()
+        self._sweeper = loop.call_later(1.0, self._sweep)
 
     def date(self) -> bytes:
         """The HTTP Date header value, formatted once per second."""
@@ -108,6 +124,9 @@ class DataPlane:
         for conn in list(self.connections):
             conn.abort()
         self.pool.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -126,7 +145,12 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self._paused = False
         self._write_paused = False
-        self._idle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time the connection became idle; 0 while busy
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection will close after the answer in progress."""
+        return self._closing
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -137,12 +161,12 @@ class ClientConnection(asyncio.Protocol):
             self.peer = str(peer[0])
             self.peer_bytes = self.peer.encode()
         self.plane.connections.add(self)
-        self._arm_idle()
+        self._mark_idle()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self._disarm_idle()
+        self.idle_since = 0.0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -163,7 +187,6 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._closing = True
-        self._disarm_idle()
         self.plane.connections.discard(self)
         queue, self._queue = self._queue, deque()
         for ex in queue:
@@ -263,7 +286,7 @@ class ClientConnection(asyncio.Protocol):
             if len(self._queue) <= MAX_QUEUED:
                 self.resume_reading()
         else:
-            self._arm_idle()
+            self._mark_idle()
 
     def write(self, data: bytes) -> None:
         """Send bytes to the client."""
@@ -303,19 +326,5 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # -- keep-alive idle timeout -----------------------------------------------------------
-
-    def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT, self._on_idle)
-
-    def _disarm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-
-    def _on_idle(self) -> None:
-        self._idle = None
-        if not self._queue and self.transport is not None:
-            self._closing = True
-            self.transport.close()
+    def _mark_idle(self) -> None:
+        self.idle_since = asyncio.get_running_loop().time()

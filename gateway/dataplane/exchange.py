@@ -273,6 +273,8 @@ class Exchange:
     ) -> None:
         """Start the answer: the upstream's head, the gateway's framing, rate-limit headers."""
         self.head_started = True
+        if self.conn.closing:
+            self.keep_alive = False  # shutting down: tell the client not to reuse it
         self.status = status
         content_length: int | None = None
         chunked = False
@@ -418,8 +420,8 @@ class Exchange:
         """Send an envelope answer of the gateway's own and end the exchange."""
         if self.finished or self.head_started:
             return
-        if not self.body_done:
-            self.keep_alive = False  # the rest of the body is not read: close after this
+        if not self.body_done or self.conn.closing:
+            self.keep_alive = False  # the rest of the body is unread, or we are stopping
         if retry_after:
             extra = {**(extra or {}), "Retry-After": "1"}
         self.status = status

@@ -1,0 +1,115 @@
+"""Connection management of the data plane: keep-alive idle close, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+
+from gateway.config import parse_config
+from gateway.dataplane import DataPlane, connection, start_public
+from gateway.store import Store
+
+pytestmark = pytest.mark.integration
+
+WAIT = 10.0
+REQUEST = b"GET /x HTTP/1.1\r\nHost: gw\r\nX-Device-Id: d1\r\n\r\n"
+
+
+@dataclass
+class Running:
+    plane: DataPlane
+    server: asyncio.Server
+    port: int
+    release: asyncio.Event
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Running]:
+    release = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path == "/slow":
+            await release.wait()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    store = Store.memory()
+    plane = DataPlane(parse_config(f"upstream: {{url: '{origin}'}}", "test"), store)
+    server = await start_public(plane, "127.0.0.1", 0)
+    yield Running(plane, server, server.sockets[0].getsockname()[1], release)
+    release.set()
+    server.close()
+    await plane.shutdown(1.0)
+    await server.wait_closed()
+    await runner.cleanup()
+    await store.close()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    return head + await reader.readexactly(length)
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "KEEPALIVE_TIMEOUT", 0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    writer.write(REQUEST)
+    answer = await asyncio.wait_for(read_answer(reader), WAIT)
+    assert answer.startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed by the gateway
+    assert 0.3 <= time.monotonic() - started < 2.5  # the sweep runs once a second
+    writer.close()
+
+
+async def test_a_busy_connection_is_not_closed_as_idle(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "KEEPALIVE_TIMEOUT", 0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    writer.write(REQUEST.replace(b"/x", b"/slow"))
+    await asyncio.sleep(1.5)  # longer than the idle timeout, while the answer is pending
+    running.release.set()
+    answer = await asyncio.wait_for(read_answer(reader), WAIT)
+    assert answer.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_graceful_shutdown_finishes_answers_in_flight_and_closes_idle_ones(
+    running: Running,
+) -> None:
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", running.port)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", running.port)
+    idle_writer.write(REQUEST)
+    await asyncio.wait_for(read_answer(idle_reader), WAIT)
+    busy_writer.write(REQUEST.replace(b"/x", b"/slow"))
+    await asyncio.sleep(0.2)
+    running.server.close()
+    shutdown = asyncio.ensure_future(running.plane.shutdown(WAIT))
+    assert await asyncio.wait_for(idle_reader.read(), WAIT) == b""  # idle: closed at once
+    await asyncio.sleep(0.2)
+    assert not shutdown.done()  # waits for the answer in flight
+    running.release.set()
+    answer = await asyncio.wait_for(read_answer(busy_reader), WAIT)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" in answer.lower()
+    await asyncio.wait_for(shutdown, WAIT)
+    busy_writer.close()
+    idle_writer.close()
