@@ -1,0 +1,57 @@
+"""The fallback upstream when nginx is not installed: answers 200 to everything, fast.
+
+    .venv/bin/python bench/upstream.py --port 9000
+
+aiohttp's low-level server (no router, no middlewares) on uvloop when installed, one
+process, loopback only. Stopped by SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from aiohttp import web, web_server
+
+BODY = b'{"ok":true}\n'
+
+
+async def handle(request: web.BaseRequest) -> web.Response:
+    """Read the body (a real API would) and answer a small JSON document."""
+    await request.read()
+    return web.Response(body=BODY, content_type="application/json")
+
+
+async def serve(port: int) -> None:
+    """Serve on 127.0.0.1:port until SIGTERM or SIGINT."""
+    server = web_server.Server(handle, access_log=None)
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(port))
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(port))
+
+
+if __name__ == "__main__":
+    main()
