@@ -59,7 +59,9 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         owner = self._owner
-        while (reply := self._reader.gets()) is not False:
+        # Stop as soon as the owner dropped this connection (a failed setup, a timeout):
+        # replies still buffered here belong to calls that were already failed.
+        while owner._protocol is self and (reply := self._reader.gets()) is not False:
             owner._on_reply(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -82,6 +84,7 @@ class ScriptPipeline:
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._last_error: StoreUnavailable | None = None
 
     @property
     def sha(self) -> str:
@@ -126,6 +129,9 @@ class ScriptPipeline:
         finally:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
+        if self._transport is None:
+            # Dropped again before this caller resumed (e.g. the session setup was refused).
+            raise self._last_error or StoreUnavailable("Redis connection lost")
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,6 +158,7 @@ class ScriptPipeline:
             raise StoreUnavailable(f"Redis connect failed: {exc!r}") from exc
         self._transport = transport
         self._protocol = protocol
+        self._last_error = None
         # Session setup and the script travel ahead of any call on this connection.
         setup: list[tuple[str | int | bytes, ...]] = []
         if p.get("password"):
@@ -171,7 +178,7 @@ class ScriptPipeline:
             return
         transport = self._transport
         if transport is None or transport.is_closing():
-            self._fail_all(StoreUnavailable("Redis connection lost"))
+            self._fail_all(self._last_error or StoreUnavailable("Redis connection lost"))
             return
         batch, self._outbox = self._outbox, []
         loop = asyncio.get_running_loop()
@@ -231,6 +238,7 @@ class ScriptPipeline:
 
     def _fail_all(self, error: StoreUnavailable) -> None:
         """Fail every call in flight and drop the connection (replies can't be matched)."""
+        self._last_error = error
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
