@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,6 +27,13 @@ MIN_CONNECTIONS = 16
 MAX_CONNECTIONS = 1024
 YIELD_EVERY = 64  # a dispatcher that is behind still lets answers be read this often
 DRAIN_GRACE = 1.0  # seconds past the timeout before stragglers are cancelled
+# Event-loop timers fire up to a millisecond late (epoll and libuv count in whole ms), which
+# open loop would count as latency: the last stretch before a send is waited out by
+# yielding to the loop (answers are still read meanwhile) instead of by a timer.
+FINE_WAIT_S = 0.0012
+
+# Not loop.time(): uvloop's clock ticks in whole milliseconds; this one in nanoseconds.
+_now = time.monotonic
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,14 @@ def latency_us(due: float, done: float) -> int:
     return max(0, round((done - due) * 1_000_000))
 
 
+async def wait_until(due: float) -> None:
+    """Return at `due` (a time.monotonic() value), within microseconds when the CPU is free."""
+    if due - _now() > FINE_WAIT_S:
+        await asyncio.sleep(due - _now() - FINE_WAIT_S)  # the coarse part, on a timer
+    while _now() < due:
+        await asyncio.sleep(0)  # the rest: one loop turn at a time, reading answers meanwhile
+
+
 class LoadRunner:
     """Drives one run of `spec` with `fleet` and reports every request to `recorder`."""
 
@@ -99,7 +115,6 @@ class LoadRunner:
 
     async def run(self, on_tick: Callable[[TimelinePoint], None] | None = None) -> float:
         """Send the load, wait for the answers, and return the elapsed seconds."""
-        loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(
             limit=connection_limit(self._spec), limit_per_host=0, ttl_dns_cache=300
         )
@@ -110,7 +125,7 @@ class LoadRunner:
             cookie_jar=aiohttp.DummyCookieJar(),
         ) as session:
             schedule = self._schedule()  # built before the clock starts: it can take a while
-            self._start = loop.time()
+            self._start = _now()
             ticker = asyncio.create_task(self._tick(on_tick))
             try:
                 if self._spec.open_loop:
@@ -123,7 +138,7 @@ class LoadRunner:
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(ticker, *self._tasks, return_exceptions=True)
-            elapsed = loop.time() - self._start
+            elapsed = _now() - self._start
             point = self._recorder.tick(elapsed)
             if on_tick is not None:
                 on_tick(point)
@@ -143,9 +158,8 @@ class LoadRunner:
         since_yield = 0
         for offset, device in schedule:
             due = self._start + offset  # from the schedule, never from when we got here
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if _now() < due:
+                await wait_until(due)
                 since_yield = 0
             elif since_yield >= YIELD_EVERY:
                 await asyncio.sleep(0)
@@ -166,8 +180,7 @@ class LoadRunner:
     async def _worker(
         self, session: aiohttp.ClientSession, order: Iterator[tuple[float, int]], end: float
     ) -> None:
-        loop = asyncio.get_running_loop()
-        while (now := loop.time()) < end:
+        while (now := _now()) < end:
             _, device = next(order)
             await self._one(session, device, now)
 
@@ -176,10 +189,9 @@ class LoadRunner:
             await asyncio.wait(set(self._tasks), timeout=self._spec.timeout + DRAIN_GRACE)
 
     async def _one(self, session: aiohttp.ClientSession, device: int, due: float) -> None:
-        loop = asyncio.get_running_loop()
         recorder = self._recorder
         is_post = next(self._posts)
-        sent = loop.time()
+        sent = _now()
         recorder.on_send(device, sent - self._start, sent - due)
         try:
             async with session.request(
@@ -192,18 +204,17 @@ class LoadRunner:
                 await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            recorder.on_error(device, error_kind(exc), loop.time() - self._start)
+            recorder.on_error(device, error_kind(exc), _now() - self._start)
             return
-        done = loop.time()
+        done = _now()
         recorder.on_response(device, status, latency_us(due, done), done - self._start)
 
     async def _tick(self, on_tick: Callable[[TimelinePoint], None] | None) -> None:
-        loop = asyncio.get_running_loop()
         k = 1
         while True:
             # Ticks at start + k seconds exactly, however late the previous one ran.
-            await asyncio.sleep(max(0.0, self._start + k * TICK_SECONDS - loop.time()))
-            point = self._recorder.tick(loop.time() - self._start)
+            await asyncio.sleep(max(0.0, self._start + k * TICK_SECONDS - _now()))
+            point = self._recorder.tick(_now() - self._start)
             if on_tick is not None:
                 on_tick(point)
-            k = max(k + 1, math.floor((loop.time() - self._start) / TICK_SECONDS) + 1)
+            k = max(k + 1, math.floor((_now() - self._start) / TICK_SECONDS) + 1)
