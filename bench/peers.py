@@ -72,9 +72,9 @@ class Options:
     """What to run, after --quick and the defaults are applied."""
 
     rounds: int
-    duration: float
-    latency_duration: float
-    warmup: float
+    duration: int  # whole seconds: wrk takes no fractions
+    latency_duration: int
+    warmup: int
     connections: int
     devices: int
     workers: int
@@ -94,12 +94,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--quick", action="store_true", help="short runs, 1 round, up to 100,000 devices"
     )
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
-    p.add_argument("--duration", type=float, help="seconds per c64 run (default 10; --quick 3)")
+    p.add_argument("--duration", type=int, help="seconds per c64 run (default 10; --quick 3)")
+    p.add_argument("--latency-duration", type=int, help="seconds per c1 run (default 5; --quick 2)")
     p.add_argument(
-        "--latency-duration", type=float, help="seconds per c1 run (default 5; --quick 2)"
-    )
-    p.add_argument(
-        "--warmup", type=float, help="seconds of warm-up per target (default 2; --quick 1)"
+        "--warmup", type=int, help="seconds of warm-up per target (default 2; --quick 1)"
     )
     p.add_argument("--connections", type=int, default=64, help="connections of the load (64)")
     p.add_argument("--devices", type=int, default=1000, help="device ids the load rotates over")
@@ -112,8 +110,18 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="largest registration step: 100000 and/or 1000000, or another count; 0 skips "
         "the step (default 1000000; --quick 100000)",
     )
-    p.add_argument("--load", choices=("auto", "wrk", "loadtest", "builtin"), default="auto")
-    p.add_argument("--upstream", choices=("auto", "nginx", "aiohttp"), default="auto")
+    p.add_argument(
+        "--load",
+        choices=("auto", "wrk", "loadtest", "builtin"),
+        default="auto",
+        help="load generator (auto: wrk, else gateway loadtest, else built in)",
+    )
+    p.add_argument(
+        "--upstream",
+        choices=("auto", "nginx", "aiohttp"),
+        default="auto",
+        help="upstream server (auto: nginx when installed)",
+    )
     p.add_argument(
         "--output", type=Path, help="JSON file (default bench/results/peers-<time>.json)"
     )
@@ -125,9 +133,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
     opts = Options(
         rounds=pick(a.rounds, 3, 1),
-        duration=pick(a.duration, 10.0, 3.0),
-        latency_duration=pick(a.latency_duration, 5.0, 2.0),
-        warmup=pick(a.warmup, 2.0, 1.0),
+        duration=pick(a.duration, 10, 3),
+        latency_duration=pick(a.latency_duration, 5, 2),
+        warmup=pick(a.warmup, 2, 1),
         connections=a.connections,
         devices=a.devices,
         workers=a.workers,
@@ -137,8 +145,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         output=a.output,
         keep_workdir=a.keep_workdir,
     )
-    if opts.rounds < 1 or opts.duration <= 0 or opts.latency_duration <= 0 or opts.warmup < 0:
-        p.error("--rounds must be >= 1 and durations > 0")
+    if opts.rounds < 1 or opts.duration < 1 or opts.latency_duration < 1 or opts.warmup < 0:
+        p.error("--rounds, --duration and --latency-duration must be >= 1, --warmup >= 0")
     if opts.connections < 1 or opts.devices < 1 or opts.workers < 1 or opts.devices_max < 0:
         p.error("--connections, --devices and --workers must be >= 1, --devices-max >= 0")
     return opts
