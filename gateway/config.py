@@ -46,6 +46,8 @@ class ServerSettings:
 
     listen: Listen = Listen("0.0.0.0", 8080)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +327,11 @@ def _build(reader: _Reader, raw: Any) -> Settings:
     )
     d = Settings()
 
-    s = reader.section(top.get("server"), "server", ("listen", "trusted_proxies"))
+    s = reader.section(
+        top.get("server"),
+        "server",
+        ("listen", "trusted_proxies", "header_timeout", "keepalive_timeout"),
+    )
     server = ServerSettings(
         listen=reader.get(s, "server", "listen", d.server.listen, reader.listen),
         trusted_proxies=reader.get(
@@ -334,6 +340,12 @@ def _build(reader: _Reader, raw: Any) -> Settings:
             "trusted_proxies",
             d.server.trusted_proxies,
             lambda v, p: _cidrs(reader, v, p),
+        ),
+        header_timeout=reader.get(
+            s, "server", "header_timeout", d.server.header_timeout, reader.seconds
+        ),
+        keepalive_timeout=reader.get(
+            s, "server", "keepalive_timeout", d.server.keepalive_timeout, reader.seconds
         ),
     )
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import parse_config
-from gateway.dataplane import DataPlane, connection, start_public
+from gateway.dataplane import DataPlane, start_public
 from gateway.store import Store
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,13 @@ class Running:
 
 
 @pytest.fixture
-async def running() -> AsyncIterator[Running]:
+def server_yaml() -> str:
+    """The `server:` section of the test gateway's config (tests may override it)."""
+    return "{}"
+
+
+@pytest.fixture
+async def running(server_yaml: str) -> AsyncIterator[Running]:
     release = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
@@ -44,7 +50,8 @@ async def running() -> AsyncIterator[Running]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
     store = Store.memory()
-    plane = DataPlane(parse_config(f"upstream: {{url: '{origin}'}}", "test"), store)
+    settings = parse_config(f"upstream: {{url: '{origin}'}}\nserver: {server_yaml}", "test")
+    plane = DataPlane(settings, store)
     server = await start_public(plane, "127.0.0.1", 0)
     yield Running(plane, server, server.sockets[0].getsockname()[1], release)
     release.set()
@@ -65,10 +72,10 @@ async def read_answer(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+@pytest.mark.parametrize("server_yaml", ["{keepalive_timeout: 0.3}"])
 async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
-    running: Running, monkeypatch: pytest.MonkeyPatch
+    running: Running,
 ) -> None:
-    monkeypatch.setattr(connection, "KEEPALIVE_TIMEOUT", 0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
     writer.write(REQUEST)
     answer = await asyncio.wait_for(read_answer(reader), WAIT)
@@ -79,10 +86,8 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
     writer.close()
 
 
-async def test_a_busy_connection_is_not_closed_as_idle(
-    running: Running, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(connection, "KEEPALIVE_TIMEOUT", 0.3)
+@pytest.mark.parametrize("server_yaml", ["{keepalive_timeout: 0.3}"])
+async def test_a_busy_connection_is_not_closed_as_idle(running: Running) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
     writer.write(REQUEST.replace(b"/x", b"/slow"))
     await asyncio.sleep(1.5)  # longer than the idle timeout, while the answer is pending

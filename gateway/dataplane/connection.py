@@ -32,7 +32,7 @@ MAX_LINE: Final = 8190  # request target, as aiohttp's default max_line_size
 MAX_FIELD: Final = 8190  # one header line
 MAX_HEADERS: Final = 128
 MAX_QUEUED: Final = 8  # pipelined requests waiting before reading pauses
-KEEPALIVE_TIMEOUT: Final = 75.0
+LINGER: Final = 5.0  # seconds an unwanted request body is still read before the close
 
 
 class _Reject(Exception):
@@ -54,6 +54,8 @@ class DataPlane:
         self.timeout = settings.upstream.timeout
         self.max_body = settings.limits.max_body_bytes
         self.preserve_host = settings.upstream.preserve_host
+        self.header_timeout = settings.server.header_timeout
+        self.keepalive_timeout = settings.server.keepalive_timeout
         self.access_log = settings.log.access
         self.access_logger = logging.getLogger(ACCESS_LOGGER)
         self.connections: set[ClientConnection] = set()
@@ -68,16 +70,21 @@ class DataPlane:
         return ClientConnection(self)
 
     def _sweep(self) -> None:
-        """Once a second: close connections idle past the keep-alive timeout.
+        """Once a second: enforce the connection deadlines (keep-alive idle, request head,
+        lingering close).
 
-        One timer for all connections instead of one per request (as nginx does it).
+        One timer for all connections instead of timers per request, as nginx does it.
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for conn in [
-            c for c in self.connections if c.idle_since and now - c.idle_since > KEEPALIVE_TIMEOUT
-        ]:
-            conn.close_when_idle()
+        idle_before = now - self.keepalive_timeout
+        for conn in list(self.connections):
+            if 0 < conn.idle_since < idle_before:
+                conn.close_when_idle()
+            elif 0 < conn.head_deadline < now:
+                conn.head_timed_out()
+            elif 0 < conn.linger_until < now:
+                conn.abort()
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     def date(self) -> bytes:
@@ -143,9 +150,12 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: wire.RawHeaders = []
         self._closing = False
+        self._in_head = False
         self._paused = False
         self._write_paused = False
         self.idle_since = 0.0  # loop time the connection became idle; 0 while busy
+        self.head_deadline = 0.0  # loop time the request head must be complete by; 0: none
+        self.linger_until = 0.0  # reading an unwanted body before closing, until then
 
     @property
     def closing(self) -> bool:
@@ -161,10 +171,11 @@ class ClientConnection(asyncio.Protocol):
             self.peer = str(peer[0])
             self.peer_bytes = self.peer.encode()
         self.plane.connections.add(self)
-        self._mark_idle()
+        # A new connection must send its head in time; a kept-alive one only once it starts.
+        self.head_deadline = asyncio.get_running_loop().time() + self.plane.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing and not self.linger_until:
             return
         self.idle_since = 0.0
         try:
@@ -182,7 +193,10 @@ class ClientConnection(asyncio.Protocol):
                 log.error("request parsing failed: %r", cause)
                 self._refuse(400, "Bad request")
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"Bad request: {exc}")
+            if self.linger_until:
+                self.abort()
+            else:
+                self._refuse(400, f"Bad request: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -207,6 +221,9 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._in_head = True
+        if not self.head_deadline:
+            self.head_deadline = asyncio.get_running_loop().time() + self.plane.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -216,27 +233,47 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) + len(value) > MAX_FIELD:
             raise _Reject(431, "Request header too large")
+        if not self._in_head:
+            return  # a trailer field: never promoted to a header upstream (they are dropped)
         self._headers.append((name, value))
         if len(self._headers) > MAX_HEADERS:
             raise _Reject(431, "Too many request headers")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self.head_deadline = 0.0
+        if self._closing:
+            return  # a request after the one that closes the connection is not served
         parser = self._parser
+        method = parser.get_method()
+        url = self._url
+        if not url.startswith(b"/") and not (url == b"*" and method == b"OPTIONS"):
+            # Absolute- or authority-form: only the configured upstream is ever contacted.
+            raise _Reject(400, "Invalid request target")
         content_length: int | None = None
         chunked = False
         expect = False
+        hosts = 0
         for name, value in self._headers:
             lower = name.lower()
             if lower == b"content-length":
                 content_length = int(value)  # llhttp has validated it
             elif lower == b"transfer-encoding":
-                chunked = True  # llhttp accepts it only with chunked last
+                # llhttp accepts it only with chunked last; another coding before chunked
+                # would be lost in re-framing, so it is refused (RFC 9112 section 6.1).
+                if value.strip().lower() != b"chunked":
+                    raise _Reject(501, "Unsupported transfer coding")
+                chunked = True
             elif lower == b"expect":
                 expect = value.strip().lower() == b"100-continue"
+            elif lower == b"host":
+                hosts += 1
+        if hosts > 1:
+            raise _Reject(400, "Duplicate Host header")
         ex = Exchange(
             self,
-            parser.get_method(),
-            self._url,
+            method,
+            url,
             self._headers,
             keep_alive=parser.should_keep_alive() and not self._closing,
             http11=parser.get_http_version() == "1.1",
@@ -259,6 +296,8 @@ class ClientConnection(asyncio.Protocol):
         ex, self._parsing = self._parsing, None
         if ex is not None:
             ex.request_end()
+        if self.linger_until and self.transport is not None:
+            self.transport.close()  # the unwanted body is read: now the close is clean
 
     # -- exchanges -----------------------------------------------------------------------
 
@@ -279,7 +318,14 @@ class ClientConnection(asyncio.Protocol):
             return
         if not ex.keep_alive or self._closing:
             self._closing = True
-            transport.close()
+            if not ex.body_done:
+                # Closing with unread data makes the kernel send RST, which can destroy
+                # the answer before the client reads it: read and drop the rest first.
+                self.linger_until = asyncio.get_running_loop().time() + LINGER
+                self._paused = True
+                self.resume_reading()
+            else:
+                transport.close()
             return
         if self._queue:
             self._start(self._queue[0])
@@ -328,3 +374,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _mark_idle(self) -> None:
         self.idle_since = asyncio.get_running_loop().time()
+
+    def head_timed_out(self) -> None:
+        """The request head did not come in time: 408 for a started head, then close."""
+        self.head_deadline = 0.0
+        if self._queue:
+            self._closing = True  # an answer is in progress; close after it
+        elif self._in_head:
+            self._refuse(408, "Request head timeout")
+        else:
+            self.close_when_idle()  # not a byte of a request: nothing to answer

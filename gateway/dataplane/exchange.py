@@ -273,8 +273,10 @@ class Exchange:
     ) -> None:
         """Start the answer: the upstream's head, the gateway's framing, rate-limit headers."""
         self.head_started = True
-        if self.conn.closing:
-            self.keep_alive = False  # shutting down: tell the client not to reuse it
+        if self.conn.closing or not self.body_done:
+            # Shutting down, or the upstream answered before the upload ended (the rest of
+            # it is not forwarded): tell the client this connection ends with the answer.
+            self.keep_alive = False
         self.status = status
         content_length: int | None = None
         chunked = False
@@ -300,6 +302,7 @@ class Exchange:
                 content_length=content_length,
                 chunked=chunked,
                 keep_alive=self.keep_alive,
+                http11=self.http11,
             )
         )
 
@@ -432,6 +435,7 @@ class Exchange:
                 reason,
                 extra,
                 keep_alive=self.keep_alive,
+                http11=self.http11,
                 date=self.conn.plane.date(),
                 head_only=self.method == b"HEAD",
             )

@@ -113,6 +113,7 @@ def response_head(
     content_length: int | None,
     chunked: bool,
     keep_alive: bool,
+    http11: bool = True,
 ) -> bytes:
     """The response head sent to the client; `extra` (rate-limit headers) replaces namesakes."""
     lines = [b"HTTP/1.1 %d " % status + (reason or reason_phrase(status))]
@@ -126,9 +127,15 @@ def response_head(
         lines.append(b"Content-Length: %d" % content_length)
     elif chunked:
         lines.append(b"Transfer-Encoding: chunked")
-    if not keep_alive:
-        lines.append(b"Connection: close")
+    lines.extend(_connection(keep_alive, http11))
     return CRLF.join(lines) + CRLF + CRLF
+
+
+def _connection(keep_alive: bool, http11: bool) -> tuple[bytes, ...]:
+    """The Connection header: close when closing; keep-alive when an HTTP/1.0 client stays."""
+    if not keep_alive:
+        return (b"Connection: close",)
+    return () if http11 else (b"Connection: keep-alive",)
 
 
 def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
@@ -137,7 +144,9 @@ def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
 
 
 def chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body."""
+    """One chunk of a chunked body (nothing for no data: an empty chunk would end the body)."""
+    if not data:
+        return b""
     return b"%x\r\n" % len(data) + data + CRLF
 
 
@@ -147,6 +156,7 @@ def envelope_answer(
     extra: Mapping[str, str] | None = None,
     *,
     keep_alive: bool = True,
+    http11: bool = True,
     date: bytes = b"",
     head_only: bool = False,
 ) -> bytes:
@@ -159,7 +169,6 @@ def envelope_answer(
     lines.append(b"Content-Length: %d" % len(body))
     if extra:
         lines.extend(k.encode() + b": " + v.encode() for k, v in extra.items())
-    if not keep_alive:
-        lines.append(b"Connection: close")
+    lines.extend(_connection(keep_alive, http11))
     head = CRLF.join(lines) + CRLF + CRLF
     return head if head_only else head + body
