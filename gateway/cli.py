@@ -15,6 +15,7 @@ import orjson
 
 from gateway.config import Settings, load_config
 from gateway.errors import AdminClientError, ConfigError, WorkerFailed
+from gateway.loadtest import cli as loadtest_cli
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     for action in ("show", "block", "unblock"):
         p = dsub.add_parser(action, help=f"{action} one device", parents=[common])
         p.add_argument("id")
+    loadtest_cli.add_parser(sub)
+
     rename = dsub.add_parser(
         "rename", help="set a device's custom name ('' clears it)", parents=[common]
     )
@@ -207,6 +210,8 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     args = _parser().parse_args(argv)
+    if args.command == "loadtest":
+        return loadtest_cli.run(args, env=env, out=out, err=err)  # needs no gateway config
     settings = _load(args, env, err)
     if settings is None:
         return EXIT_USAGE
