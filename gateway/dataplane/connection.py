@@ -247,7 +247,11 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         method = parser.get_method()
         url = self._url
-        if not url.startswith(b"/") and not (url == b"*" and method == b"OPTIONS"):
+        if (
+            not url.startswith(b"/")
+            and not (url == b"*" and method == b"OPTIONS")
+            and method != b"CONNECT"  # authority-form; the Enforcer answers it with 405
+        ):
             # Absolute- or authority-form: only the configured upstream is ever contacted.
             raise _Reject(400, "Invalid request target")
         content_length: int | None = None
