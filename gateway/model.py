@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,15 +53,18 @@ class DeviceIdentity:
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    """A token bucket: `rate` tokens per second refill up to `burst` tokens."""
+    """A token bucket: `rate` tokens per second refill up to `burst` tokens.
+
+    `rate_milli` is the rate in milli-tokens per second, the integer unit the Lua script
+    works in (computed once: it is read on every request).
+    """
 
     rate: float
     burst: int
+    rate_milli: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def rate_milli(self) -> int:
-        """Milli-tokens per second, the integer unit the Lua script works in."""
-        return max(1, round(self.rate * 1000))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rate_milli", max(1, round(self.rate * 1000)))
 
 
 @dataclass(frozen=True, slots=True)

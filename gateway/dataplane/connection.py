@@ -17,7 +17,7 @@ from typing import Final
 
 import httptools
 
-from gateway.config import Settings
+from gateway.config import DeviceHeaders, Settings
 from gateway.dataplane import wire
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.upstream import UpstreamPool
@@ -54,11 +54,16 @@ class DataPlane:
         self.timeout = settings.upstream.timeout
         self.max_body = settings.limits.max_body_bytes
         self.preserve_host = settings.upstream.preserve_host
+        # The only request headers the Enforcer reads: decoded per request, the rest never.
+        names = [getattr(settings.devices.headers, f) for f in DeviceHeaders.__slots__]
+        self.enforced_headers = frozenset(n.lower().encode() for n in [*names, "X-Forwarded-For"])
         self.header_timeout = settings.server.header_timeout
         self.keepalive_timeout = settings.server.keepalive_timeout
         self.access_log = settings.log.access
         self.access_logger = logging.getLogger(ACCESS_LOGGER)
         self.connections: set[ClientConnection] = set()
+        # Python 3.11's get_running_loop() calls getpid() each time: look it up once.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._date = b""
         self._date_second = -1
         self._sweeper: asyncio.TimerHandle | None = None
@@ -66,6 +71,7 @@ class DataPlane:
     def protocol(self) -> ClientConnection:
         """A protocol factory for `loop.create_server`."""
         if self._sweeper is None:
+            self.loop = asyncio.get_running_loop()
             self._sweep()
         return ClientConnection(self)
 
@@ -75,7 +81,7 @@ class DataPlane:
 
         One timer for all connections instead of timers per request, as nginx does it.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         now = loop.time()
         idle_before = now - self.keepalive_timeout
         for conn in list(self.connections):
@@ -141,6 +147,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.loop = plane.loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.peer_bytes = b"unknown"
@@ -172,7 +179,7 @@ class ClientConnection(asyncio.Protocol):
             self.peer_bytes = self.peer.encode()
         self.plane.connections.add(self)
         # A new connection must send its head in time; a kept-alive one only once it starts.
-        self.head_deadline = asyncio.get_running_loop().time() + self.plane.header_timeout
+        self.head_deadline = self.loop.time() + self.plane.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self._closing and not self.linger_until:
@@ -223,7 +230,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._in_head = True
         if not self.head_deadline:
-            self.head_deadline = asyncio.get_running_loop().time() + self.plane.header_timeout
+            self.head_deadline = self.loop.time() + self.plane.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -306,7 +313,7 @@ class ClientConnection(asyncio.Protocol):
     # -- exchanges -----------------------------------------------------------------------
 
     def _start(self, ex: Exchange) -> None:
-        ex.task = asyncio.get_running_loop().create_task(ex.run())
+        ex.task = self.loop.create_task(ex.run())
         if self._write_paused:
             ex.pause_download()
 
@@ -325,7 +332,7 @@ class ClientConnection(asyncio.Protocol):
             if not ex.body_done:
                 # Closing with unread data makes the kernel send RST, which can destroy
                 # the answer before the client reads it: read and drop the rest first.
-                self.linger_until = asyncio.get_running_loop().time() + LINGER
+                self.linger_until = self.loop.time() + LINGER
                 self._paused = True
                 self.resume_reading()
             else:
@@ -377,7 +384,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def _mark_idle(self) -> None:
-        self.idle_since = asyncio.get_running_loop().time()
+        self.idle_since = self.loop.time()
 
     def head_timed_out(self) -> None:
         """The request head did not come in time: 408 for a started head, then close."""

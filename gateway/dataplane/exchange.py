@@ -155,9 +155,12 @@ class Exchange:
             self.answer(500, REASON_INTERNAL)
 
     def _str_headers(self) -> CIMultiDict[str]:
+        """The headers the Enforcer reads, decoded as aiohttp would (the rest stay bytes)."""
+        wanted = self.conn.plane.enforced_headers
         return CIMultiDict(
             (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
             for name, value in self.headers
+            if name.lower() in wanted
         )
 
     def _answer_verdict(self, verdict: Verdict) -> None:
@@ -178,7 +181,7 @@ class Exchange:
         if self.finished:
             plane.pool.release(upstream)
             return _DONE
-        loop = asyncio.get_running_loop()
+        loop = self.conn.loop
         self._attempt = loop.create_future()
         self._upstream = upstream
         upstream.begin(self, head_request=self.method == b"HEAD")
@@ -327,7 +330,7 @@ class Exchange:
         if self._out:
             self.conn.write(b"".join(self._out))
             self._out = []
-            self._last_io = asyncio.get_running_loop().time()
+            self._last_io = self.conn.loop.time()
         if self._attempt is not None and self._attempt.done():
             self._finish()
 
@@ -387,7 +390,7 @@ class Exchange:
         self._deadline = None
         if self.finished or self._upstream is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.conn.loop
         timeout = self.conn.plane.timeout
         if self.head_started:
             due = self._last_io + timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Final
 
 import orjson
@@ -118,7 +119,7 @@ def response_head(
     """The response head sent to the client; `extra` (rate-limit headers) replaces namesakes."""
     lines = [b"HTTP/1.1 %d " % status + (reason or reason_phrase(status))]
     if extra:
-        replaced = {k.lower().encode() for k in extra}
+        replaced = _lower_names(tuple(extra))
         lines.extend(n + b": " + v for n, v in headers if n.lower() not in replaced)
         lines.extend(k.encode() + b": " + v.encode() for k, v in extra.items())
     else:
@@ -129,6 +130,12 @@ def response_head(
         lines.append(b"Transfer-Encoding: chunked")
     lines.extend(_connection(keep_alive, http11))
     return CRLF.join(lines) + CRLF + CRLF
+
+
+@lru_cache(maxsize=64)
+def _lower_names(names: tuple[str, ...]) -> frozenset[bytes]:
+    """Lower-cased header names as bytes (the rate-limit header set repeats: cached)."""
+    return frozenset(n.lower().encode() for n in names)
 
 
 def _connection(keep_alive: bool, http11: bool) -> tuple[bytes, ...]:

@@ -52,6 +52,7 @@ SCAN_PARALLEL: Final = 8  # shards scanned at once
 PIPELINE_CHUNK: Final = 64  # commands per admin pipeline
 HISTORY_SEPARATOR: Final = "\x1f"  # identity values never contain control characters
 
+_OUTCOMES: Final = tuple(Outcome)  # reply code -> Outcome, without the enum constructor
 _POLICY_DEVICE: Final = "device"
 _POLICY_ANONYMOUS: Final = "anonymous"
 
@@ -238,7 +239,7 @@ class Store:
             else Bucket(rate=rate_milli / 1000, burst=burst)
         )
         return Decision(
-            outcome=Outcome(outcome),
+            outcome=_OUTCOMES[outcome],
             remaining=remaining,
             retry_after_us=retry_after,
             full_after_us=full_after,

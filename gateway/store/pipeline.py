@@ -85,6 +85,8 @@ class ScriptPipeline:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._last_error: StoreUnavailable | None = None
+        # Python 3.11's get_running_loop() calls getpid() each time: keep the one we run on.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def sha(self) -> str:
@@ -97,7 +99,7 @@ class ScriptPipeline:
             await self._connect()
         if len(self._pending) + len(self._outbox) >= MAX_IN_FLIGHT:
             raise StoreUnavailable("too many store calls in flight")
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         command = pack(b"EVALSHA", self._sha, len(keys), *keys, *args)
         self._outbox.append(_Call(command, future))
@@ -134,7 +136,7 @@ class ScriptPipeline:
             raise self._last_error or StoreUnavailable("Redis connection lost")
 
     async def _open(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         p = self._params
         try:
             async with asyncio.timeout(self._timeout):
@@ -181,7 +183,7 @@ class ScriptPipeline:
             self._fail_all(self._last_error or StoreUnavailable("Redis connection lost"))
             return
         batch, self._outbox = self._outbox, []
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         for call in batch:
             call.sent_at = now
@@ -195,7 +197,7 @@ class ScriptPipeline:
         self._timer = None
         if not self._pending:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         deadline = self._pending[0].sent_at + self._timeout
         if loop.time() >= deadline:
             self._fail_all(StoreUnavailable(f"Redis did not answer within {self._timeout:g} s"))
@@ -222,7 +224,7 @@ class ScriptPipeline:
                 self._outbox.extend((_Call(load, None), call))
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._flush)
+                    (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
                 return
             if not future.done():
                 future.set_exception(StoreUnavailable(f"Redis error: {message}"))
