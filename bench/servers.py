@@ -201,6 +201,8 @@ def start_gateway(
         # A bench run must not pass requests unenforced: a slow store shows as 503s.
         "redis": {"url": store_url, "timeout": 1.0, "on_error": "closed", "key_prefix": key_prefix},
         "rate_limits": {"device": dict(device_limit), "anonymous": dict(GENEROUS)},
+        # Every simulated device comes from one loopback address: lift its new-device budget.
+        "devices": {"registration_limit": dict(GENEROUS)},
         "log": {"access": False, "level": "warning"},
     }
     path = procs.workdir / f"{name}.yaml"

@@ -60,7 +60,7 @@ async def serve(
     """
     own_store = store is None
     store = store or Store.from_settings(settings.redis, history_size=settings.devices.history_size)
-    await store.start()
+    await store.start(follow_blocked=True)
     token = admin_token(settings) if admin else ""
     metrics = metrics or Metrics()
     plane = DataPlane(settings, store, metrics)

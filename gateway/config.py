@@ -93,6 +93,14 @@ class DeviceHeaders:
 
 
 @dataclass(frozen=True, slots=True)
+class BucketSettings:
+    """A token bucket: `rate` tokens per second refill a bucket of `burst` tokens."""
+
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSettings:
     """Device identification and registration."""
 
@@ -100,14 +108,9 @@ class DeviceSettings:
     require_id: bool = False
     data_upload_methods: frozenset[str] = frozenset({"POST"})
     history_size: int = 50
-
-
-@dataclass(frozen=True, slots=True)
-class BucketSettings:
-    """A token bucket: `rate` tokens per second refill a bucket of `burst` tokens."""
-
-    rate: float
-    burst: int
+    # Budget of new devices per client address (a token bucket): nobody fills Redis by
+    # minting ids through the public port; generous enough for a carrier NAT.
+    registration_limit: BucketSettings = BucketSettings(rate=1.0, burst=100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +408,7 @@ def _build(reader: _Reader, raw: Any) -> Settings:
     v = reader.section(
         top.get("devices"),
         "devices",
-        ("headers", "require_id", "data_upload_methods", "history_size"),
+        ("headers", "require_id", "data_upload_methods", "history_size", "registration_limit"),
     )
     h = reader.section(v.get("headers"), "devices.headers", DeviceHeaders.__slots__)
     dh = DeviceHeaders()
@@ -434,6 +437,12 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         ),
         history_size=reader.get(
             v, "devices", "history_size", dd.history_size, reader.integer(0, 10_000)
+        ),
+        registration_limit=_bucket(
+            reader,
+            v.get("registration_limit"),
+            "devices.registration_limit",
+            dd.registration_limit,
         ),
     )
 

@@ -18,7 +18,7 @@ from gateway.config import Settings
 from gateway.errors import IdentityError, StoreUnavailable
 from gateway.identity import IdentityReader, client_ip
 from gateway.metrics import Metrics
-from gateway.model import Outcome
+from gateway.model import Bucket, Outcome
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
 from gateway.responses import REASON_BODY_TOO_LARGE
 from gateway.store import Store
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 BLOCKED_REASON: Final = "Access denied: device is blocked"
 LIMITED_REASON: Final = "Too many requests"
+REGISTRATION_REASON: Final = "Too many new devices from this address"
 UNAVAILABLE_REASON: Final = "Service temporarily unavailable"
 ANONYMOUS_REASON: Final = "A device id is required"
 CONNECT_REASON: Final = "Method not allowed"
@@ -54,7 +55,7 @@ class Enforcer:
     """Everything a decision needs, built once at start from the settings."""
 
     __slots__ = ("_metrics", "_on_error", "_store", "identity", "max_body", "policy",
-                 "require_id", "trusted", "upload_methods")  # fmt: skip
+                 "registration", "require_id", "trusted", "upload_methods")  # fmt: skip
 
     def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
         self._store = store
@@ -66,6 +67,8 @@ class Enforcer:
         self.require_id = settings.devices.require_id
         self.trusted = settings.server.trusted_proxies
         self.upload_methods = settings.devices.data_upload_methods
+        limit = settings.devices.registration_limit
+        self.registration = Bucket(rate=limit.rate, burst=limit.burst)
 
     async def check(
         self,
@@ -87,19 +90,22 @@ class Enforcer:
         if content_length is not None and content_length > self.max_body:
             return Verdict(413, REASON_BODY_TOO_LARGE, None, "too_large", device_id)
 
-        ip = ""
-        if identity is None:
-            ip = client_ip(peer, headers.getall("X-Forwarded-For", ()), self.trusted)
+        # Anonymous requests are limited by address, and new devices charged to it.
+        ip = client_ip(peer, headers.getall("X-Forwarded-For", ()), self.trusted)
         try:
             decision = await self._store.enforce(
                 identity,
                 ip,
                 self.policy.for_request(identity is not None),
                 upload=method in self.upload_methods,
+                registration=self.registration,
             )
         except StoreUnavailable as exc:
             self._metrics.store_failures += 1
             log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
+            if device_id is not None and device_id in self._store.blocked:
+                # Redis cannot decide: this process's copy of the blocked ids still does.
+                return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
             if self._on_error == "closed":
                 return Verdict(
                     503, UNAVAILABLE_REASON, {"Retry-After": "1"}, "store_down_closed", device_id
@@ -111,5 +117,7 @@ class Enforcer:
         rate_headers = rate_limit_headers(decision)
         if decision.outcome is Outcome.LIMITED:
             rate_headers["Retry-After"] = str(retry_after_seconds(decision))
+            if decision.policy == "registration":
+                return Verdict(429, REGISTRATION_REASON, rate_headers, "unregistered", device_id)
             return Verdict(429, LIMITED_REASON, rate_headers, "limited", device_id)
         return Verdict(FORWARD, "", rate_headers, "allow", device_id)

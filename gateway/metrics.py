@@ -17,6 +17,7 @@ DECISIONS: Final = (
     "allow",
     "blocked",
     "limited",
+    "unregistered",
     "invalid",
     "too_large",
     "anonymous",

@@ -146,6 +146,7 @@ class Outcome(enum.IntEnum):
     ALLOW = 0
     BLOCKED = 1
     LIMITED = 2
+    UNREGISTERED = 3  # a new device its address's registration budget has to approve
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +156,8 @@ class Decision:
     `remaining` whole tokens left after this request; `retry_after_us` until the next whole
     token is back (0 when the bucket is full); `full_after_us` until the bucket is full;
     `bucket` the bucket that applied (an override or the default); `policy` its name for the
-    RateLimit headers ("device" or "anonymous"). For BLOCKED no token was taken.
+    RateLimit headers ("device", "anonymous", or "registration" when the address's budget
+    for new devices refused one). For BLOCKED no token was taken.
     """
 
     outcome: Outcome

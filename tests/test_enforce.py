@@ -161,7 +161,9 @@ async def test_connect_is_405(enforcer: Enforcer) -> None:
 
 
 class DownStore:
-    """A store whose Redis is gone."""
+    """A store whose Redis is gone (and that has no device blocked)."""
+
+    blocked: frozenset[str] = frozenset()
 
     async def enforce(self, *args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("Redis failed: connection refused")
@@ -187,3 +189,21 @@ async def test_store_down(
     else:
         # Rate-limit headers are left out rather than invented when Redis could not be asked.
         assert verdict.headers is None
+
+
+async def test_new_devices_beyond_the_address_budget_are_429(store: Store) -> None:
+    settings = parse_config("devices: {registration_limit: {rate: 0.001, burst: 2}}", "test")
+    enforcer = Enforcer(settings, store)
+    for device_id in ("a", "b"):
+        assert (await check(enforcer, {"X-Device-Id": device_id})).status == FORWARD
+    refused = await check(enforcer, {"X-Device-Id": "c"})
+    assert (refused.status, refused.reason, refused.decision) == (
+        429,
+        "Too many new devices from this address",
+        "unregistered",
+    )
+    assert refused.headers is not None
+    assert refused.headers["RateLimit-Policy"].startswith('"registration";q=2;')
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert await store.get_device("c") is None
+    assert (await check(enforcer, {"X-Device-Id": "a"})).status == FORWARD  # known: free

@@ -646,17 +646,22 @@ async def test_a_hung_redis_costs_at_most_the_timeout(
     finally:
         own_redis.thaw()
 
-    # Enforcement resumes on its own; replies to the abandoned calls are not taken for
-    # answers to new ones. (An abandoned call that had reached Redis's socket may still be
-    # applied once Redis resumes, so counts are bounds, not exact.)
+    # Enforcement resumes on its own, once the circuit breaker's probe goes through (within
+    # a second); replies to the abandoned calls are not taken for answers to new ones. (An
+    # abandoned call that had reached Redis's socket may still be applied once Redis
+    # resumes, so counts are bounds, not exact.)
+    resumed = time.monotonic() + 1.5
+    while not rate_headers(await call(http, "GET", url, PHONE)):
+        assert time.monotonic() < resumed, "enforcement did not resume within 1.5 s"
+        await asyncio.sleep(0.05)
     remaining = []
     for _ in range(2):
         answer = await call(http, "GET", url, PHONE)
         assert answer.status == 200 and rate_headers(answer).keys() == set(RATE_LIMIT_HEADERS)
         remaining.append(int(answer.headers["X-RateLimit-Remaining"]))
-    assert 19 > remaining[0] > remaining[1] >= 19 - 2 - 3
+    assert 19 > remaining[0] > remaining[1]
     device = await gw.store.get_device("phone-1")
-    assert device is not None and 3 <= device.request_count <= 3 + 3
+    assert device is not None and device.request_count >= 4
     assert (await block(http, gw, "phone-1")).status == 200
     assert (await call(http, "GET", url, PHONE)).status == 403
 

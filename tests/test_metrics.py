@@ -19,6 +19,8 @@ TOKEN = "metrics-test-token-0123456789"
 
 
 class DownStore:
+    blocked: frozenset[str] = frozenset()
+
     async def enforce(self, *args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("Redis failed: connection refused")
 

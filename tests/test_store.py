@@ -213,8 +213,9 @@ async def test_delete_removes_every_key(store: Store) -> None:
     assert await store.get_device("phone-1") is None
     prefix = store.keys.prefix
     left = [k async for k in store._admin.scan_iter(match=f"{prefix}:*")]
-    # Empty index keys vanish by themselves in Redis; only non-empty ones could remain.
-    assert left == []
+    # Empty index keys vanish by themselves in Redis; only the shard's blocked-index
+    # version counter stays (shard metadata, not the device's).
+    assert left == [store.keys.shard(shard_of("phone-1")).blocked_version]
     assert await store.list_devices() == ([], 0)
 
 
@@ -385,3 +386,46 @@ async def test_list_merges_correctly_when_one_shard_holds_many(
         (await store.list_devices(blocked="hide", page=p, amount=11))[0] for p in range(1, 10)
     ]
     assert [d.id for page in hide_pages for d in page] == hidden
+
+
+REGISTRATION = Bucket(rate=1.0, burst=2)
+
+
+async def register(store: Store, device_id: str, ip: str = "198.51.100.9"):
+    return await store.enforce(
+        DeviceIdentity(device_id), ip, BUCKET, upload=False, registration=REGISTRATION
+    )
+
+
+async def test_new_devices_are_charged_to_their_address_budget(
+    store: Store, clock: FakeClock
+) -> None:
+    assert (await register(store, "n1")).outcome is Outcome.ALLOW
+    assert (await register(store, "n2")).outcome is Outcome.ALLOW
+    refused = await register(store, "n3")
+    assert (refused.outcome, refused.policy) == (Outcome.LIMITED, "registration")
+    assert refused.retry_after_us == 1_000_000
+    assert await store.get_device("n3") is None  # a refused device leaves no record
+    # Known devices are never charged; another address has its own budget.
+    assert (await register(store, "n1")).outcome is Outcome.ALLOW
+    assert (await register(store, "m1", ip="198.51.100.10")).outcome is Outcome.ALLOW
+    clock.advance(1000)
+    assert (await register(store, "n3")).outcome is Outcome.ALLOW
+    _, total = await store.list_devices()
+    assert total == 4
+
+
+async def test_a_known_device_costs_one_call_a_new_one_three(store: Store) -> None:
+    calls: list[int] = []
+    original = store._call
+
+    async def counting(keys, args):
+        calls.append(len(keys))
+        return await original(keys, args)
+
+    store._call = counting  # type: ignore[method-assign]
+    await register(store, "fresh")
+    assert calls == [5, 1, 5]  # enforce (asks), the address budget (one key), enforce again
+    calls.clear()
+    await register(store, "fresh")
+    assert calls == [5]

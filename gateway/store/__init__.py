@@ -34,6 +34,8 @@ from gateway.model import (
     Outcome,
 )
 from gateway.store import keys as K
+from gateway.store.blocked import BlockedSet
+from gateway.store.breaker import CircuitBreaker
 from gateway.store.keys import SHARDS, KeySchema
 from gateway.store.pipeline import ScriptPipeline
 from gateway.typedefs import Clock
@@ -55,6 +57,7 @@ HISTORY_SEPARATOR: Final = "\x1f"  # identity values never contain control chara
 _OUTCOMES: Final = tuple(Outcome)  # reply code -> Outcome, without the enum constructor
 _POLICY_DEVICE: Final = "device"
 _POLICY_ANONYMOUS: Final = "anonymous"
+_POLICY_REGISTRATION: Final = "registration"
 
 
 def _script(name: str) -> str:
@@ -102,11 +105,14 @@ class Store:
         history_size: int = 50,
         clock: Clock | None = None,
         pipeline: ScriptPipeline | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._hot = hot
         self._pipeline = pipeline
+        self._breaker = breaker or CircuitBreaker()
         self._admin = admin
         self._keys = KeySchema(key_prefix)
+        self.blocked = BlockedSet(admin, self._keys)
         self._timeout = timeout
         self._admin_timeout = admin_timeout
         self._history_size = str(history_size)
@@ -165,8 +171,14 @@ class Store:
         """The key schema in use."""
         return self._keys
 
-    async def start(self) -> None:
-        """Load the scripts; tolerates a Redis that is down (they load on first use)."""
+    async def start(self, *, follow_blocked: bool = False) -> None:
+        """Load the scripts; tolerates a Redis that is down (they load on first use).
+
+        `follow_blocked` keeps a local copy of the blocked ids (`self.blocked`) for when
+        Redis cannot answer: the data plane's processes follow, the admin side need not.
+        """
+        if follow_blocked:
+            self.blocked.start()
         try:
             if self._pipeline is not None:
                 await self._pipeline.connect()
@@ -177,6 +189,7 @@ class Store:
 
     async def close(self) -> None:
         """Close both clients' connections."""
+        await self.blocked.close()
         if self._pipeline is not None:
             await self._pipeline.close()
         await self._hot.aclose(close_connection_pool=True)
@@ -205,34 +218,69 @@ class Store:
     # -- data plane ------------------------------------------------------------------
 
     async def enforce(
-        self, identity: DeviceIdentity | None, client_ip: str, bucket: Bucket, *, upload: bool
+        self,
+        identity: DeviceIdentity | None,
+        client_ip: str,
+        bucket: Bucket,
+        *,
+        upload: bool,
+        registration: Bucket | None = None,
     ) -> Decision:
-        """Run enforce.lua once: block check, token bucket, upsert, history, indexes."""
-        keys: Sequence[str]
+        """Run enforce.lua once: block check, token bucket, upsert, history, indexes.
+
+        With a `registration` budget, a device never seen costs more: its address's budget
+        (a bucket under the address's own hash tag) is charged first, and a refused device
+        leaves no record. A known device costs exactly one call.
+        """
         if identity is None:
-            keys = (self._keys.anonymous_bucket(client_ip),)
+            keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
             args: tuple[str | int, ...] = (self._now(), bucket.rate_milli, bucket.burst)
-            policy = _POLICY_ANONYMOUS
-        else:
-            keys = self._keys.device(identity.id).enforce()
-            args = (
-                self._now(),
-                bucket.rate_milli,
-                bucket.burst,
-                "1" if upload else "0",
-                self._history_size,
-                identity.id,
-                *(value or "" for value in identity.fields()),
-            )
-            policy = _POLICY_DEVICE
-        if self._pipeline is not None:
-            # Bounded by the pipeline's own deadline; it raises StoreUnavailable itself.
-            reply = await self._pipeline.call(keys, args)
-        else:
-            reply = await self._guard(self._enforce(keys, args), self._timeout)
-        outcome, remaining, retry_after, full_after, rate_milli, burst, new = (
-            int(x) for x in reply
+            return self._decision(await self._call(keys, args), bucket, _POLICY_ANONYMOUS)
+        keys = self._keys.device(identity.id).enforce()
+        args = (
+            self._now(),
+            bucket.rate_milli,
+            bucket.burst,
+            "1" if upload else "0",
+            self._history_size,
+            identity.id,
+            *(value or "" for value in identity.fields()),
+            "0" if registration is None else "1",
         )
+        reply = await self._call(keys, args)
+        if registration is not None and reply[0] == Outcome.UNREGISTERED:
+            budget = await self._call(
+                (self._keys.registration_bucket(client_ip),),
+                (self._now(), registration.rate_milli, registration.burst),
+            )
+            if budget[0] != Outcome.ALLOW:
+                return self._decision(budget, registration, _POLICY_REGISTRATION)
+            reply = await self._call(keys, (*args[:-1], "0"))
+        return self._decision(reply, bucket, _POLICY_DEVICE)
+
+    async def _call(self, keys: Sequence[str], args: Sequence[str | int]) -> list[int]:
+        """One enforce.lua call, through the circuit breaker."""
+        breaker = self._breaker
+        if not breaker.allow():
+            raise StoreUnavailable("Redis is failing; the circuit breaker skips it for now")
+        try:
+            if self._pipeline is not None:
+                # Bounded by the pipeline's own deadline; it raises StoreUnavailable itself.
+                reply = await self._pipeline.call(keys, args)
+            else:
+                reply = await self._guard(self._enforce(keys, args), self._timeout)
+        except StoreUnavailable:
+            breaker.failure()
+            raise
+        except BaseException:
+            breaker.abandon()  # cancelled: neither a success nor a failure of Redis
+            raise
+        breaker.success()
+        return [int(x) for x in reply]
+
+    @staticmethod
+    def _decision(reply: list[int], bucket: Bucket, policy: str) -> Decision:
+        outcome, remaining, retry_after, full_after, rate_milli, burst, new = reply
         applied = (
             bucket
             if rate_milli == bucket.rate_milli and burst == bucket.burst
@@ -282,7 +330,10 @@ class Store:
         """Block the device (idempotent); creates the record for an id never seen."""
         k = self._keys.device(device_id)
         flat = await self._admin_call(
-            self._block((k.record, k.active, k.blocked), (self._now(), device_id))
+            self._block(
+                (k.record, k.active, k.blocked, k.blocked_version),
+                (self._now(), device_id, self._keys.blocked_channel),
+            )
         )
         device = _from_flat(device_id, flat)
         assert device is not None  # block.lua always returns the record
@@ -291,7 +342,11 @@ class Store:
     async def unblock(self, device_id: str) -> Device | None:
         """Unblock the device (idempotent); None when there is no record."""
         k = self._keys.device(device_id)
-        flat = await self._admin_call(self._unblock((k.record, k.blocked), (device_id,)))
+        flat = await self._admin_call(
+            self._unblock(
+                (k.record, k.blocked, k.blocked_version), (device_id, self._keys.blocked_channel)
+            )
+        )
         return _from_flat(device_id, flat)
 
     async def delete(self, device_id: str) -> bool:
@@ -299,7 +354,8 @@ class Store:
         k = self._keys.device(device_id)
         removed = await self._admin_call(
             self._delete(
-                (k.record, k.history, k.bucket, k.active, k.blocked, k.names), (device_id,)
+                (k.record, k.history, k.bucket, k.active, k.blocked, k.names, k.blocked_version),
+                (device_id, self._keys.blocked_channel),
             )
         )
         return bool(removed)

@@ -13,7 +13,10 @@ they only ever come after the tag, and only the first `{...}` of a key is its ta
     <p>:{dNNN}:active       zset    id -> last activity (ms): last request, or blocked_at if none
     <p>:{dNNN}:blocked      zset    blocked ids -> last activity (ms), same score as in active
     <p>:{dNNN}:names        hash    id -> custom name (renamed devices only), for the name search
+    <p>:{dNNN}:bver         string  version of the shard's blocked index, bumped by every change
+    <p>:blocked             channel "b <id>" / "u <id>" on every block / unblock
     <p>:{aNNN}:ip:<ip>      string  token bucket of an anonymous client address
+    <p>:{aNNN}:reg:<ip>     string  budget of new devices of a client address
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class DeviceKeys:
     active: str
     blocked: str
     names: str
+    blocked_version: str
 
     def enforce(self) -> tuple[str, str, str, str, str]:
         """KEYS of enforce.lua, in order."""
@@ -65,6 +69,7 @@ class ShardKeys:
     active: str
     blocked: str
     names: str
+    blocked_version: str
 
 
 class KeySchema:
@@ -87,13 +92,28 @@ class KeySchema:
             active=f"{tag}active",
             blocked=f"{tag}blocked",
             names=f"{tag}names",
+            blocked_version=f"{tag}bver",
         )
 
     def shard(self, shard: int) -> ShardKeys:
         """The index keys of one shard."""
         tag = self._dev_tags[shard]
-        return ShardKeys(active=f"{tag}active", blocked=f"{tag}blocked", names=f"{tag}names")
+        return ShardKeys(
+            active=f"{tag}active",
+            blocked=f"{tag}blocked",
+            names=f"{tag}names",
+            blocked_version=f"{tag}bver",
+        )
+
+    @property
+    def blocked_channel(self) -> str:
+        """The pub/sub channel of block / unblock events."""
+        return f"{self.prefix}:blocked"
 
     def anonymous_bucket(self, client_ip: str) -> str:
         """The token bucket of an anonymous client address."""
         return f"{self._anon_tags[zlib.crc32(client_ip.encode()) % SHARDS]}ip:{client_ip}"
+
+    def registration_bucket(self, client_ip: str) -> str:
+        """The budget of new devices of a client address (under the address's own tag)."""
+        return f"{self._anon_tags[zlib.crc32(client_ip.encode()) % SHARDS]}reg:{client_ip}"

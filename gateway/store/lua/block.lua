@@ -1,9 +1,13 @@
 -- block.lua: block a device; creates the record for an id never seen (a pre-block).
 -- Idempotent: blocking a blocked device keeps its first blocked_at.
--- KEYS[1] record hash, KEYS[2] active zset, KEYS[3] blocked zset
+-- KEYS[1] record hash, KEYS[2] active zset, KEYS[3] blocked zset,
+-- KEYS[4] the shard's blocked-index version (string counter)
 -- ARGV[1] now in microseconds since the epoch, or "" to read Redis TIME
 -- ARGV[2] device id
+-- ARGV[3] pub/sub channel of block events
 -- Reply: the record as a flat HGETALL list.
+-- Every process keeps a copy of the blocked ids for when Redis cannot answer: a change
+-- bumps the shard's version (their poll) and is published (their immediate update).
 
 local now_us
 if ARGV[1] == '' then
@@ -13,7 +17,8 @@ else
   now_us = tonumber(ARGV[1])
 end
 local now_ms = string.format('%d', math.floor(now_us / 1000))
-local record, active, blocked, device_id = KEYS[1], KEYS[2], KEYS[3], ARGV[2]
+local record, active, blocked, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local device_id, channel = ARGV[2], ARGV[3]
 
 local current = redis.call('HMGET', record, 'rc', 'b', 'la')
 if not current[1] then
@@ -25,5 +30,7 @@ if not current[2] then
   local score = current[3] or now_ms
   redis.call('ZADD', active, score, device_id)
   redis.call('ZADD', blocked, score, device_id)
+  redis.call('INCR', version)
+  redis.call('PUBLISH', channel, 'b ' .. device_id)
 end
 return redis.call('HGETALL', record)

@@ -14,9 +14,12 @@
 -- ARGV[6]  device id                                                 (device mode)
 -- ARGV[7..12] application, application_version, os, os_version, manufacturer, model;
 --          "" when the request did not declare it (the stored value is kept)
+-- ARGV[13] "1": a new device must first be approved by its address's registration budget
+--          (answer 3 and write nothing); "0": register it (approved, or no budget)
 --
 -- Reply: {outcome, remaining, retry_after_us, full_after_us, rate, burst, new_device}
---   outcome 0 allowed, 1 blocked (no token taken), 2 rate-limited
+--   outcome 0 allowed, 1 blocked (no token taken), 2 rate-limited,
+--   3 new device awaiting the registration budget (nothing written)
 --   remaining whole tokens left; retry_after_us until the next whole token (0 when full);
 --   full_after_us until the bucket is full; rate/burst of the bucket that applied (the
 --   record's override `rr`/`rb` when set); new_device 1 when this call created the record.
@@ -108,6 +111,9 @@ local denied = tonumber(current[2] or '0')
 local is_new = not current[1]
 local is_blocked = current[3] ~= false
 local last = tonumber(current[4] or '0')
+if is_new and ARGV[13] == '1' then
+  return {3, 0, 0, 0, rate, burst, 1}
+end
 
 local reply
 if is_blocked then

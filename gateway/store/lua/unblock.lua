@@ -1,13 +1,18 @@
 -- unblock.lua: unblock a device. Idempotent; no record -> nil.
--- KEYS[1] record hash, KEYS[2] blocked zset
+-- KEYS[1] record hash, KEYS[2] blocked zset, KEYS[3] the shard's blocked-index version
 -- ARGV[1] device id
+-- ARGV[2] pub/sub channel of block events
 -- Reply: the record as a flat HGETALL list, or nil when there is no record.
 
-local record, blocked, device_id = KEYS[1], KEYS[2], ARGV[1]
+local record, blocked, version = KEYS[1], KEYS[2], KEYS[3]
+local device_id, channel = ARGV[1], ARGV[2]
 -- A record exists once a request or a block made it (an override alone is no record).
 if redis.call('HEXISTS', record, 'rc') == 0 then
   return nil
 end
-redis.call('HDEL', record, 'b')
-redis.call('ZREM', blocked, device_id)
+if redis.call('HDEL', record, 'b') == 1 then
+  redis.call('ZREM', blocked, device_id)
+  redis.call('INCR', version)
+  redis.call('PUBLISH', channel, 'u ' .. device_id)
+end
 return redis.call('HGETALL', record)
