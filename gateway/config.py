@@ -48,6 +48,8 @@ class ServerSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
+    body_timeout: float = 30.0
+    max_connections: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +335,14 @@ def _build(reader: _Reader, raw: Any) -> Settings:
     s = reader.section(
         top.get("server"),
         "server",
-        ("listen", "trusted_proxies", "header_timeout", "keepalive_timeout"),
+        (
+            "listen",
+            "trusted_proxies",
+            "header_timeout",
+            "keepalive_timeout",
+            "body_timeout",
+            "max_connections",
+        ),
     )
     server = ServerSettings(
         listen=reader.get(s, "server", "listen", d.server.listen, reader.listen),
@@ -349,6 +358,10 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         ),
         keepalive_timeout=reader.get(
             s, "server", "keepalive_timeout", d.server.keepalive_timeout, reader.seconds
+        ),
+        body_timeout=reader.get(s, "server", "body_timeout", d.server.body_timeout, reader.seconds),
+        max_connections=reader.get(
+            s, "server", "max_connections", d.server.max_connections, reader.integer(1, 1_000_000)
         ),
     )
 

@@ -41,6 +41,7 @@ async def running(server_yaml: str) -> AsyncIterator[Running]:
     async def handle(request: web.Request) -> web.Response:
         if request.path == "/slow":
             await release.wait()
+        await request.read()  # an upload endpoint reads the whole body before answering
         return web.Response(text="ok")
 
     app = web.Application()
@@ -118,3 +119,54 @@ async def test_graceful_shutdown_finishes_answers_in_flight_and_closes_idle_ones
     await asyncio.wait_for(shutdown, WAIT)
     busy_writer.close()
     idle_writer.close()
+
+
+@pytest.mark.parametrize("server_yaml", ["{max_connections: 3}"])
+async def test_at_the_cap_the_longest_idle_connection_makes_room(running: Running) -> None:
+    idle = []
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(REQUEST)
+        await asyncio.wait_for(read_answer(reader), WAIT)
+        idle.append((reader, writer))
+        await asyncio.sleep(0.01)  # distinct idle times: the first is the longest idle
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    writer.write(REQUEST)
+    answer = await asyncio.wait_for(read_answer(reader), WAIT)
+    assert answer.startswith(b"HTTP/1.1 200")  # the new client is served
+    assert await asyncio.wait_for(idle[0][0].read(), WAIT) == b""  # the oldest idle closed
+    for _, w in [*idle, (reader, writer)]:
+        w.close()
+
+
+@pytest.mark.parametrize("server_yaml", ["{max_connections: 2}"])
+async def test_at_the_cap_with_none_idle_a_new_client_gets_503(running: Running) -> None:
+    busy = []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(REQUEST.replace(b"/x", b"/slow"))
+        busy.append((reader, writer))
+    await asyncio.sleep(0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    refused = await asyncio.wait_for(reader.read(), WAIT)
+    assert refused.startswith(b"HTTP/1.1 503 ")
+    assert refused.endswith(b'{"status":false,"result":"Too many connections"}')
+    running.release.set()
+    for r, _ in busy:  # the busy ones were not disturbed
+        assert (await asyncio.wait_for(read_answer(r), WAIT)).startswith(b"HTTP/1.1 200")
+    for _, w in [*busy, (reader, writer)]:
+        w.close()
+
+
+@pytest.mark.parametrize("server_yaml", ["{body_timeout: 0.3}"])
+async def test_a_stalled_request_body_is_given_up_with_408(running: Running) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: gw\r\nX-Device-Id: d1\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    started = time.monotonic()
+    answer = await asyncio.wait_for(reader.read(), WAIT)  # answered, then closed at once
+    assert 0.3 <= time.monotonic() - started < 0.3 + 1.5  # the sweep runs once a second
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert answer.endswith(b'{"status":false,"result":"Request body timeout"}')
+    writer.close()

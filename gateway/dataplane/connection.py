@@ -59,6 +59,8 @@ class DataPlane:
         self.enforced_headers = frozenset(n.lower().encode() for n in [*names, "X-Forwarded-For"])
         self.header_timeout = settings.server.header_timeout
         self.keepalive_timeout = settings.server.keepalive_timeout
+        self.body_timeout = settings.server.body_timeout
+        self.max_connections = settings.server.max_connections
         self.access_log = settings.log.access
         self.access_logger = logging.getLogger(ACCESS_LOGGER)
         self.connections: set[ClientConnection] = set()
@@ -84,6 +86,7 @@ class DataPlane:
         loop = self.loop or asyncio.get_running_loop()
         now = loop.time()
         idle_before = now - self.keepalive_timeout
+        silent_before = now - self.body_timeout
         for conn in list(self.connections):
             if 0 < conn.idle_since < idle_before:
                 conn.close_when_idle()
@@ -91,7 +94,17 @@ class DataPlane:
                 conn.head_timed_out()
             elif 0 < conn.linger_until < now:
                 conn.abort()
+            elif conn.awaiting_body and conn.last_read < silent_before:
+                conn.body_timed_out()
         self._sweeper = loop.call_later(1.0, self._sweep)
+
+    def make_room(self) -> bool:
+        """At the connection cap: close the longest-idle kept-alive connection, if any."""
+        idle = [c for c in self.connections if c.idle_since]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.idle_since).close_when_idle()
+        return True
 
     def date(self) -> bytes:
         """The HTTP Date header value, formatted once per second."""
@@ -163,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = 0.0  # loop time the connection became idle; 0 while busy
         self.head_deadline = 0.0  # loop time the request head must be complete by; 0: none
         self.linger_until = 0.0  # reading an unwanted body before closing, until then
+        self.last_read = 0.0  # loop time of the last bytes from the client
 
     @property
     def closing(self) -> bool:
@@ -177,7 +191,13 @@ class ClientConnection(asyncio.Protocol):
         if peer:
             self.peer = str(peer[0])
             self.peer_bytes = self.peer.encode()
-        self.plane.connections.add(self)
+        plane = self.plane
+        if len(plane.connections) >= plane.max_connections and not plane.make_room():
+            self._closing = True
+            self.write(wire.envelope_answer(503, "Too many connections", keep_alive=False))
+            transport.close()
+            return
+        plane.connections.add(self)
         # A new connection must send its head in time; a kept-alive one only once it starts.
         self.head_deadline = self.loop.time() + self.plane.header_timeout
 
@@ -185,6 +205,7 @@ class ClientConnection(asyncio.Protocol):
         if self._closing and not self.linger_until:
             return
         self.idle_since = 0.0
+        self.last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -329,7 +350,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if not ex.keep_alive or self._closing:
             self._closing = True
-            if not ex.body_done:
+            if not ex.body_done and not ex.stalled:
                 # Closing with unread data makes the kernel send RST, which can destroy
                 # the answer before the client reads it: read and drop the rest first.
                 self.linger_until = self.loop.time() + LINGER
@@ -385,6 +406,17 @@ class ClientConnection(asyncio.Protocol):
 
     def _mark_idle(self) -> None:
         self.idle_since = self.loop.time()
+
+    @property
+    def awaiting_body(self) -> bool:
+        """A request whose body is still coming in is being handled."""
+        ex = self._parsing
+        return ex is not None and not ex.body_done and not ex.finished
+
+    def body_timed_out(self) -> None:
+        """No byte of the request body for `server.body_timeout`: give the request up."""
+        if self._parsing is not None:
+            self._parsing.body_stalled()
 
     def head_timed_out(self) -> None:
         """The request head did not come in time: 408 for a started head, then close."""

@@ -32,6 +32,7 @@ REASON_TIMED_OUT: Final = "Upstream timed out"
 REASON_BAD_RESPONSE: Final = "Invalid upstream response"
 REASON_BUSY: Final = "Upstream connection limit reached"
 REASON_INTERNAL: Final = "Internal error"
+REASON_BODY_TIMEOUT: Final = "Request body timeout"
 
 # Methods a stale pooled connection may be retried with (RFC 9110 section 9.2.2).
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -71,6 +72,7 @@ class Exchange:
         "http11",
         "keep_alive",
         "method",
+        "stalled",
         "started",
         "status",
         "target",
@@ -115,6 +117,7 @@ class Exchange:
         self._deadline: asyncio.TimerHandle | None = None
         self._last_io = 0.0
         self.head_started = False
+        self.stalled = False
         self.finished = False
         self.status = 0
         self.decision = "-"
@@ -247,12 +250,20 @@ class Exchange:
 
     def _body_over_limit(self) -> None:
         """Cut the body: the upstream never sees a complete over-limit request."""
+        self._give_up_body(413, REASON_BODY_TOO_LARGE)
+
+    def body_stalled(self) -> None:
+        """The client stopped sending its body: the upstream never sees it complete."""
+        self.stalled = True  # nothing more is coming: close without lingering
+        self._give_up_body(408, REASON_BODY_TIMEOUT)
+
+    def _give_up_body(self, status: int, reason: str) -> None:
         self.keep_alive = False
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.abort()
         if not self.head_started:
-            self.answer(413, REASON_BODY_TOO_LARGE, self.verdict_headers)
+            self.answer(status, reason, self.verdict_headers)
         else:
             self.conn.abort()
         self._resolve(_DONE)
