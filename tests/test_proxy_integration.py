@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import logging
 import io
 import os
 import socket
@@ -1088,7 +1089,9 @@ async def test_upstream_interim_answers_are_not_forwarded(
 
 
 async def test_unsolicited_101_from_the_upstream_is_502_envelope(
-    start_raw_upstream: StartRawUpstream, start_gateway: StartGateway
+    start_raw_upstream: StartRawUpstream,
+    start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Upgrade is hop-by-hop and never forwarded, so a 101 is an answer nobody asked for.
     async def switches(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1102,6 +1105,8 @@ async def test_unsolicited_101_from_the_upstream_is_502_envelope(
     async with gw.http.get("/") as resp:
         assert resp.status == 502
         assert await resp.json() == envelope("Invalid upstream response")
+    # Handled as a bad answer, not as a crash of the protocol callback.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 async def test_upstream_slow_to_answer_is_504_envelope(

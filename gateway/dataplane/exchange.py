@@ -155,7 +155,11 @@ class Exchange:
             raise
         except Exception:
             log.exception("unexpected error in %s %r", self.method, self.target)
-            self.answer(500, REASON_INTERNAL)
+            if self.head_started:
+                self.conn.abort()  # never a complete-looking answer after a failure
+                self._finish()
+            else:
+                self.answer(500, REASON_INTERNAL)
 
     def _str_headers(self) -> CIMultiDict[str]:
         """The headers the Enforcer reads, decoded as aiohttp would (the rest stay bytes)."""

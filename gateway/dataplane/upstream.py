@@ -113,7 +113,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # An upgrade (101) was never asked for: Upgrade is not forwarded. -> 502.
             self._fail(exc)
             return
         sink.on_upstream_flush()  # the exchange that owned this read sends what it produced
