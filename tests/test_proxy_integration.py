@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import logging
 import io
+import logging
 import os
 import socket
 import time
