@@ -31,6 +31,7 @@ log = logging.getLogger("gateway.dataplane")
 MAX_LINE: Final = 8190  # request target, as aiohttp's default max_line_size
 MAX_FIELD: Final = 8190  # one header line
 MAX_HEADERS: Final = 128
+REQUEST_LINE_EXTRA: Final = 64  # method, spaces, "HTTP/1.1", CRLF around the target
 MAX_QUEUED: Final = 8  # pipelined requests waiting before reading pauses
 LINGER: Final = 5.0  # seconds an unwanted request body is still read before the close
 
@@ -171,6 +172,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers: wire.RawHeaders = []
         self._closing = False
         self._in_head = False
+        self._line_bytes = 0  # bytes of the head line still being received
         self._paused = False
         self._write_paused = False
         self.idle_since = 0.0  # loop time the connection became idle; 0 while busy
@@ -208,11 +210,19 @@ class ClientConnection(asyncio.Protocol):
         self.last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
+            if self._in_head:
+                self._check_partial_line(data)
         except httptools.HttpParserUpgrade:
-            # Upgrade is hop-by-hop and never forwarded; what follows is not HTTP/1.1.
+            # Upgrade is hop-by-hop and never forwarded; llhttp stops reading here, so what
+            # follows (frames of another protocol, or the body of an upgrade offer such as
+            # curl's h2c POST) cannot be read: a declared body is refused, and the
+            # connection ends with this answer.
             self._closing = True
-            if self._parsing is not None:
-                self._parsing.keep_alive = False
+            ex = self._queue[-1] if self._queue else None
+            if ex is not None:
+                ex.keep_alive = False
+                if ex.content_length or ex.chunked:
+                    ex.body_broken(400, "A request offering an upgrade cannot carry a body")
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Reject):
@@ -220,11 +230,29 @@ class ClientConnection(asyncio.Protocol):
             else:
                 log.error("request parsing failed: %r", cause)
                 self._refuse(400, "Bad request")
+        except _Reject as exc:
+            self._refuse(exc.status, exc.reason)
         except httptools.HttpParserError as exc:
             if self.linger_until:
                 self.abort()
             else:
                 self._refuse(400, f"Bad request: {exc}")
+
+    def _check_partial_line(self, data: bytes) -> None:
+        """Refuse a head line that is already past its limit before it ends.
+
+        llhttp hands a header over only once its line is complete: without this, a line
+        that never ends would be buffered until the head deadline.
+        """
+        end = data.rfind(b"\n")
+        self._line_bytes = len(data) - end - 1 if end >= 0 else self._line_bytes + len(data)
+        if not self._headers:
+            # Still the request line (or the first header): the target's own limit (414,
+            # checked as it arrives) plus the method, the version and the spaces.
+            if self._line_bytes > MAX_LINE + REQUEST_LINE_EXTRA:
+                raise _Reject(414, "Request target too long")
+        elif self._line_bytes > MAX_FIELD + 4:  # name, ": ", value, CRLF
+            raise _Reject(431, "Request header too large")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -250,6 +278,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._in_head = True
+        self._line_bytes = 0
         if not self.head_deadline:
             self.head_deadline = self.loop.time() + self.plane.header_timeout
 
@@ -275,6 +304,9 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         method = parser.get_method()
         url = self._url
+        if parser.get_http_version() not in ("1.0", "1.1"):
+            # llhttp reads HTTP/0.9 and 2.0 request lines; only HTTP/1.x is served here.
+            raise _Reject(505, "HTTP version not supported")
         if (
             not url.startswith(b"/")
             and not (url == b"*" and method == b"OPTIONS")
@@ -398,9 +430,22 @@ class ClientConnection(asyncio.Protocol):
     def _refuse(self, status: int, reason: str) -> None:
         """A request that cannot be parsed: answer it in the envelope and close."""
         self._closing = True
+        if self._parsing is not None:
+            # Broken after its head (a bad chunk, say): the exchange gives the body up (the
+            # upstream never sees it complete) and answers, or cuts an answer in progress.
+            self._parsing.body_broken(status, reason)
+            return
         if self._queue:
             return  # the answer in progress goes out first; then the connection closes
-        self.write(wire.envelope_answer(status, reason, keep_alive=False, date=self.plane.date()))
+        try:
+            head_only = self._parser.get_method() == b"HEAD"
+        except httptools.HttpParserError:
+            head_only = False  # the method itself could not be read
+        self.write(
+            wire.envelope_answer(
+                status, reason, keep_alive=False, date=self.plane.date(), head_only=head_only
+            )
+        )
         if self.transport is not None:
             self.transport.close()
 

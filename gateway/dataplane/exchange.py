@@ -256,6 +256,11 @@ class Exchange:
         """Cut the body: the upstream never sees a complete over-limit request."""
         self._give_up_body(413, REASON_BODY_TOO_LARGE)
 
+    def body_broken(self, status: int, reason: str) -> None:
+        """The request could not be read to its end: the upstream never sees it complete."""
+        self.stalled = True  # the parser is done with this connection: close, no lingering
+        self._give_up_body(status, reason)
+
     def body_stalled(self) -> None:
         """The client stopped sending its body: the upstream never sees it complete."""
         self.stalled = True  # nothing more is coming: close without lingering

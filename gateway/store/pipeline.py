@@ -40,11 +40,14 @@ def pack(*parts: str | int | bytes) -> bytes:
 class _Call:
     """One caller's place in the reply stream."""
 
-    __slots__ = ("command", "future", "retried", "sent_at")
+    __slots__ = ("command", "future", "loads_script", "retried", "sent_at")
 
-    def __init__(self, command: bytes, future: asyncio.Future[Any] | None) -> None:
+    def __init__(
+        self, command: bytes, future: asyncio.Future[Any] | None, *, loads_script: bool = False
+    ) -> None:
         self.command = command
         self.future = future  # None for the connection's own commands (AUTH, SCRIPT LOAD)
+        self.loads_script = loads_script
         self.retried = False
         self.sent_at = 0.0
 
@@ -85,6 +88,7 @@ class ScriptPipeline:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._last_error: StoreUnavailable | None = None
+        self._reloading = False  # a SCRIPT LOAD is queued or in flight on this connection
         # Python 3.11's get_running_loop() calls getpid() each time: keep the one we run on.
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -170,6 +174,7 @@ class ScriptPipeline:
             setup.append(("SELECT", p["db"]))
         setup.append(("SCRIPT", "LOAD", self._script))
         self._outbox[:0] = [_Call(pack(*c), None) for c in setup]
+        self._reloading = False
         self._flush()
 
     # -- writing -------------------------------------------------------------------------
@@ -211,6 +216,8 @@ class ScriptPipeline:
         if not self._pending and self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if call.loads_script:
+            self._reloading = False
         future = call.future
         if isinstance(reply, hiredis.ReplyError):
             message = str(reply)
@@ -220,8 +227,13 @@ class ScriptPipeline:
                 return
             if message.startswith("NOSCRIPT") and not call.retried:
                 call.retried = True
-                load = pack("SCRIPT", "LOAD", self._script)
-                self._outbox.extend((_Call(load, None), call))
+                if not self._reloading:
+                    # Every call in flight meets NOSCRIPT: the script is loaded once, ahead
+                    # of all of them (Redis answers in order).
+                    self._reloading = True
+                    load = pack("SCRIPT", "LOAD", self._script)
+                    self._outbox.append(_Call(load, None, loads_script=True))
+                self._outbox.append(call)
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
