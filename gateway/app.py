@@ -78,9 +78,9 @@ async def serve(
             await admin_runner.setup()
             site = web.TCPSite(admin_runner, settings.admin.listen.host, settings.admin.listen.port)
             await site.start()
-            admin_url = _url(admin_runner.addresses[0])
+            admin_url = url_of(admin_runner.addresses[0])
         running = Running(
-            public_url=_url(public.sockets[0].getsockname()),
+            public_url=url_of(public.sockets[0].getsockname()),
             admin_url=admin_url,
             admin_token=token,
         )
@@ -95,12 +95,7 @@ async def serve(
                 }
             },
         )
-        if on_ready is not None:
-            result = on_ready(running)
-            if result is not None:
-                await result
-        await stop.wait()
-        log.info("stopping")
+        await announce_and_wait(running, on_ready, stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -114,7 +109,22 @@ async def serve(
             await store.close()
 
 
-def _url(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+async def announce_and_wait(
+    running: Running,
+    on_ready: Callable[[Running], Awaitable[None] | None] | None,
+    stop: asyncio.Event,
+) -> None:
+    """Tell the caller what is listening, then wait for the stop signal."""
+    if on_ready is not None:
+        result = on_ready(running)
+        if result is not None:
+            await result
+    await stop.wait()
+    log.info("stopping")
+
+
+def url_of(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """A connectable http:// URL for a bound address (a wildcard bind means loopback)."""
     host, port = address[0], address[1]
     # A wildcard bind is reached on loopback from this machine.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)

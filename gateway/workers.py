@@ -25,7 +25,14 @@ from typing import Final
 from aiohttp import web
 
 from gateway.admin import create_admin_app
-from gateway.app import SHUTDOWN_TIMEOUT, Running, admin_token, serve
+from gateway.app import (
+    SHUTDOWN_TIMEOUT,
+    Running,
+    admin_token,
+    announce_and_wait,
+    serve,
+    url_of,
+)
 from gateway.config import Settings
 from gateway.errors import WorkerFailed
 from gateway.metrics import SharedCounters
@@ -115,10 +122,9 @@ async def supervise(
         site = web.TCPSite(admin, settings.admin.listen.host, settings.admin.listen.port)
         await site.start()
         listen = settings.server.listen
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
         running = Running(
-            public_url=f"http://{f'[{host}]' if ':' in host else host}:{listen.port}",
-            admin_url=_admin_url(admin),
+            public_url=url_of((listen.host, listen.port)),
+            admin_url=url_of(admin.addresses[0]),
             admin_token=token,
         )
         log.info(
@@ -126,12 +132,7 @@ async def supervise(
             extra={"fields": {"public": running.public_url, "admin": running.admin_url,
                               "workers": workers, "upstream": settings.upstream.url}},
         )  # fmt: skip
-        if on_ready is not None:
-            result = on_ready(running)
-            if result is not None:
-                await result
-        await stop.wait()
-        log.info("stopping workers")
+        await announce_and_wait(running, on_ready, stop)
     finally:
         stopping = True
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -158,11 +159,6 @@ async def _stop_workers(pool: list[_Worker]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         await asyncio.gather(*(p.wait() for p in running))
-
-
-def _admin_url(runner: web.AppRunner) -> str:
-    host, port = runner.addresses[0][:2]
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 async def _worker(settings: Settings, index: int, workers: int, counters_path: str) -> None:
