@@ -568,13 +568,6 @@ GROWING_LINES = {
     "first-header": pytest.param(
         b"GET / HTTP/1.1\r\nX-Big: ",
         id="first-header",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="ClientConnection._check_partial_line (connection.py:249) takes "
-            "`not self._headers` for 'still the request line', but httptools hands the first "
-            "header over only when the second starts: a first header line that never ends "
-            "is refused 414 'Request target too long' (after 8254 bytes), not 431",
-        ),
     ),
 }
 

@@ -173,6 +173,7 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self._in_head = False
         self._line_bytes = 0  # bytes of the head line still being received
+        self._request_line_done = False
         self._paused = False
         self._write_paused = False
         self.idle_since = 0.0  # loop time the connection became idle; 0 while busy
@@ -246,9 +247,11 @@ class ClientConnection(asyncio.Protocol):
         """
         end = data.rfind(b"\n")
         self._line_bytes = len(data) - end - 1 if end >= 0 else self._line_bytes + len(data)
-        if not self._headers:
-            # Still the request line (or the first header): the target's own limit (414,
-            # checked as it arrives) plus the method, the version and the spaces.
+        if end >= 0:
+            self._request_line_done = True  # a line ended since this request began
+        if not self._request_line_done:
+            # Still the request line: the target's own limit (414, checked as it arrives)
+            # plus the method, the version and the spaces.
             if self._line_bytes > MAX_LINE + REQUEST_LINE_EXTRA:
                 raise _Reject(414, "Request target too long")
         elif self._line_bytes > MAX_FIELD + 4:  # name, ": ", value, CRLF
@@ -279,6 +282,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._in_head = True
         self._line_bytes = 0
+        self._request_line_done = False
         if not self.head_deadline:
             self.head_deadline = self.loop.time() + self.plane.header_timeout
 
