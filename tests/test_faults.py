@@ -1,0 +1,481 @@
+"""The fault-injection tools themselves: FaultProxy, CountingUpstream and RawUpstream.
+
+Each FaultProxy mode is proved against a tiny echo server on loopback; each upstream
+behaviour against a plain client. These tools carry the fault tests, so they must do exactly
+what they claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import httptools
+import orjson
+import pytest
+from yarl import URL
+
+from tests.conftest import free_port
+from tests.counting_upstream import (
+    MALFORMED,
+    MARK,
+    CountingUpstream,
+    RawUpstream,
+    Reply,
+    ResetMidBody,
+    Slow,
+    Stream,
+)
+from tests.faults import FaultProxy, rst
+
+pytestmark = pytest.mark.integration
+
+WAIT = 5.0  # bounds every wait in this file
+QUIET = 0.3  # how long "nothing arrives" is watched for
+
+
+@pytest.fixture(autouse=True)
+def quiet(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The tools log nothing at WARNING or above (no stray tracebacks in the tests using them)."""
+    caplog.set_level(logging.WARNING)
+    yield
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not noisy, [r.getMessage() for r in noisy]
+
+
+# ---------------------------------------------------------------- an echo server
+
+
+class Echo:
+    """A loopback TCP server that sends back every byte it reads, and counts them."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.open = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        self.open += 1
+        try:
+            while data := await reader.read(65536):
+                self.received += len(data)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            writer.close()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Echo]:
+    server = Echo()
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def proxy(echo: Echo) -> AsyncIterator[FaultProxy]:
+    assert echo._server is not None
+    p = FaultProxy("127.0.0.1", echo._server.sockets[0].getsockname()[1])
+    await p.start()
+    yield p
+    await p.close()
+
+
+class Client:
+    """A raw TCP client of the proxy."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+        return cls(reader, writer)
+
+    async def round_trip(self, data: bytes) -> tuple[bytes, float]:
+        """Send `data`, read as many bytes back; (bytes, seconds it took)."""
+        started = time.monotonic()
+        self.writer.write(data)
+        got = await asyncio.wait_for(self.reader.readexactly(len(data)), WAIT)
+        return got, time.monotonic() - started
+
+    async def silent(self) -> bool:
+        """True when nothing (not even EOF) arrives for QUIET seconds."""
+        try:
+            await asyncio.wait_for(self.reader.read(1), QUIET)
+        except TimeoutError:
+            return True
+        return False
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(self.writer.wait_closed(), WAIT)
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    """Clients made by a test, closed after it."""
+    made: list[Client] = []
+    yield made
+    for client in made:
+        await client.close()
+
+
+async def connect(proxy: FaultProxy, made: list[Client]) -> Client:
+    client = await Client.connect(proxy.port)
+    made.append(client)
+    return client
+
+
+async def until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------- FaultProxy
+
+
+async def test_pass_through_forwards_both_ways_unchanged(
+    proxy: FaultProxy, echo: Echo, clients: list[Client]
+) -> None:
+    client = await connect(proxy, clients)
+    assert (await client.round_trip(b"hello"))[0] == b"hello"
+    big = bytes(range(256)) * 8192  # 2 MiB: more than the socket buffers, flow control runs
+    got, _ = await client.round_trip(big)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
+    assert echo.received == 5 + len(big)
+    assert (proxy.accepted, proxy.open_connections) == (1, 1)
+
+
+async def test_latency_holds_every_answer_and_can_be_lifted_in_order(
+    proxy: FaultProxy, clients: list[Client]
+) -> None:
+    client = await connect(proxy, clients)
+    _, base = await client.round_trip(b"x")
+    proxy.latency(0.2)
+    got, took = await client.round_trip(b"slow")
+    assert got == b"slow"
+    assert 0.2 <= took < 0.2 + 0.1 + base
+    fresh = await connect(proxy, clients)  # a new connection gets the latency too
+    assert 0.2 <= (await fresh.round_trip(b"new"))[1] < 0.3 + base
+
+    # Lifted while an answer is still held: what follows does not overtake it.
+    client.writer.write(b"first")
+    await asyncio.sleep(0.05)  # "first" is back at the proxy and held there
+    proxy.pass_through()
+    client.writer.write(b"second")
+    got = await asyncio.wait_for(client.reader.readexactly(11), WAIT)
+    assert got == b"firstsecond"
+    assert (await client.round_trip(b"fast"))[1] < 0.1
+
+
+async def test_black_hole_accepts_and_never_answers_but_keeps_sockets_open(
+    proxy: FaultProxy, echo: Echo, clients: list[Client]
+) -> None:
+    before = await connect(proxy, clients)
+    assert (await before.round_trip(b"ping"))[0] == b"ping"
+    proxy.black_hole()
+    during = await connect(proxy, clients)  # still accepted
+    for client in (before, during):
+        client.writer.write(b"anyone?")
+        assert await client.silent()  # no answer, and no EOF: the socket stays open
+        assert not client.reader.at_eof()
+    assert echo.received == 4  # nothing got through to the target
+    assert proxy.open_connections == 2
+
+    proxy.pass_through()
+    for client in (before, during):
+        assert (await client.round_trip(b"back"))[0] == b"back"
+
+
+async def test_reset_sends_rst_to_open_and_to_new_connections(
+    proxy: FaultProxy, echo: Echo, clients: list[Client]
+) -> None:
+    open_one = await connect(proxy, clients)
+    await open_one.round_trip(b"hi")
+    proxy.reset()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(open_one.reader.read(1), WAIT)
+    new_one = await connect(proxy, clients)  # the accept happens, then the RST
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(new_one.reader.read(1), WAIT)
+    await until(lambda: echo.open == 0, "the target side to be dropped too")
+    assert proxy.open_connections == 0
+
+
+async def test_cut_after_passes_n_bytes_from_the_target_then_closes(
+    proxy: FaultProxy, echo: Echo, clients: list[Client]
+) -> None:
+    client = await connect(proxy, clients)
+    await client.round_trip(b"warm")  # bytes before the switch do not count
+    proxy.cut_after(4)
+    client.writer.write(b"0123456789")
+    assert await asyncio.wait_for(client.reader.read(), WAIT) == b"0123"  # then a clean EOF
+    fresh = await connect(proxy, clients)
+    fresh.writer.write(b"abcdef")
+    assert await asyncio.wait_for(fresh.reader.read(), WAIT) == b"abcd"
+    proxy.cut_after(0)
+    at_once = await connect(proxy, clients)
+    assert await asyncio.wait_for(at_once.reader.read(), WAIT) == b""
+    await until(lambda: echo.open == 0, "the target side to be dropped too")
+
+
+async def test_a_refused_target_resets_the_client_connection(clients: list[Client]) -> None:
+    proxy = FaultProxy("127.0.0.1", free_port())  # nothing listens there
+    await proxy.start()
+    try:
+        client = await connect(proxy, clients)
+        client.writer.write(b"hello?")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(client.reader.read(), WAIT)
+        assert proxy.open_connections == 0
+    finally:
+        await proxy.close()
+
+
+async def test_close_cuts_every_connection_and_stops_listening(
+    proxy: FaultProxy, clients: list[Client]
+) -> None:
+    client = await connect(proxy, clients)
+    await client.round_trip(b"hi")
+    await proxy.close()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(client.reader.read(1), WAIT)
+    with pytest.raises(ConnectionRefusedError):
+        await Client.connect(proxy.port)
+
+
+# ---------------------------------------------------------------- CountingUpstream
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[CountingUpstream]:
+    up = CountingUpstream()
+    await up.start()
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as session:
+        yield session
+
+
+async def test_counting_upstream_records_every_request_and_reports_it(
+    upstream: CountingUpstream, http: aiohttp.ClientSession
+) -> None:
+    body = b"payload" * 1000
+    target = URL(f"{upstream.url}/api/%2e%2e/x;y?q=1&q=2", encoded=True)  # sent as is
+    async with http.post(target, data=body, headers={"X-Device-Id": "d1"}) as r:
+        assert r.status == 200 and r.headers[MARK] == "1"
+        answer = orjson.loads(await r.read())
+    async with http.get(f"{upstream.url}/other") as r:
+        assert r.status == 200
+    first, second = upstream.seen
+    assert (first.method, first.raw_path, first.device_id) == (
+        "POST",
+        "/api/%2e%2e/x;y?q=1&q=2",
+        "d1",
+    )
+    assert (first.body_sha256, first.body_size, first.complete) == (
+        hashlib.sha256(body).hexdigest(),
+        len(body),
+        True,
+    )
+    assert first.headers["X-Device-Id"] == "d1"
+    assert answer == {
+        "upstream": True,
+        "method": "POST",
+        "path": "/api/%2e%2e/x;y?q=1&q=2",
+        "device": "d1",
+        "sha256": first.body_sha256,
+        "size": len(body),
+    }
+    assert (second.method, second.body_size, second.device_id) == ("GET", 0, None)
+    assert upstream.count() == 2 and upstream.arrived == 2
+    assert upstream.count(path="/other") == 1 and upstream.count(device_id="d1") == 1
+
+
+async def test_a_behaviour_per_path_beats_the_switch(
+    upstream: CountingUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.behave(Reply(status=503, body=b"down", headers={"Retry-After": "7"}))
+    upstream.behave(Reply(status=201, body=b"made"), path="/made")
+    async with http.get(f"{upstream.url}/made?x=1") as r:
+        assert (r.status, await r.read()) == (201, b"made")
+    async with http.get(f"{upstream.url}/else") as r:
+        assert (r.status, await r.read(), r.headers["Retry-After"]) == (503, b"down", "7")
+        assert r.headers[MARK] == "1"
+    upstream.forget("/made")
+    async with http.get(f"{upstream.url}/made") as r:
+        assert r.status == 503
+    assert upstream.count() == 3
+
+
+async def test_slow_answers_after_its_delay(
+    upstream: CountingUpstream, http: aiohttp.ClientSession
+) -> None:
+    upstream.behave(Slow(0.25, Reply(body=b"late")), path="/slow")
+    started = time.monotonic()
+    async with http.get(f"{upstream.url}/slow") as r:
+        assert await r.read() == b"late"
+    assert 0.25 <= time.monotonic() - started < 0.25 + 0.5
+    started = time.monotonic()
+    async with http.get(f"{upstream.url}/fast") as r:
+        await r.read()
+    assert time.monotonic() - started < 0.2
+
+
+@pytest.mark.parametrize("declare_length", [False, True])
+async def test_stream_sends_its_chunks_with_pauses(
+    upstream: CountingUpstream, http: aiohttp.ClientSession, declare_length: bool
+) -> None:
+    upstream.behave(Stream((b"one", b"two", b"three"), delay=0.15, declare_length=declare_length))
+    arrivals: list[tuple[float, bytes]] = []
+    async with http.get(f"{upstream.url}/s") as r:
+        if declare_length:
+            assert r.headers["Content-Length"] == "11"
+        else:
+            assert r.headers["Transfer-Encoding"] == "chunked"
+        async for chunk in r.content.iter_any():
+            arrivals.append((time.monotonic(), chunk))
+    assert b"".join(c for _, c in arrivals) == b"onetwothree"
+    assert len(arrivals) == 3
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(arrivals)]
+    assert all(g >= 0.12 for g in gaps), gaps
+
+
+async def test_reset_mid_body_cuts_the_connection_with_an_rst(upstream: CountingUpstream) -> None:
+    upstream.behave(ResetMidBody(sent=b"y" * 1000, declared=100_000))
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(upstream.url.rsplit(":", 1)[1]))
+    try:
+        writer.write(b"GET /r HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), WAIT)
+                assert data, "a clean EOF: expected an RST"
+                received += data
+    finally:
+        writer.close()
+    # Whatever arrived before the RST is a head announcing far more than was sent.
+    if received:
+        assert b"Content-Length: 100000" in received
+        assert len(received.partition(b"\r\n\r\n")[2]) <= 1000
+    assert upstream.count(path="/r") == 1
+
+
+async def test_a_body_the_client_breaks_off_is_recorded_as_incomplete(
+    upstream: CountingUpstream,
+) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", int(upstream.url.rsplit(":", 1)[1]))
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"z" * 10)
+    await writer.drain()
+    await until(lambda: upstream.arrived == 1, "the request head")
+    rst(writer.transport)
+    await until(lambda: len(upstream.seen) == 1, "the broken request to be recorded")
+    [seen] = upstream.seen
+    assert (seen.raw_path, seen.body_size, seen.complete) == ("/up", 10, False)
+
+
+# ---------------------------------------------------------------- RawUpstream
+
+
+async def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send raw bytes; read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def test_the_malformed_corpus_is_refused_by_a_strict_parser() -> None:
+    for name, answer in MALFORMED.items():
+        parser = httptools.HttpResponseParser(object())
+        if name == "oversized_headers":
+            assert len(answer.partition(b"\r\n\r\n")[0]) > 64 * 1024  # beyond any sane limit
+            continue
+        with pytest.raises(httptools.HttpParserError):
+            parser.feed_data(answer)
+
+
+async def test_raw_upstream_writes_each_answer_verbatim_and_records_the_request() -> None:
+    raw = RawUpstream()
+    url = await raw.start()
+    try:
+        for name, answer in MALFORMED.items():
+            raw.answer_with(answer, path=f"/{name}")
+        for name, answer in MALFORMED.items():
+            got = await raw_exchange(url, f"GET /{name}?n=1 HTTP/1.1\r\nHost: u\r\n\r\n".encode())
+            assert got == answer, name
+        plain = await raw_exchange(url, b"GET /plain HTTP/1.1\r\nHost: u\r\n\r\n")
+        assert plain.startswith(b"HTTP/1.1 200 OK\r\n") and MARK.encode() in plain
+        chunked = (
+            b"POST /c HTTP/1.1\r\nHost: u\r\nX-Device-Id: d9\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+        await raw_exchange(url, chunked)
+        assert [s.raw_path for s in raw.seen] == [
+            *(f"/{name}?n=1" for name in MALFORMED),
+            "/plain",
+            "/c",
+        ]
+        last = raw.seen[-1]
+        assert (last.method, last.device_id, last.body_size) == ("POST", "d9", 5)
+        assert last.body_sha256 == hashlib.sha256(b"abcde").hexdigest()
+    finally:
+        await raw.close()
+
+
+async def test_raw_upstream_keeps_the_connection_open_when_asked() -> None:
+    raw = RawUpstream(b"HTTP/1.1 204 No Content\r\n\r\n", close=False)
+    url = await raw.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        for i in range(3):
+            writer.write(f"POST /k{i} HTTP/1.1\r\nHost: u\r\nContent-Length: 2\r\n\r\nhi".encode())
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            assert answer == b"HTTP/1.1 204 No Content\r\n\r\n"
+        assert [s.raw_path for s in raw.seen] == ["/k0", "/k1", "/k2"]
+    finally:
+        writer.close()
+        await raw.close()

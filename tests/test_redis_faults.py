@@ -1,0 +1,976 @@
+"""Redis faults injected for real (issue 5, section 2): kill, black hole, latency, an empty
+script cache, out of memory, a gateway started before Redis, clients that hang up.
+
+Each test runs the real data plane (or `serve`) on loopback in front of a `CountingUpstream`,
+over a real redis-server of its own, reached directly or through a `FaultProxy`. Timing
+bounds come from the configuration under test: `redis.timeout` 0.1 s, the breaker's 3
+failures and 0.5 s cool-down (`gateway/store/breaker.py`). Every test also checks that the
+gateway logged no traceback and that every answer it made itself is the JSON envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+import pytest
+import redis
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.app import Running, serve
+from gateway.config import Settings, parse_config
+from gateway.dataplane import DataPlane, start_public
+from gateway.logs import ACCESS_LOGGER, JsonFormatter
+from gateway.model import Bucket
+from gateway.store import Store
+from gateway.store.breaker import COOLDOWN, THRESHOLD
+from tests.conftest import RedisServer, free_port
+from tests.counting_upstream import MARK, CountingUpstream
+from tests.faults import FaultProxy, rst
+
+pytestmark = pytest.mark.integration
+
+OnError = Literal["open", "closed"]
+MODES: tuple[OnError, ...] = ("open", "closed")
+
+TIMEOUT = 0.1  # redis.timeout under test
+# The promise: a request pays at most redis.timeout + 50 ms for a Redis that cannot answer.
+# The 50 ms is the whole allowance for scheduling on a busy 2-core CI machine (a timed-out
+# call measures 100-105 ms of added latency on an idle one).
+MARGIN = 0.05
+WAIT = 10.0  # bounds every wait for a server, a process or a response
+TOKEN = "redis-faults-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BLOCKED = {"status": False, "result": "Access denied: device is blocked"}
+LIMITED = {"status": False, "result": "Too many requests"}
+UNAVAILABLE = {"status": False, "result": "Service temporarily unavailable"}
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def make_settings(
+    upstream: CountingUpstream,
+    redis_url: str,
+    on_error: OnError = "open",
+    *,
+    extra: str = "",
+) -> Settings:
+    """Settings for these tests: buckets so large that no request meets its limit unless a
+    test gives a device its own, and a registration budget that never refuses."""
+    text = (
+        f"redis: {{timeout: {TIMEOUT}, on_error: {on_error}}}\n"
+        "rate_limits: {device: {rate: 1000, burst: 1000}}\n"
+        "devices: {registration_limit: {rate: 1000, burst: 10000}}\n"
+        f"{extra}"
+    )
+    env = {
+        "GATEWAY_UPSTREAM_URL": upstream.url,
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_ADMIN_TOKEN": TOKEN,
+    }
+    return parse_config(text, "faults.yaml", env)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+async def bounded(step: Awaitable[None], what: str) -> None:
+    """A teardown step bounded by WAIT; past it, the tasks still running are printed and the
+    step fails by name (rather than a silent wait until pytest-timeout)."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=WAIT)
+    if not done:
+        for other in asyncio.all_tasks():
+            if other is not asyncio.current_task():
+                other.print_stack()
+        task.cancel()
+        pytest.fail(f"{what} did not finish within {WAIT} s")
+    task.result()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[CountingUpstream]:
+    up = CountingUpstream()
+    await up.start()
+    yield up
+    await bounded(up.close(), "closing the upstream")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(limit=200)
+    timeout = aiohttp.ClientTimeout(total=WAIT)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        yield session
+
+
+@pytest.fixture
+def redis_servers() -> Iterator[Callable[..., RedisServer]]:
+    """Factory: a redis-server of the test's own (extra args after conftest's defaults)."""
+    made: list[RedisServer] = []
+
+    def start(*extra_args: str) -> RedisServer:
+        server = RedisServer(extra_args=extra_args)
+        made.append(server)
+        return server
+
+    yield start
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[Callable[[int], Awaitable[FaultProxy]]]:
+    """Factory: a started FaultProxy in front of a loopback port."""
+    made: list[FaultProxy] = []
+
+    async def start(port: int) -> FaultProxy:
+        proxy = FaultProxy("127.0.0.1", port)
+        await proxy.start()
+        made.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in made:
+        await bounded(proxy.close(), "closing a fault proxy")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The data plane on a loopback port over its own Store (following the blocked ids)."""
+
+    url: str
+    store: Store
+    plane: DataPlane
+
+
+StartGateway = Callable[[Settings], Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[StartGateway]:
+    running: list[tuple[Gateway, asyncio.Server]] = []
+
+    async def start(settings: Settings) -> Gateway:
+        store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
+        await store.start(follow_blocked=True)
+        plane = DataPlane(settings, store)
+        server = await start_public(plane, "127.0.0.1", 0)
+        gw = Gateway(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", store, plane)
+        running.append((gw, server))
+        return gw
+
+    yield start
+    for gw, server in running:
+        server.close()
+        await bounded(gw.plane.shutdown(1.0), "the data plane's shutdown")
+        await bounded(server.wait_closed(), "closing the public listener")
+        await bounded(gw.store.close(), "closing the store")
+
+
+@pytest.fixture
+def gateway_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Every record at INFO and up (the gateway's own from DEBUG), for `assert_no_traceback`."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    return caplog
+
+
+def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """No record carries an exception, and none renders (as the gateway's JSON line) a
+    traceback."""
+    formatter = JsonFormatter()
+    for record in caplog.records:
+        line = formatter.format(record)
+        assert record.exc_info is None and "Traceback" not in line, line
+
+
+# ---------------------------------------------------------------- requests and answers
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer, read whole, with when its request was sent and how long it took."""
+
+    status: int
+    headers: CIMultiDictProxy[str] | CIMultiDict[str]
+    body: bytes
+    tag: str
+    device: str
+    sent: float  # time.monotonic() at the send
+    took: float
+
+    @property
+    def done(self) -> float:
+        return self.sent + self.took
+
+    @property
+    def from_upstream(self) -> bool:
+        return MARK in self.headers
+
+    @property
+    def enforced(self) -> bool:
+        """Redis decided: the rate-limit headers are there (never invented without it)."""
+        return "RateLimit" in self.headers and "X-RateLimit-Remaining" in self.headers
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def assert_envelope(answer: Answer) -> None:
+    """An answer the gateway made itself is `{"status": false, "result": "<reason>"}`."""
+    if answer.from_upstream:
+        return
+    assert answer.headers.get("Content-Type", "").startswith("application/json"), answer
+    document = answer.json()
+    assert set(document) == {"status", "result"}, document
+    assert document["status"] is (answer.status < 400)
+    assert isinstance(document["result"], str)
+
+
+_tags = itertools.count()
+
+
+async def send(http: aiohttp.ClientSession, base: str, device: str) -> Answer:
+    """GET /r/<device>?n=<unique tag> with the device's id; the answer is read whole."""
+    tag = str(next(_tags))
+    started = time.monotonic()
+    async with http.get(f"{base}/r/{device}?n={tag}", headers={"X-Device-Id": device}) as r:
+        body = await r.read()
+    return Answer(r.status, r.headers, body, tag, device, started, time.monotonic() - started)
+
+
+class Load:
+    """`clients` concurrent clients, each sending a request every `pace` seconds (after the
+    previous answer) round the devices, until stopped."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, base: str, devices: Sequence[str], *, clients: int
+    ) -> None:
+        self.http = http
+        self.base = base
+        self.devices = devices
+        self.clients = clients
+        self.answers: list[Answer] = []
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, pace: float) -> None:
+        self._tasks = [asyncio.create_task(self._client(i, pace)) for i in range(self.clients)]
+
+    async def stop(self) -> list[Answer]:
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), WAIT)
+        assert not self.errors, self.errors
+        return self.answers
+
+    async def _client(self, i: int, pace: float) -> None:
+        for k in itertools.count(i):
+            if self._stop.is_set():
+                return
+            try:
+                self.answers.append(
+                    await send(self.http, self.base, self.devices[k % len(self.devices)])
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.errors.append(exc)
+                return
+            await asyncio.sleep(pace)
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> float:
+    """Wait (polling) for `condition`; returns the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def first_enforced(
+    http: aiohttp.ClientSession, base: str, device: str, since: float, limit: float
+) -> float:
+    """Seconds from `since` until an answer for `device` carries the rate-limit headers."""
+    while True:
+        answer = await send(http, base, device)
+        assert_envelope(answer)
+        if answer.enforced:
+            return answer.done - since
+        assert time.monotonic() - since < limit + 1.0, "enforcement did not resume"
+        await asyncio.sleep(0.02)
+
+
+async def upstream_alone(http: aiohttp.ClientSession, upstream: CountingUpstream) -> float:
+    """The median latency of the upstream asked directly (the baseline of added latency)."""
+    took = []
+    for _ in range(20):
+        started = time.monotonic()
+        async with http.get(f"{upstream.url}/baseline") as r:
+            await r.read()
+        took.append(time.monotonic() - started)
+    return statistics.median(took)
+
+
+def figure(name: str, value: float) -> None:
+    """Print a measured figure (shown with `pytest -rP`; the closing notes quote them)."""
+    print(f"figure {name}: {value:.4g}")
+
+
+# ---------------------------------------------------------------- Redis helpers
+
+# Every write reaches the append-only file (the OS's cache) before Redis replies, so a
+# SIGKILL loses nothing and "no record lost" is about the gateway, not Redis. Not
+# `appendfsync always`: an fsync on a busy CI disk can outlast the 100 ms budget of a call.
+AOF = ("--appendonly", "yes", "--appendfsync", "no")
+
+
+def crash(server: RedisServer) -> None:
+    """SIGKILL: no shutdown, no final save (what a crash or an OOM kill does)."""
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(timeout=WAIT)
+
+
+def command_stats(server: RedisServer) -> dict[str, dict[str, int]]:
+    """INFO commandstats as {command: {calls, failed_calls, ...}}."""
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        info = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): {k: int(v) for k, v in stats.items() if k != "usec_per_call"}
+        for name, stats in info.items()
+    }
+
+
+def reset_stats(server: RedisServer) -> None:
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        client.config_resetstat()
+
+
+def calls(stats: dict[str, dict[str, int]], command: str, what: str = "calls") -> int:
+    return stats.get(command, {}).get(what, 0)
+
+
+# ---------------------------------------------------------------- killed under load
+
+
+@pytest.mark.parametrize("on_error", MODES)
+async def test_redis_killed_under_load_then_restarted_loses_nothing_and_enforces_again(
+    on_error: OnError,
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers(*AOF)
+    gw = await start_gateway(make_settings(upstream, server.url, on_error))
+    devices = [f"fleet-{i}" for i in range(20)]
+    for device in devices:
+        assert (await send(http, gw.url, device)).enforced
+    before = {d: await gw.store.get_device(d) for d in devices}
+
+    load = Load(http, gw.url, devices, clients=8)
+    load.start(pace=0.03)  # ~250 requests a second
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(crash, server)
+    down = time.monotonic()
+    await asyncio.sleep(1.0)
+    restarting = time.monotonic()
+    await asyncio.to_thread(server.start)  # same port, same directory: the AOF is read back
+    up = time.monotonic()
+    await until(lambda: any(a.sent >= up and a.enforced for a in load.answers), "enforcement", 3.0)
+    await asyncio.sleep(0.5)  # a tail of enforced traffic
+    answers = await load.stop()
+    recovered_at = min(a.done for a in answers if a.sent >= up and a.enforced)
+    resumed = recovered_at - up
+
+    for answer in answers:
+        assert_envelope(answer)
+    outage = [a for a in answers if a.sent >= down and a.done <= restarting]
+    assert len(answers) >= 300 and len(outage) >= 100, (len(answers), len(outage))
+    assert not any(a.enforced for a in outage)
+    if on_error == "open":
+        assert [a for a in answers if a.status >= 500] == []
+        assert all(a.status == 200 and a.from_upstream for a in outage)
+    else:
+        assert all(a.status == 503 and a.json() == UNAVAILABLE for a in outage)
+        assert all(a.headers.get("Retry-After") == "1" for a in outage)
+        refused = {a.tag for a in answers if a.status == 503}
+        reached = {s.raw_path.rsplit("=", 1)[1] for s in upstream.seen if "?n=" in s.raw_path}
+        assert refused and refused.isdisjoint(reached)  # none of them reached the upstream
+        assert {a.status for a in answers} == {200, 503}
+    figure("requests", len(answers))
+    figure("requests during the outage", len(outage))
+    figure("5xx", sum(a.status >= 500 for a in answers))
+    figure("seconds from restart to enforcement", resumed)
+    # Enforcement is back within 2 s of the restart, and stays: no gateway restart needed.
+    assert resumed < 2.0, resumed
+    late = [a for a in answers if a.sent > recovered_at and not a.enforced]
+    assert late == [], [(a.status, a.body, a.took, a.sent - recovered_at) for a in late]
+    # Every record registered before the kill is still there, first_seen untouched.
+    for device, old in before.items():
+        new = await gw.store.get_device(device)
+        assert old is not None and new is not None, device
+        assert new.first_seen == old.first_seen and new.request_count >= old.request_count
+    assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- black hole
+
+
+@pytest.mark.parametrize("on_error", MODES)
+async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_breaker_skips_it(
+    on_error: OnError,
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    proxies: Callable[[int], Awaitable[FaultProxy]],
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers()
+    proxy = await proxies(server.port)
+    gw = await start_gateway(make_settings(upstream, f"redis://127.0.0.1:{proxy.port}/0", on_error))
+    baseline = await upstream_alone(http, upstream)
+    devices = [f"hole-{i}" for i in range(8)]
+    for device in devices:
+        assert (await send(http, gw.url, device)).enforced
+
+    seen_before = upstream.count()
+    proxy.black_hole()  # accepted, never answered: only the deadline ends a call
+    load = Load(http, gw.url, devices, clients=4)
+    started = time.monotonic()
+    load.start(pace=0.01)
+    await asyncio.sleep(1.5)
+    answers = await load.stop()
+    duration = time.monotonic() - started
+
+    for answer in answers:
+        assert_envelope(answer)
+        assert not answer.enforced
+        if on_error == "open":
+            assert (answer.status, answer.from_upstream) == (200, True)
+        else:
+            assert (answer.status, answer.json()) == (503, UNAVAILABLE)
+    added = [a.took - baseline for a in answers]
+    figure("requests", len(answers))
+    figure("max added latency", max(added))
+    figure("upstream alone", baseline)
+    assert max(added) <= TIMEOUT + MARGIN, max(added)
+    # Only the first failures and one probe per cool-down pay the timeout; the rest skip.
+    slow = [a for a in answers if a.took > TIMEOUT / 2]
+    figure("requests that paid the timeout", len(slow))
+    probes = int(duration / COOLDOWN) + 1
+    assert len(slow) <= max(THRESHOLD, load.clients) + probes, (len(slow), len(answers))
+    assert len(answers) >= 10 * len(slow)
+    later = [a.took for a in answers if a.sent > started + 2 * TIMEOUT]
+    figure("median latency once the breaker is open", statistics.median(later))
+    assert statistics.median(later) < 0.02, statistics.median(later)
+    if on_error == "closed":
+        assert upstream.count() == seen_before  # none of them reached the upstream
+    assert proxy.accepted >= 2  # the dropped connection was opened again, into the hole
+
+    # Redis is back: the breaker lets a probe through within its cool-down; within 1 s
+    # requests are enforced again.
+    proxy.pass_through()
+    back = time.monotonic()
+    recovery = await first_enforced(http, gw.url, devices[0], back, 1.0)
+    figure("seconds from pass-through to enforcement", recovery)
+    assert recovery < 1.0
+    assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- slow Redis
+
+
+@pytest.mark.parametrize("on_error", MODES)
+async def test_slow_redis_is_waited_for_below_the_timeout_and_fails_per_on_error_above(
+    on_error: OnError,
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    proxies: Callable[[int], Awaitable[FaultProxy]],
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers()
+    proxy = await proxies(server.port)
+    gw = await start_gateway(make_settings(upstream, f"redis://127.0.0.1:{proxy.port}/0", on_error))
+    baseline = await upstream_alone(http, upstream)
+    assert (await send(http, gw.url, "slowpoke")).enforced
+
+    proxy.latency(0.3 * TIMEOUT)  # below the timeout: waited for, enforced
+    below = [await send(http, gw.url, "slowpoke") for _ in range(10)]
+    for answer in below:
+        assert answer.status == 200 and answer.enforced
+        assert 0.3 * TIMEOUT <= answer.took <= baseline + 0.3 * TIMEOUT + MARGIN, answer.took
+
+    seen_before = upstream.count()
+    proxy.latency(2 * TIMEOUT)  # above: every call fails at the deadline, or is skipped
+    above = [await send(http, gw.url, "slowpoke") for _ in range(10)]
+    for answer in above:
+        assert_envelope(answer)
+        assert not answer.enforced
+        assert answer.took - baseline <= TIMEOUT + MARGIN, answer.took
+        if on_error == "open":
+            assert (answer.status, answer.from_upstream) == (200, True)
+        else:
+            assert (answer.status, answer.json()) == (503, UNAVAILABLE)
+            assert answer.headers["Retry-After"] == "1"
+    assert sum(a.took > TIMEOUT / 2 for a in above) >= THRESHOLD  # the deadline did cut them
+    if on_error == "closed":
+        assert upstream.count() == seen_before
+
+    figure("max latency below the timeout", max(a.took for a in below))
+    figure("max added latency above the timeout", max(a.took for a in above) - baseline)
+    proxy.pass_through()
+    back = time.monotonic()
+    recovery = await first_enforced(http, gw.url, "slowpoke", back, 1.0)
+    figure("seconds from pass-through to enforcement", recovery)
+    assert recovery < 1.0
+    assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- empty script cache
+
+
+async def test_an_emptied_script_cache_is_reloaded_once_then_one_evalsha_per_request(
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers(*AOF)
+    gw = await start_gateway(make_settings(upstream, server.url))
+    devices = [f"script-{i}" for i in range(10)]
+    for device in devices:  # registered: from now on a request costs exactly one call
+        assert (await send(http, gw.url, device)).enforced
+
+    async def burst(n: int, clients: int = 4) -> list[Answer]:
+        async def client(i: int) -> list[Answer]:
+            return [await send(http, gw.url, devices[(i + k) % len(devices)]) for k in range(n)]
+
+        groups = await asyncio.gather(*(client(i) for i in range(clients)))
+        return [a for group in groups for a in group]
+
+    # 1. A restart empties the cache (scripts are never persisted): the new connection loads
+    #    the script ahead of its first call, so no call meets NOSCRIPT at all.
+    await asyncio.to_thread(crash, server)
+    await asyncio.to_thread(server.start)
+    answers = await burst(20)
+    assert all(a.status == 200 and a.enforced for a in answers)
+    stats = command_stats(server)
+    assert calls(stats, "evalsha") == len(answers) == 80
+    assert calls(stats, "evalsha", "failed_calls") == 0
+    assert calls(stats, "script|load") == 1
+
+    # 2. The cache emptied under a live connection (SCRIPT FLUSH; a failover behind a proxy
+    #    does the same): the calls that meet NOSCRIPT load the script and are sent again.
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        client.script_flush()
+        client.config_resetstat()
+    answers = await burst(20)
+    assert all(a.status == 200 and a.enforced for a in answers)  # no request saw the miss
+    stats = command_stats(server)
+    missed = calls(stats, "evalsha", "failed_calls")
+    figure("calls that met NOSCRIPT", missed)
+    figure("SCRIPT LOADs after the flush", calls(stats, "script|load"))
+    assert 1 <= missed <= 4  # at most the calls of the first batch (one per client)
+    assert calls(stats, "evalsha") == len(answers) + missed
+    assert calls(stats, "script|load") == 1  # once, whatever the number of calls that missed
+
+    # 3. Recovered: exactly one EVALSHA per request again, nothing failing, nothing loaded.
+    reset_stats(server)
+    answers = await burst(20)
+    assert all(a.status == 200 and a.enforced for a in answers)
+    stats = command_stats(server)
+    assert calls(stats, "evalsha") == len(answers)
+    assert calls(stats, "evalsha", "failed_calls") == 0
+    assert calls(stats, "script|load") == 0
+    assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- out of memory
+
+
+MAXMEMORY = 2 * 1024 * 1024
+
+
+def fill(server: RedisServer) -> int:
+    """Write filler keys until Redis refuses writes (maxmemory, noeviction); returns bytes.
+
+    Then the limit is pinned 256 KiB under what is used: a client's buffers freed later (the
+    filler's own, on its close) cannot bring Redis back under it and make the test flaky.
+    """
+    written = 0
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        for size in (64 * 1024, 1024):
+            for i in range(10_000):
+                try:
+                    client.set(f"filler:{size}:{i}", b"f" * size)
+                except redis.exceptions.OutOfMemoryError:
+                    break
+                written += size
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used - 256 * 1024)
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("probe", b"1")
+    return written
+
+
+def unfill(server: RedisServer) -> None:
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        client.delete(*client.scan_iter("filler:*", count=1000))
+        client.config_set("maxmemory", MAXMEMORY)
+
+
+@pytest.mark.parametrize("on_error", MODES)
+async def test_redis_out_of_memory_follows_on_error_and_a_blocked_device_stays_blocked(
+    on_error: OnError,
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers("--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction")
+    gw = await start_gateway(make_settings(upstream, server.url, on_error))
+    assert (await send(http, gw.url, "known")).enforced
+    await gw.store.block("stolen")
+    await until(lambda: "stolen" in gw.store.blocked, "the local copy of the blocked ids")
+    assert await asyncio.to_thread(fill, server) > 0
+
+    seen_before = upstream.count()
+    answers = []
+    for device in ("known", "fresh", "stolen") * 10:
+        answers.append(await send(http, gw.url, device))
+    for answer in answers:
+        assert_envelope(answer)
+        assert answer.status != 500 and not answer.enforced
+        if answer.device == "stolen":
+            assert (answer.status, answer.json()) == (403, BLOCKED)
+        elif on_error == "open":
+            assert (answer.status, answer.from_upstream) == (200, True)
+        else:
+            assert (answer.status, answer.json()) == (503, UNAVAILABLE)
+            assert answer.headers["Retry-After"] == "1"
+    reached = upstream.seen[seen_before:]
+    assert upstream.count(device_id="stolen") == 0
+    assert len(reached) == (20 if on_error == "open" else 0)
+    assert any("OOM" in r.getMessage() for r in gateway_log.records)  # the cause, as logged
+
+    # Memory freed: Redis decides again within a second (the breaker's next probe).
+    await asyncio.to_thread(unfill, server)
+    recovery = await first_enforced(http, gw.url, "known", time.monotonic(), 1.0)
+    figure("seconds from memory freed to enforcement", recovery)
+    assert recovery < 1.0
+    stolen = await send(http, gw.url, "stolen")
+    assert (stolen.status, stolen.json()) == (403, BLOCKED)
+    record = await gw.store.get_device("stolen")
+    assert record is not None and record.denied_count >= 1  # counted by Redis again
+    assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- started before Redis
+
+
+async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_when_it_is_up(
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers()
+    server.kill()  # its port now refuses; start() brings it back on the same one
+    public_port, admin_port = free_port(), free_port()
+    settings = make_settings(
+        upstream,
+        server.url,
+        extra=f"server: {{listen: '127.0.0.1:{public_port}'}}\n"
+        f"admin: {{listen: '127.0.0.1:{admin_port}'}}\n",
+    )
+    stop = asyncio.Event()
+    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+    started = time.monotonic()
+    task = asyncio.create_task(serve(settings, stop=stop, on_ready=ready.set_result))
+    health: list[tuple[int, Any]] = []
+    checking = True
+
+    async def check_health() -> None:
+        while checking:
+            async with http.get(f"http://127.0.0.1:{admin_port}/healthz") as r:
+                health.append((r.status, orjson.loads(await r.read())))
+            await asyncio.sleep(0.02)
+
+    async def readyz(headers: dict[str, str] | None = AUTH) -> tuple[int, Any]:
+        async with http.get(f"http://127.0.0.1:{admin_port}/readyz", headers=headers) as r:
+            return r.status, orjson.loads(await r.read())
+
+    health_task: asyncio.Task[None] | None = None
+    try:
+        waiters: set[asyncio.Future[Any]] = {task, ready}
+        await asyncio.wait(waiters, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what stopped it
+        assert ready.done(), "the listeners were not up within 2 s"
+        listening = time.monotonic() - started
+        running = ready.result()
+        health_task = asyncio.create_task(check_health())
+
+        for _ in range(5):  # down: not ready, every time, and the data plane still serves
+            assert await readyz() == (503, {"status": False, "result": "Store unavailable"})
+            down = await send(http, running.public_url, "early")
+            assert_envelope(down)
+            assert (down.status, down.from_upstream, down.enforced) == (200, True, False)
+            await asyncio.sleep(0.05)
+        assert (await readyz(None))[0] == 401  # readiness needs the admin token
+
+        await asyncio.to_thread(server.start)
+        up = time.monotonic()
+        while (answer := await readyz())[0] != 200:
+            assert answer == (503, {"status": False, "result": "Store unavailable"})
+            assert time.monotonic() - up < 2.0 + 1.0, "/readyz did not turn 200"
+            await asyncio.sleep(0.02)
+        became_ready = time.monotonic() - up
+        assert answer == (200, {"status": True, "result": "ready"})
+        enforced_after = await first_enforced(http, running.public_url, "early", up, 2.0)
+    finally:
+        checking = False
+        if health_task is not None:
+            await asyncio.wait_for(health_task, WAIT)
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+    figure("seconds to listen", listening)
+    figure("seconds from Redis up to /readyz 200", became_ready)
+    figure("seconds from Redis up to enforcement", enforced_after)
+    figure("/healthz checks", len(health))
+    assert listening < 2.0, listening
+    assert became_ready < 2.0, became_ready
+    assert enforced_after < 2.0, enforced_after
+    assert len(health) >= 10
+    assert all(check == (200, {"status": True, "result": "ok"}) for check in health), health
+    assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- clients that hang up
+
+
+State = Literal["blocked", "limited", "normal"]
+HangUp = Literal["mid_head", "at_once", "after_head", "mid_answer"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    device: str
+    state: State
+    hang_up: HangUp | None
+    status: int | None  # None: the client left before reading an answer
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+def parse_answer(raw: bytes) -> tuple[int, CIMultiDict[str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.add(name.strip(), value.strip())
+    return int(status_line.split(" ")[1]), headers, body
+
+
+async def one_client(
+    port: int,
+    device: str,
+    state: State,
+    hang_up: HangUp | None,
+    go: asyncio.Event,
+    rng: random.Random,
+) -> Outcome:
+    """A raw client: connect, wait for the start, send; leave early when told to."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    request = (
+        f"GET /c/{device} HTTP/1.1\r\nHost: gw\r\nX-Device-Id: {device}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    status: int | None = None
+    headers: CIMultiDict[str] = CIMultiDict()
+    body = b""
+    try:
+        await asyncio.wait_for(go.wait(), WAIT)
+        if hang_up == "mid_head":
+            writer.write(request[: rng.randrange(1, len(request) - 1)])
+            await asyncio.sleep(rng.uniform(0, 0.02))
+        elif hang_up == "at_once":  # while the store call is in flight
+            writer.write(request)
+        elif hang_up == "after_head":
+            writer.write(request)
+            await asyncio.sleep(rng.uniform(0, 0.03))
+        elif hang_up == "mid_answer":
+            writer.write(request)
+            await asyncio.wait_for(reader.read(rng.randrange(1, 64)), WAIT)
+        else:
+            writer.write(request)
+            status, headers, body = parse_answer(await asyncio.wait_for(reader.read(), WAIT))
+    finally:
+        if hang_up == "at_once" or (hang_up is not None and rng.random() < 0.5):
+            rst(writer.transport)  # an abrupt end
+        else:
+            writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), WAIT)
+        except ConnectionError:
+            pass
+    return Outcome(device, state, hang_up, status, headers, body)
+
+
+def redis_clients(server: RedisServer) -> int:
+    """Connections Redis holds now (the asking connection excluded)."""
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        return len(client.client_list()) - 1
+
+
+async def test_clients_hanging_up_at_random_points_get_their_own_decisions_and_leak_nothing(
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    server = redis_servers()
+    gw = await start_gateway(make_settings(upstream, server.url, "closed"))
+    states: dict[str, State] = {}
+    for i in range(1000):
+        state: State = ("blocked", "limited", "normal")[i % 3]
+        states[f"{state}-{i}"] = state
+    gate = asyncio.Semaphore(50)
+
+    async def prepare(device: str, state: State) -> None:
+        async with gate:
+            if state == "blocked":
+                await gw.store.block(device)
+                return
+            if state == "limited":  # its own bucket: 1 token, refilled once in 1000 s
+                await gw.store.set_rate_limit(device, Bucket(rate=0.001, burst=1))
+            answer = await send(http, gw.url, device)  # registers it; takes the one token
+            assert answer.status == 200 and answer.enforced
+
+    await asyncio.gather(*(prepare(d, s) for d, s in states.items()))
+    await http.close()  # no idle keep-alive connection of the warm-up left
+    seen_before = upstream.count()
+    connections_before = await asyncio.to_thread(redis_clients, server)
+
+    go = asyncio.Event()
+    kinds: tuple[HangUp, ...] = ("mid_head", "at_once", "after_head", "mid_answer")
+    plan = [(d, s, rng.choice(kinds) if rng.random() < 1 / 3 else None) for d, s in states.items()]
+    port = int(gw.url.rsplit(":", 1)[1])
+    tasks = [asyncio.create_task(one_client(port, d, s, h, go, rng)) for d, s, h in plan]
+    await asyncio.sleep(0.2)  # let the connections be made: then all requests go at once
+    go.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+
+    completed = [o for o in outcomes if o.status is not None]
+    hung_up = [o for o in outcomes if o.hang_up is not None]
+    assert 250 <= len(hung_up) <= 420 and len(completed) == 1000 - len(hung_up), seed
+    # Exchanges the gateway had started and then lost its client for (access log: 499).
+    cut = sum(
+        getattr(r, "fields", {}).get("status") == 499
+        for r in gateway_log.records
+        if r.name == ACCESS_LOGGER
+    )
+    figure("clients that hung up", len(hung_up))
+    figure("exchanges cut by their client (499)", cut)
+    assert cut >= 20, (seed, cut)
+    expected = {"blocked": 403, "limited": 429, "normal": 200}
+    for o in completed:
+        assert o.status == expected[o.state], (seed, o)
+        answer = Answer(o.status, o.headers, o.body, "", o.device, 0.0, 0.0)
+        assert_envelope(answer)
+        if o.state == "normal":
+            report = orjson.loads(o.body)
+            assert (report["device"], report["path"]) == (o.device, f"/c/{o.device}"), seed
+            assert o.headers["X-RateLimit-Limit"] == "1000"
+        elif o.state == "limited":
+            assert orjson.loads(o.body) == LIMITED
+            assert o.headers["X-RateLimit-Limit"] == "1"  # its own bucket, not another's
+        else:
+            assert orjson.loads(o.body) == BLOCKED
+    # Only normal devices ever reached the upstream, each with its own path.
+    for s in upstream.seen[seen_before:]:
+        assert s.device_id is not None and states[s.device_id] == "normal", s
+        assert s.raw_path == f"/c/{s.device_id}"
+
+    # A wave of clients that all leave while their store calls are in flight, and at once
+    # (within the breaker's cool-down) one request per state: the cancelled calls counted as
+    # no failure of Redis, and the next calls still get their own decisions.
+    go = asyncio.Event()
+    wave = [
+        asyncio.create_task(one_client(port, f"normal-{i}", "normal", "at_once", go, rng))
+        for i in range(5, 305, 3)
+    ]
+    await asyncio.sleep(0.1)
+    go.set()
+    await asyncio.wait_for(asyncio.gather(*wave), WAIT)
+    timeout = aiohttp.ClientTimeout(total=WAIT)
+    async with aiohttp.ClientSession(timeout=timeout) as after:
+        for device in ("blocked-0", "limited-1", "normal-2"):
+            answer = await send(after, gw.url, device)
+            assert_envelope(answer)
+            assert answer.status == expected[states[device]], (seed, answer)
+
+    # No Redis connection leaked: the same fixed set (pipeline, pub/sub, pooled admin ones);
+    # and no request left open at the upstream by a client that went away.
+    await until(lambda: not gw.plane.connections, "the client connections to be gone", 5.0)
+    await until(lambda: upstream.in_progress == 0, "the upstream's requests to end", 2.0)
+    connections_after = await asyncio.to_thread(redis_clients, server)
+    figure("Redis connections before", connections_before)
+    figure("Redis connections after", connections_after)
+    assert connections_after == connections_before, (connections_before, connections_after)
+    assert connections_after <= 1 + 1 + 64 + 64  # pipeline, pub/sub, the two pools' caps
+    assert_no_traceback(gateway_log)
+
+
+async def test_calls_meeting_noscript_together_reload_the_script_once(
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers()
+    gw = await start_gateway(make_settings(upstream, server.url))
+    devices = [f"together-{i}" for i in range(20)]
+    for device in devices:
+        assert (await send(http, gw.url, device)).enforced
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        client.script_flush()
+        client.config_resetstat()
+    # Connected first, then sent at once: the calls share the first batch after the flush.
+    go = asyncio.Event()
+    port = int(gw.url.rsplit(":", 1)[1])
+    rng = random.Random(0)
+    tasks = [asyncio.create_task(one_client(port, d, "normal", None, go, rng)) for d in devices]
+    await asyncio.sleep(0.2)
+    go.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    assert all(o.status == 200 and "RateLimit" in o.headers for o in outcomes)
+    assert_no_traceback(gateway_log)
+    stats = command_stats(server)
+    figure("calls that met NOSCRIPT together", calls(stats, "evalsha", "failed_calls"))
+    assert calls(stats, "evalsha", "failed_calls") >= 2  # the premise: several met it at once
+    assert calls(stats, "script|load") == 1
