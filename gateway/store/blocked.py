@@ -42,6 +42,7 @@ class BlockedSet:
         self._shards: list[frozenset[str]] = [frozenset()] * SHARDS
         self._versions: list[Any] = [object()] * SHARDS  # matches nothing: first poll reads all
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self.synced = asyncio.Event()  # set after the first complete poll
 
     def __contains__(self, device_id: str) -> bool:
@@ -59,13 +60,21 @@ class BlockedSet:
             ]
 
     async def close(self) -> None:
-        """Stop following Redis."""
+        """Stop following Redis (bounded: a stop must never hang on a follower)."""
+        self._closing = True
         tasks, self._tasks = self._tasks, []
+        # On Python 3.11 a cancel can be swallowed by an asyncio.wait_for inside redis-py
+        # (gh-86296): cancel again until the tasks end; the loops also check _closing.
+        for _ in range(20):
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.1)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: never "exception was never retrieved"
 
     def apply(self, message: str) -> None:
         """One pub/sub message: "b <id>" adds, "u <id>" removes."""
@@ -99,7 +108,7 @@ class BlockedSet:
             self._versions[i] = versions[i]
 
     async def _poll_forever(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.poll()
                 self.synced.set()
@@ -109,11 +118,11 @@ class BlockedSet:
 
     async def _listen_forever(self) -> None:
         channel = self._keys.blocked_channel
-        while True:
+        while not self._closing:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(timeout=self._poll_interval)
                     if message is not None and message.get("type") == "message":
                         data = message["data"]
