@@ -1088,6 +1088,29 @@ async def test_upstream_interim_answers_are_not_forwarded(
     assert body == b"final"
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"X-Big: " + b"x" * (128 * 1024) + b"\r\n", id="128-KiB-header-line"),
+        pytest.param(b"".join(b"X-H%d: v\r\n" % i for i in range(200)), id="200-headers"),
+    ],
+)
+async def test_an_oversized_upstream_head_is_502_envelope(
+    start_raw_upstream: StartRawUpstream, start_gateway: StartGateway, head: bytes
+) -> None:
+    # The upstream's head has the same limits as a client's: past them it is no valid answer.
+    async def oversized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(WAIT)
+
+    gw = await start_gateway(await start_raw_upstream(oversized))
+    async with gw.http.get("/") as resp:
+        assert resp.status == 502
+        assert await resp.json() == envelope("Invalid upstream response")
+
+
 async def test_unsolicited_101_from_the_upstream_is_502_envelope(
     start_raw_upstream: StartRawUpstream,
     start_gateway: StartGateway,

@@ -21,6 +21,12 @@ from gateway.dataplane.wire import RawHeaders
 from gateway.errors import UpstreamError, UpstreamUnreachable
 
 IDLE_TIMEOUT: Final = 30.0  # seconds a pooled connection may sit unused before it is closed
+MAX_FIELD: Final = 8190  # one response header line, as for requests
+MAX_HEADERS: Final = 128
+
+
+class HeadTooLarge(Exception):
+    """The upstream's response head is over the limits: an invalid answer (502)."""
 
 
 class PoolExhausted(UpstreamError):
@@ -145,6 +151,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_FIELD or len(self._headers) >= MAX_HEADERS:
+            raise HeadTooLarge("upstream response head over the limits")
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
