@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Final
 
-import orjson
+from gateway.responses import envelope
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -168,7 +168,7 @@ def envelope_answer(
     head_only: bool = False,
 ) -> bytes:
     """A complete answer the gateway makes itself: `{"status": false, "result": reason}`."""
-    body = orjson.dumps({"status": False, "result": reason})
+    body = envelope(False, reason)
     lines = [b"HTTP/1.1 %d " % status + reason_phrase(status)]
     if date:
         lines.append(b"Date: " + date)
