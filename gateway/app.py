@@ -19,8 +19,6 @@ from gateway.store import Store
 
 log = logging.getLogger("gateway")
 
-SHUTDOWN_TIMEOUT = 30.0
-
 
 def admin_token(settings: Settings) -> str:
     """The configured admin token, or a random one logged once."""
@@ -101,7 +99,7 @@ async def serve(
             loop.remove_signal_handler(sig)
         if public is not None:
             public.close()
-        await plane.shutdown(SHUTDOWN_TIMEOUT)
+        await plane.shutdown(settings.server.shutdown_timeout)
         if public is not None:
             await public.wait_closed()
         await admin_runner.cleanup()

@@ -50,6 +50,7 @@ class ServerSettings:
     keepalive_timeout: float = 75.0
     body_timeout: float = 30.0
     max_connections: int = 10_000
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +343,7 @@ def _build(reader: _Reader, raw: Any) -> Settings:
             "keepalive_timeout",
             "body_timeout",
             "max_connections",
+            "shutdown_timeout",
         ),
     )
     server = ServerSettings(
@@ -362,6 +364,9 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         body_timeout=reader.get(s, "server", "body_timeout", d.server.body_timeout, reader.seconds),
         max_connections=reader.get(
             s, "server", "max_connections", d.server.max_connections, reader.integer(1, 1_000_000)
+        ),
+        shutdown_timeout=reader.get(
+            s, "server", "shutdown_timeout", d.server.shutdown_timeout, reader.seconds
         ),
     )
 

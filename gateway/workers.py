@@ -26,7 +26,6 @@ from aiohttp import web
 
 from gateway.admin import create_admin_app
 from gateway.app import (
-    SHUTDOWN_TIMEOUT,
     Running,
     admin_token,
     announce_and_wait,
@@ -137,7 +136,7 @@ async def supervise(
         stopping = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await _stop_workers(pool)
+        await _stop_workers(pool, settings.server.shutdown_timeout)
         for task in watchers:
             task.cancel()
         await admin.cleanup()
@@ -146,13 +145,13 @@ async def supervise(
         counters_path.unlink(missing_ok=True)
 
 
-async def _stop_workers(pool: list[_Worker]) -> None:
+async def _stop_workers(pool: list[_Worker], shutdown_timeout: float) -> None:
     running = [w.proc for w in pool if w.proc is not None and w.proc.returncode is None]
     for proc in running:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
     try:
-        async with asyncio.timeout(SHUTDOWN_TIMEOUT + 5):
+        async with asyncio.timeout(shutdown_timeout + 5):
             await asyncio.gather(*(p.wait() for p in running))
     except TimeoutError:
         for proc in running:

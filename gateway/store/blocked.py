@@ -131,5 +131,5 @@ class BlockedSet:
                 log.debug("blocked-set subscription lost: %r", exc)
             finally:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 7
             await asyncio.sleep(self._poll_interval)  # the poll covers the gap meanwhile
