@@ -178,7 +178,8 @@ def machine_info(nginx: str | None, wrk: str | None, redis_server: str | None) -
         "cpu_model": model.group(1).strip() if model else None,
         "mem_total_mb": int(mem.group(1)) // 1024 if mem else None,
         "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}"
+        f" ({os.path.realpath(sys.executable)})",
         "nginx": version_of([nginx, "-v"]) if nginx else None,
         "wrk": version_of([wrk, "-v"]) if wrk else None,
         "redis": version_of([redis_server, "--version"]) if redis_server else None,
