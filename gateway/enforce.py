@@ -12,11 +12,9 @@ import logging
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from multidict import MultiMapping
-
 from gateway.config import Settings
 from gateway.errors import IdentityError, StoreUnavailable
-from gateway.identity import IdentityReader, client_ip
+from gateway.identity import HeaderLookup, IdentityReader, client_ip
 from gateway.metrics import Metrics
 from gateway.model import Bucket, Outcome
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
@@ -73,7 +71,7 @@ class Enforcer:
     async def check(
         self,
         method: str,
-        headers: MultiMapping[str],
+        headers: HeaderLookup,
         peer: str | None,
         content_length: int | None,
     ) -> Verdict:
@@ -91,7 +89,7 @@ class Enforcer:
             return Verdict(413, REASON_BODY_TOO_LARGE, None, "too_large", device_id)
 
         # Anonymous requests are limited by address, and new devices charged to it.
-        ip = client_ip(peer, headers.getall("X-Forwarded-For", ()), self.trusted)
+        ip = client_ip(peer, headers.getall("x-forwarded-for", ()), self.trusted)
         try:
             decision = await self._store.enforce(
                 identity,

@@ -21,15 +21,20 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Final
-
-from multidict import MultiMapping, istr
+from typing import Final, Protocol
 
 from gateway.config import DeviceSettings
 from gateway.errors import IdentityError
 from gateway.model import DEVICE_FIELDS, DeviceIdentity
 
-__all__ = ["MAX_FIELD_LENGTH", "MAX_ID_LENGTH", "IdentityReader", "client_ip"]
+__all__ = [
+    "MAX_FIELD_LENGTH",
+    "MAX_ID_LENGTH",
+    "FieldValues",
+    "HeaderLookup",
+    "IdentityReader",
+    "client_ip",
+]
 
 MAX_ID_LENGTH: Final = 128
 MAX_FIELD_LENGTH: Final = 256
@@ -53,6 +58,23 @@ _FIELD_CONTROL: Final = "must not contain control characters"
 _FIELD_UTF8: Final = "must be valid UTF-8"
 
 
+class HeaderLookup(Protocol):
+    """Every value of a header, by its lower-cased name (a CIMultiDict is one)."""
+
+    def getall(self, key: str, default: Sequence[str], /) -> Sequence[str]: ...
+
+
+class FieldValues(dict[str, list[str]]):
+    """The few headers the Enforcer reads, by lower-cased name: the data plane builds one per
+    request from the raw header pairs, which costs less than a case-insensitive multidict."""
+
+    __slots__ = ()
+
+    def getall(self, key: str, default: Sequence[str], /) -> Sequence[str]:
+        """The values of header `key` (lower-cased), or `default`."""
+        return self.get(key, default)
+
+
 class IdentityReader:
     """Reads and validates the device identification headers of one request."""
 
@@ -60,14 +82,14 @@ class IdentityReader:
 
     def __init__(self, devices: DeviceSettings) -> None:
         names = devices.headers
-        # istr keys skip the case folding multidict would otherwise do on every lookup.
+        # Lookups use lower-cased names: FieldValues holds them so, a multidict folds case.
         self._id_name: str = names.id
-        self._id_key: istr = istr(names.id)
-        self._fields: tuple[tuple[str, istr], ...] = tuple(
-            (getattr(names, f), istr(getattr(names, f))) for f in DEVICE_FIELDS
+        self._id_key: str = names.id.lower()
+        self._fields: tuple[tuple[str, str], ...] = tuple(
+            (getattr(names, f), getattr(names, f).lower()) for f in DEVICE_FIELDS
         )
 
-    def read(self, headers: MultiMapping[str]) -> DeviceIdentity | None:
+    def read(self, headers: HeaderLookup) -> DeviceIdentity | None:
         """The declared identity, None if anonymous; raises IdentityError naming the header."""
         ids = headers.getall(self._id_key, _NONE)
         if not ids:

@@ -57,7 +57,10 @@ class DataPlane:
         self.preserve_host = settings.upstream.preserve_host
         # The only request headers the Enforcer reads: decoded per request, the rest never.
         names = [getattr(settings.devices.headers, f) for f in DeviceHeaders.__slots__]
-        self.enforced_headers = frozenset(n.lower().encode() for n in [*names, "X-Forwarded-For"])
+        # Lower-cased names as the raw bytes compare and as the FieldValues key, made once.
+        self.enforced_headers: dict[bytes, str] = {
+            n.lower().encode(): n.lower() for n in [*names, "X-Forwarded-For"]
+        }
         self.header_timeout = settings.server.header_timeout
         self.keepalive_timeout = settings.server.keepalive_timeout
         self.body_timeout = settings.server.body_timeout

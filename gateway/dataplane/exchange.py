@@ -14,12 +14,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final
 
-from multidict import CIMultiDict
-
 from gateway.dataplane import wire
 from gateway.dataplane.upstream import NO_BODY, PoolExhausted, UpstreamConnection
 from gateway.enforce import FORWARD, Verdict
 from gateway.errors import UpstreamError, UpstreamUnreachable
+from gateway.identity import FieldValues
 from gateway.responses import REASON_BODY_TOO_LARGE
 
 if TYPE_CHECKING:
@@ -161,14 +160,19 @@ class Exchange:
             else:
                 self.answer(500, REASON_INTERNAL)
 
-    def _str_headers(self) -> CIMultiDict[str]:
+    def _str_headers(self) -> FieldValues:
         """The headers the Enforcer reads, decoded as aiohttp would (the rest stay bytes)."""
         wanted = self.conn.plane.enforced_headers
-        return CIMultiDict(
-            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-            for name, value in self.headers
-            if name.lower() in wanted
-        )
+        fields = FieldValues()
+        for name, value in self.headers:
+            key = wanted.get(name.lower())
+            if key is not None:
+                text = value.decode("utf-8", "surrogateescape")
+                if key in fields:
+                    fields[key].append(text)
+                else:
+                    fields[key] = [text]
+        return fields
 
     def _answer_verdict(self, verdict: Verdict) -> None:
         self.answer(verdict.status, verdict.reason, verdict.headers)

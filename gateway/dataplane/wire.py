@@ -37,6 +37,9 @@ _REQUEST_OWN: Final = frozenset(
      b"x-forwarded-host"}
 )  # fmt: skip
 _RESPONSE_OWN: Final = frozenset({b"content-length"})
+_REQUEST_SKIP: Final = HOP_BY_HOP | _REQUEST_OWN
+# Connection tokens that name nothing more to drop than HOP_BY_HOP does already.
+_ALWAYS_DROPPED: Final = HOP_BY_HOP | {b"close"}
 
 CRLF: Final = b"\r\n"
 LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -55,18 +58,37 @@ def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            tokens.update(_tokens(value))
     return frozenset(tokens)
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t for t in (t.strip().lower() for t in value.split(b",")) if t]
+
+
+def _named(value: bytes, named: frozenset[bytes] | None) -> frozenset[bytes] | None:
+    """Add the headers one Connection value names to `named`, beyond those always dropped."""
+    extra = [t for t in _tokens(value) if t not in _ALWAYS_DROPPED]
+    if not extra:
+        return named  # `close` or `keep-alive`: the common case, nothing more to drop
+    return (named or frozenset()).union(extra)
 
 
 def end_to_end(headers: Sequence[tuple[bytes, bytes]], own: frozenset[bytes]) -> RawHeaders:
     """The headers to forward: without hop-by-hop ones, those named in Connection, or `own`."""
-    named = connection_tokens(headers)
-    return [
-        (name, value)
-        for name, value in headers
-        if (lower := name.lower()) not in HOP_BY_HOP and lower not in own and lower not in named
-    ]
+    kept: RawHeaders = []
+    named: frozenset[bytes] | None = None
+    for header in headers:
+        lower = header[0].lower()
+        if lower in HOP_BY_HOP or lower in own:
+            if lower == b"connection":
+                named = _named(header[1], named)
+            continue
+        kept.append(header)
+    if named:
+        # Rare: a Connection header listing other headers, which are hop-by-hop too.
+        return [h for h in kept if h[0].lower() not in named]
+    return kept
 
 
 def request_head(
@@ -82,18 +104,29 @@ def request_head(
     chunked: bool,
 ) -> bytes:
     """The request head sent upstream: method, raw target, end-to-end headers, our own."""
+    # One pass over the headers: the forwarding ones are read, the rest forwarded unless
+    # hop-by-hop or rebuilt here.
     client_host = b""
     forwarded: list[bytes] = []
+    lines = [method + b" " + target + b" HTTP/1.1", b""]
+    named: frozenset[bytes] | None = None
     for name, value in headers:
         lower = name.lower()
-        if lower == b"host":
-            client_host = value
-        elif lower == b"x-forwarded-for":
-            forwarded.append(value)
+        if lower in _REQUEST_SKIP:
+            if lower == b"host":
+                client_host = value
+            elif lower == b"x-forwarded-for":
+                forwarded.append(value)
+            elif lower == b"connection":
+                named = _named(value, named)
+            continue
+        lines.append(name + b": " + value)
+    if named:
+        # Rare: a Connection header naming other headers, which are hop-by-hop too.
+        del lines[2:]
+        lines.extend(n + b": " + v for n, v in headers if n.lower() not in _REQUEST_SKIP | named)
+    lines[1] = b"Host: " + (client_host if preserve_host and client_host else host)
     forwarded.append(peer)
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    lines.append(b"Host: " + (client_host if preserve_host and client_host else host))
-    lines.extend(name + b": " + value for name, value in end_to_end(headers, _REQUEST_OWN))
     lines.append(b"X-Forwarded-For: " + b", ".join(forwarded))
     lines.append(b"X-Forwarded-Proto: " + scheme)
     if client_host:
@@ -102,7 +135,9 @@ def request_head(
         lines.append(b"Content-Length: %d" % content_length)
     elif chunked:
         lines.append(b"Transfer-Encoding: chunked")
-    return CRLF.join(lines) + CRLF + CRLF
+    lines.append(b"")
+    lines.append(b"")
+    return CRLF.join(lines)
 
 
 def response_head(
