@@ -2,8 +2,9 @@
 
 Written from the documented rule, in exact integer arithmetic: milli-tokens, microseconds,
 a request costs 1000, the timestamp never moves backwards and keeps the fraction of a
-milli-token that has not been credited yet. Key expiry is not modelled: Redis expires keys
-on its own clock, not the test's, so the property test keeps the bucket key persistent and
+milli-token that has not been credited yet. Key expiry is not modelled: a device's bucket
+lives in its record and never expires; an address's bucket key expires on Redis's own
+clock, not the test's, so the property test keeps that key persistent and
 tests/test_store.py checks the expiry itself.
 """
 

@@ -77,12 +77,21 @@ def test_lua_bucket_matches_the_model(
     model = BucketModel(rate_milli, burst)
     bucket = Bucket(rate=rate_milli / 1000, burst=burst)
     identity = None if anonymous else DeviceIdentity(f"d-{uuid.uuid4().hex}")
-    bucket_key = (
-        store.keys.anonymous_bucket("198.51.100.7")
-        if identity is None
-        else store.keys.device(identity.id).bucket
-    )
+    # An address's bucket is a key that expires when full; a device's lives in its record.
+    address_bucket = store.keys.anonymous_bucket("198.51.100.7") if identity is None else None
     mismatches: list[tuple[object, ...]] = []
+
+    async def forget_expiry(key: str, full_after_us: int, sent: float) -> None:
+        """PERSIST the address's bucket: its expiry runs on Redis's real clock, not ours."""
+        await store._admin.persist(key)
+        if model.state is not None and not await store._admin.exists(key):
+            # The expiry (full_after, in real milliseconds) passed before the PERSIST: on a
+            # loaded machine a short one can. Redis then holds a full bucket, and so does
+            # the model from here on. Any other missing key is a mismatch.
+            if time.monotonic() - sent >= (full_after_us // 1000 + 1) / 1000:
+                model.state = None
+            else:
+                mismatches.append(("bucket key missing", full_after_us))
 
     async def run() -> None:
         for step in elapsed:
@@ -90,17 +99,8 @@ def test_lua_bucket_matches_the_model(
             want = model.take(clock.now_us)
             sent = time.monotonic()
             got = await store.enforce(identity, "198.51.100.7", bucket, upload=False)
-            await store._admin.persist(bucket_key)  # expiry runs on Redis's clock, not ours
-            if model.state is not None and not await store._admin.exists(bucket_key):
-                # The key's expiry (full_after, in real milliseconds) passed before the
-                # persist: on a loaded machine a short one can. Redis then holds a full
-                # bucket, and so does the model from here on. Any other missing key is a
-                # mismatch.
-                ttl_s = (got.full_after_us // 1000 + 1) / 1000
-                if time.monotonic() - sent >= ttl_s:
-                    model.state = None
-                else:
-                    mismatches.append((step, "bucket key missing", got))
+            if address_bucket is not None:
+                await forget_expiry(address_bucket, got.full_after_us, sent)
             seen = (
                 got.outcome is Outcome.ALLOW,
                 got.remaining,

@@ -12,7 +12,7 @@ from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
-from tests.conftest import FakeClock, free_port
+from tests.conftest import EPOCH_US, FakeClock, free_port
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(
@@ -246,9 +246,18 @@ async def test_anonymous_buckets_are_per_address(store: Store) -> None:
     assert await store.list_devices() == ([], 0)
 
 
-async def test_bucket_key_expires_when_it_would_be_full(store: Store) -> None:
+async def test_a_device_bucket_lives_in_its_record_with_no_key_of_its_own(store: Store) -> None:
     await call(store)
-    ttl = await store._admin.pttl(store.keys.device("phone-1").bucket)
+    record = store.keys.device("phone-1").record
+    # Two of three tokens left at the fake clock's time, in the record's `tb` field.
+    assert await store._admin.hget(record, "tb") == f"2000:{EPOCH_US}"
+    assert await store._admin.pttl(record) == -1  # the record never expires
+    assert sorted(await store._admin.keys("*tb*")) == []  # no bucket key beside it
+
+
+async def test_an_address_bucket_key_expires_when_it_would_be_full(store: Store) -> None:
+    await call(store, None)
+    ttl = await store._admin.pttl(store.keys.anonymous_bucket("203.0.113.9"))
     assert 0 < ttl <= 1_001
 
 
@@ -425,7 +434,7 @@ async def test_a_known_device_costs_one_call_a_new_one_three(store: Store) -> No
 
     store._call = counting  # type: ignore[method-assign]
     await register(store, "fresh")
-    assert calls == [5, 1, 5]  # enforce (asks), the address budget (one key), enforce again
+    assert calls == [4, 1, 4]  # enforce (asks), the address budget (one key), enforce again
     calls.clear()
     await register(store, "fresh")
-    assert calls == [5]
+    assert calls == [4]

@@ -236,7 +236,7 @@ class Store:
             keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
             args: tuple[str | int, ...] = (self._now(), bucket.rate_milli, bucket.burst)
             return self._decision(await self._call(keys, args), bucket, _POLICY_ANONYMOUS)
-        keys = self._keys.device(identity.id).enforce()
+        keys = self._keys.enforce(identity.id)
         args = (
             self._now(),
             bucket.rate_milli,
@@ -354,7 +354,7 @@ class Store:
         k = self._keys.device(device_id)
         removed = await self._admin_call(
             self._delete(
-                (k.record, k.history, k.bucket, k.active, k.blocked, k.names, k.blocked_version),
+                (k.record, k.history, k.active, k.blocked, k.names, k.blocked_version),
                 (device_id, self._keys.blocked_channel),
             )
         )

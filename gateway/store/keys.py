@@ -7,9 +7,9 @@ are tagged by a hash of the client IP (`{a017}`). Ids may contain `{`, `}`, `:` 
 they only ever come after the tag, and only the first `{...}` of a key is its tag.
 
     <p>:{dNNN}:dev:<id>     hash    the device record (short field names, see FIELD_*),
-                                    with the rate-limit override in `rr`/`rb` when set
+                                    with the rate-limit override in `rr`/`rb` when set and
+                                    the token bucket "<milli-tokens>:<us>" in `tb`
     <p>:{dNNN}:hist:<id>    list    change history, newest first, capped
-    <p>:{dNNN}:tb:<id>      string  token bucket "<milli-tokens>:<us>"; expires when full
     <p>:{dNNN}:active       zset    id -> last activity (ms): last request, or blocked_at if none
     <p>:{dNNN}:blocked      zset    blocked ids -> last activity (ms), same score as in active
     <p>:{dNNN}:names        hash    id -> custom name (renamed devices only), for the name search
@@ -36,6 +36,7 @@ FIELD_LAST_UPLOAD = "lu"
 FIELD_BLOCKED_AT = "b"
 FIELD_OVERRIDE_RATE = "rr"  # milli-tokens per second
 FIELD_OVERRIDE_BURST = "rb"
+FIELD_BUCKET = "tb"  # the device's token bucket, read and written by enforce.lua only
 # Declared device fields, in gateway.model.DEVICE_FIELDS order.
 DEVICE_FIELD_KEYS = ("a", "av", "o", "ov", "mf", "md")
 
@@ -51,15 +52,14 @@ class DeviceKeys:
 
     record: str
     history: str
-    bucket: str
     active: str
     blocked: str
     names: str
     blocked_version: str
 
-    def enforce(self) -> tuple[str, str, str, str, str]:
+    def enforce(self) -> tuple[str, str, str, str]:
         """KEYS of enforce.lua, in order."""
-        return (self.record, self.history, self.active, self.blocked, self.bucket)
+        return (self.record, self.history, self.active, self.blocked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +88,17 @@ class KeySchema:
         return DeviceKeys(
             record=f"{tag}dev:{device_id}",
             history=f"{tag}hist:{device_id}",
-            bucket=f"{tag}tb:{device_id}",
             active=f"{tag}active",
             blocked=f"{tag}blocked",
             names=f"{tag}names",
             blocked_version=f"{tag}bver",
         )
+
+    def enforce(self, device_id: str) -> tuple[str, str, str, str]:
+        """KEYS of enforce.lua for one device (the hot path: only the keys it needs)."""
+        tag = self._dev_tags[zlib.crc32(device_id.encode()) % SHARDS]
+        return (f"{tag}dev:{device_id}", f"{tag}hist:{device_id}", f"{tag}active",
+                f"{tag}blocked")  # fmt: skip
 
     def shard(self, shard: int) -> ShardKeys:
         """The index keys of one shard."""

@@ -1,6 +1,6 @@
--- delete.lua: remove a device: record (with its override), history, bucket, index entries.
--- KEYS[1] record, KEYS[2] history, KEYS[3] bucket, KEYS[4] active zset, KEYS[5] blocked zset,
--- KEYS[6] names hash, KEYS[7] the shard's blocked-index version
+-- delete.lua: remove a device: record (with its override and bucket), history, index entries.
+-- KEYS[1] record, KEYS[2] history, KEYS[3] active zset, KEYS[4] blocked zset,
+-- KEYS[5] names hash, KEYS[6] the shard's blocked-index version
 -- ARGV[1] device id
 -- ARGV[2] pub/sub channel of block events
 -- Reply: 1 when a record was removed, 0 when there was none.
@@ -9,11 +9,11 @@ local device_id, channel = ARGV[1], ARGV[2]
 if redis.call('HEXISTS', KEYS[1], 'rc') == 0 then
   return 0
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('ZREM', KEYS[4], device_id)
-if redis.call('ZREM', KEYS[5], device_id) == 1 then
-  redis.call('INCR', KEYS[7])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], device_id)
+if redis.call('ZREM', KEYS[4], device_id) == 1 then
+  redis.call('INCR', KEYS[6])
   redis.call('PUBLISH', channel, 'u ' .. device_id)
 end
-redis.call('HDEL', KEYS[6], device_id)
+redis.call('HDEL', KEYS[5], device_id)
 return 1

@@ -1,10 +1,10 @@
 -- enforce.lua: the one call per request. Block check, token bucket, device upsert,
 -- change history and index updates, atomically, in as few Redis commands as possible
--- (a known device costs TIME, HMGET, GET, SET and HSET; the index only moves once a second).
+-- (a known device costs TIME, HMGET and HSET; the index only moves once a second).
 --
 -- Two modes, told apart by the number of KEYS:
---   device (5 KEYS): KEYS[1] record hash, KEYS[2] history list, KEYS[3] active zset,
---                    KEYS[4] blocked zset, KEYS[5] bucket string
+--   device (4 KEYS): KEYS[1] record hash (its field `tb` holds the device's bucket),
+--                    KEYS[2] history list, KEYS[3] active zset, KEYS[4] blocked zset
 --   anonymous (1 KEY): KEYS[1] bucket string of the client address
 -- ARGV[1]  now in microseconds since the epoch, or "" to read Redis TIME (production)
 -- ARGV[2]  default rate, milli-tokens per second (integer >= 1)
@@ -24,10 +24,11 @@
 --   full_after_us until the bucket is full; rate/burst of the bucket that applied (the
 --   record's override `rr`/`rb` when set); new_device 1 when this call created the record.
 --
--- The bucket is a string "<milli-tokens>:<timestamp us>", written with an expiry at the
--- moment it would be full again (a missing bucket is a full one). Tokens are integer
--- milli-tokens (Redis truncates Lua floats in replies); a request costs 1000. The bucket's
--- timestamp never moves backwards.
+-- A bucket is "<milli-tokens>:<timestamp us>": a device's in its record (field `tb`, read
+-- and written by the HMGET and HSET the upsert makes anyway: no command of its own), an
+-- address's in a string key written with an expiry at the moment it would be full again.
+-- A missing bucket is a full one. Tokens are integer milli-tokens (Redis truncates Lua
+-- floats in replies); a request costs 1000. The bucket's timestamp never moves backwards.
 
 local COST = 1000
 local MICROS = 1000000
@@ -47,11 +48,11 @@ local function int(x)
   return string.format('%d', x)
 end
 
--- Refill, then try to take one token. Returns the reply's bucket part.
-local function take(bucket_key)
+-- Refill `state` (a bucket string, or false for a full bucket), then try to take one
+-- token. Returns the reply's bucket part and the new state (nil when no token was taken).
+local function take(state)
   local cap = burst * COST
   local tokens, ts = cap, now_us
-  local state = redis.call('GET', bucket_key)
   if state then
     local t, s = string.match(state, '^(%d+):(%d+)$')
     tokens = math.min(tonumber(t), cap)
@@ -79,25 +80,23 @@ local function take(bucket_key)
     local need = COST - tokens % COST
     retry_after = math.max(math.ceil(need * MICROS / rate) - carried, 1)
   end
+  local outcome, new_state = 2, nil
   if allowed then
-    redis.call('SET', bucket_key, int(tokens) .. ':' .. int(ts),
-               'PX', int(math.floor(full_after / 1000) + 1))
+    outcome, new_state = 0, int(tokens) .. ':' .. int(ts)
   end
-  local outcome = 0
-  if not allowed then
-    outcome = 2
-  end
-  return {outcome, math.floor(tokens / COST), retry_after, full_after, rate, burst}
+  return {outcome, math.floor(tokens / COST), retry_after, full_after, rate, burst}, new_state
 end
 
 if #KEYS == 1 then
-  local reply = take(KEYS[1])
+  local reply, new_state = take(redis.call('GET', KEYS[1]))
+  if new_state then
+    redis.call('SET', KEYS[1], new_state, 'PX', int(math.floor(reply[4] / 1000) + 1))
+  end
   reply[7] = 0
   return reply
 end
 
-local record, history, active, blocked_idx, bucket_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local record, history, active, blocked_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local upload = ARGV[4] == '1'
 local history_cap = tonumber(ARGV[5])
 local device_id = ARGV[6]
@@ -105,7 +104,7 @@ local now_ms = math.floor(now_us / 1000)
 
 local FIELDS = {'a', 'av', 'o', 'ov', 'mf', 'md'}
 local current = redis.call('HMGET', record,
-  'rc', 'dc', 'b', 'la', 'rr', 'rb', 'a', 'av', 'o', 'ov', 'mf', 'md')
+  'rc', 'dc', 'b', 'la', 'rr', 'rb', 'a', 'av', 'o', 'ov', 'mf', 'md', 'tb')
 local requests = tonumber(current[1] or '0')
 local denied = tonumber(current[2] or '0')
 local is_new = not current[1]
@@ -115,7 +114,7 @@ if is_new and ARGV[13] == '1' then
   return {3, 0, 0, 0, rate, burst, 1}
 end
 
-local reply
+local reply, new_state
 if is_blocked then
   reply = {1, 0, 0, 0, rate, burst}
 else
@@ -123,7 +122,7 @@ else
     rate = tonumber(current[5])
     burst = tonumber(current[6])
   end
-  reply = take(bucket_key)
+  reply, new_state = take(current[13])
 end
 reply[7] = is_new and 1 or 0
 if reply[1] ~= 0 then
@@ -140,6 +139,10 @@ end
 if is_new then
   updates[#updates + 1] = 'fs'
   updates[#updates + 1] = int(stamp)
+end
+if new_state then
+  updates[#updates + 1] = 'tb'
+  updates[#updates + 1] = new_state
 end
 for i = 1, 6 do
   local declared = ARGV[6 + i]
