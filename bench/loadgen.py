@@ -172,6 +172,50 @@ class Load:
             return parse_loadtest(json.loads(report.read_text()))
 
 
+@dataclass(frozen=True)
+class OpenLoopResult:
+    """An open-loop run: latencies counted from when each request was due."""
+
+    rate: float
+    rps: float
+    p50_us: float
+    p99_us: float
+    p999_us: float
+    max_us: float
+    late_share: float  # requests the generator itself sent more than 1 ms late
+    non_2xx: int
+    errors: int
+
+
+def open_loop(gateway: Path, url: str, rate: float, seconds: float, devices: int) -> OpenLoopResult:
+    """`gateway loadtest --rate`: a fixed arrival rate, so a slow answer cannot slow the load
+    (no coordinated omission)."""
+    with tempfile.TemporaryDirectory(prefix="devicegate-openloop-") as tmp:
+        report_path = Path(tmp) / "report.json"
+        argv = [str(gateway), "loadtest", "--target", url + PATH, "--devices", str(devices)]
+        argv += ["--rate", f"{rate:.0f}", "--duration", f"{seconds:g}", "--timeout", "5"]
+        argv += ["--report", str(report_path), "--no-progress"]
+        code, out = run_bounded(argv, seconds + GRACE)
+        if code != 0 or not report_path.is_file():
+            raise BenchError(f"gateway loadtest exited with {code}:\n{out}")
+        report = json.loads(report_path.read_text())
+    if not isinstance(report, dict) or report.get("schema") != LOADTEST_SCHEMA:
+        raise BenchError(f"gateway loadtest's report is not {LOADTEST_SCHEMA}")
+    requests, latency = report["requests"], report["latency_us"]
+    sent = max(int(requests["sent"]), 1)
+    return OpenLoopResult(
+        rate=rate,
+        rps=float(requests["per_second"]),
+        p50_us=float(latency["p50"]),
+        p99_us=float(latency["p99"]),
+        p999_us=float(latency["p99_9"]),
+        max_us=float(latency["max"]),
+        late_share=int(report["generator"]["late_sends"]) / sent,
+        non_2xx=sum(n for c, n in report["status"].items() if not 200 <= int(c) < 300),
+        errors=int(requests["errors"]),
+    )
+
+
 def _has_loadtest(gateway: Path) -> bool:
     try:
         code, _ = run_bounded([str(gateway), "loadtest", "--help"], 30)

@@ -34,7 +34,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from loadgen import FLEET_LUA, GRACE, Load, LoadResult, closed_loop, fleet_env, wrk_errors
+from loadgen import (
+    FLEET_LUA,
+    GRACE,
+    Load,
+    LoadResult,
+    closed_loop,
+    fleet_env,
+    open_loop,
+    wrk_errors,
+)
 from measure import Sample, Target, measure, medians
 from procs import (
     BenchError,
@@ -74,6 +83,7 @@ class Options:
     rounds: int
     duration: int  # whole seconds: wrk takes no fractions
     latency_duration: int
+    open_duration: int
     warmup: int
     connections: int
     devices: int
@@ -96,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     p.add_argument("--duration", type=int, help="seconds per c64 run (default 10; --quick 3)")
     p.add_argument("--latency-duration", type=int, help="seconds per c1 run (default 5; --quick 2)")
+    p.add_argument(
+        "--open-duration",
+        type=int,
+        help="seconds per open-loop run at half a gateway's rate (default 10; --quick 3; 0: none)",
+    )
     p.add_argument(
         "--warmup", type=int, help="seconds of warm-up per target (default 2; --quick 1)"
     )
@@ -135,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         rounds=pick(a.rounds, 3, 1),
         duration=pick(a.duration, 10, 3),
         latency_duration=pick(a.latency_duration, 5, 2),
+        open_duration=pick(a.open_duration, 10, 3),
         warmup=pick(a.warmup, 2, 1),
         connections=a.connections,
         devices=a.devices,
@@ -145,8 +161,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         output=a.output,
         keep_workdir=a.keep_workdir,
     )
-    if opts.rounds < 1 or opts.duration < 1 or opts.latency_duration < 1 or opts.warmup < 0:
-        p.error("--rounds, --duration and --latency-duration must be >= 1, --warmup >= 0")
+    if opts.rounds < 1 or opts.duration < 1 or opts.latency_duration < 1:
+        p.error("--rounds, --duration and --latency-duration must be >= 1")
+    if opts.warmup < 0 or opts.open_duration < 0:
+        p.error("--warmup and --open-duration must be >= 0")
     if opts.connections < 1 or opts.devices < 1 or opts.workers < 1 or opts.devices_max < 0:
         p.error("--connections, --devices and --workers must be >= 1, --devices-max >= 0")
     return opts
@@ -300,6 +318,34 @@ def scale(
     procs.stop(gateway.proc)
 
 
+# ---- open loop ----
+
+
+def open_loop_pass(
+    opts: Options, binary: Path, targets: list[Target], figures: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Each gateway at half the rate it reached at c64, and the upstream alone at the same
+    rate, from `gateway loadtest --rate` (latency from when each request was due)."""
+    by_key = {t.key: t for t in targets}
+    runs: dict[str, Any] = {}
+    for key in ("gateway-1w", "gateway-Nw"):
+        if key not in by_key:
+            continue
+        rate = figures[key]["load"]["rps"] / 2
+        row: dict[str, Any] = {"rate": rate}
+        for side, target in (("upstream", by_key["upstream"]), ("gateway", by_key[key])):
+            print(f"  open loop: {target.label} at {rate:,.0f} req/s", flush=True)
+            try:
+                got = open_loop(binary, target.url, rate, opts.open_duration, opts.devices)
+            except BenchError as exc:
+                row[side] = {"error": " ".join(str(exc).split())[:160]}
+                continue
+            row[side] = asdict(got)
+            time.sleep(0.5)
+        runs[key] = row
+    return runs
+
+
 # ---- the run ----
 
 
@@ -422,6 +468,9 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
         if key != "upstream"
     }
     results["latency_added_c1"] = added
+
+    if opts.open_duration:
+        results["open_loop"] = open_loop_pass(opts, binary, targets, figures)
 
     steps = scale_steps(opts.devices_max)
     if store and steps:

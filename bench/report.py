@@ -90,6 +90,34 @@ def report(results: dict[str, Any]) -> str:
     parts += ["(+: latency added over the upstream alone)", ""]
 
     rows = []
+    for key, run in results.get("open_loop", {}).items():
+        for side in ("upstream", "gateway"):
+            m = run.get(side, {})
+            label = figures[key]["label"] if side == "gateway" else "  upstream alone, same rate"
+            if "error" in m or not m:
+                rows.append([label, fmt_n(run["rate"]), m.get("error", "not run"), "", "", "", ""])
+                continue
+            rows.append(
+                [
+                    label,
+                    fmt_n(run["rate"]),
+                    fmt_us(m["p50_us"]),
+                    fmt_us(m["p99_us"]),
+                    fmt_us(m["p999_us"]),
+                    fmt_us(m["max_us"]),
+                    f"{m['late_share']:.1%}",
+                ]
+            )
+    if rows:
+        head = ["open loop, half the c64 rate", "req/s", "p50", "p99", "p99.9", "max", "late"]
+        parts += [table(head, rows)]
+        parts += [
+            "(gateway loadtest --rate: latency from when each request was due; late: requests",
+            " the generator itself sent over 1 ms late, its own share of the latency)",
+            "",
+        ]
+
+    rows = []
     for f in figures.values():
         m = f["load"]
         if m["redis_commands_per_req"] is None:
