@@ -159,6 +159,12 @@ def _is_port(text: str) -> bool:
     return text.isascii() and text.isdecimal()
 
 
+@lru_cache(maxsize=4096)
+def _text(ip: IPAddress) -> str:
+    """An address in its canonical text form (formatting one costs more than this lookup)."""
+    return str(ip)
+
+
 def _trusted(ip: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
     # `in` across IP versions is simply False, so one list can mix IPv4 and IPv6 blocks.
     return any(ip in net for net in trusted)
@@ -182,7 +188,7 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[
         # A unix socket or an odd transport: not spoofable by the client, keep it as given.
         return peer or "unknown"
     if not trusted or not _trusted(peer_ip, trusted):
-        return str(peer_ip)
+        return _text(peer_ip)
     last = peer_ip  # the nearest hop known to be trusted
     for value in reversed(forwarded_for):
         for entry in reversed(value.split(",")):
@@ -191,8 +197,8 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[
                 continue
             ip = _parse_ip(text)
             if ip is None:
-                return str(last)
+                return _text(last)
             if not _trusted(ip, trusted):
-                return str(ip)
+                return _text(ip)
             last = ip
-    return str(last)
+    return _text(last)
