@@ -577,17 +577,6 @@ class EndlessHeaderLine:
             await self._server.wait_closed()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway/dataplane/upstream.py UpstreamConnection.data_received feeds llhttp without "
-        "the partial-line check the request side has (ClientConnection._check_partial_line): "
-        "httptools hands on_header a line only once it ends, so an upstream header line that "
-        "goes on is buffered whole (4 MiB here, growing by bytes concatenation) until it ends "
-        "or upstream.timeout passes; it should be refused (502, connection aborted) once the "
-        "line passes 8190 bytes"
-    ),
-)
 async def test_an_upstream_header_line_that_never_ends_is_refused_past_the_limit(
     upstream: CountingUpstream,
     real_redis: RedisServer,

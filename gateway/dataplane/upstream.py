@@ -69,8 +69,9 @@ UNTIL_CLOSE: Final = -1
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream origin."""
 
-    __slots__ = ("_head_request", "_headers", "_informational", "_parser", "_pool",
-                 "_reason", "_until_close", "idle_since", "sink", "transport")  # fmt: skip
+    __slots__ = ("_head_request", "_headers", "_in_head", "_informational", "_line_bytes",
+                 "_parser", "_pool", "_reason", "_until_close", "idle_since", "sink",
+                 "transport")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -82,6 +83,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = False
         self._informational = False
         self._until_close = False
+        self._in_head = False
+        self._line_bytes = 0  # bytes of the head line still being received
         self.idle_since = 0.0
 
     # -- driven by the exchange ----------------------------------------------------------
@@ -93,6 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._reason = b""
         self._head_request = head_request
+        self._in_head = True
+        self._line_bytes = 0
         self._until_close = False
 
     def write(self, data: bytes) -> None:
@@ -119,11 +124,21 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self._in_head:
+                self._check_partial_line(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, HeadTooLarge) as exc:
             # An upgrade (101) was never asked for: Upgrade is not forwarded. -> 502.
             self._fail(exc)
             return
         sink.on_upstream_flush()  # the exchange that owned this read sends what it produced
+
+    def _check_partial_line(self, data: bytes) -> None:
+        """Refuse a head line already past its limit before it ends: llhttp hands a line
+        over only once it is complete, and would buffer one that never ends."""
+        end = data.rfind(b"\n")
+        self._line_bytes = len(data) - end - 1 if end >= 0 else self._line_bytes + len(data)
+        if self._line_bytes > MAX_FIELD + 4:  # name, ": ", value, CRLF
+            raise HeadTooLarge("upstream response head line over the limit")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -167,6 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._reason = b""
             return
         self._informational = False
+        self._in_head = False
         framing: int | None = NO_BODY
         if not self._head_request and status not in (204, 304):
             framing = UNTIL_CLOSE
