@@ -121,6 +121,28 @@ async def test_graceful_shutdown_finishes_answers_in_flight_and_closes_idle_ones
     idle_writer.close()
 
 
+async def test_a_connection_accepted_once_shutdown_began_is_closed_not_served(
+    running: Running,
+) -> None:
+    # The listener closes just before shutdown() begins, but a connection already in the
+    # accept queue can still reach connection_made: it must not hold the stop.
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", running.port)
+    busy_writer.write(REQUEST.replace(b"/x", b"/slow"))
+    await asyncio.sleep(0.2)
+    shutdown = asyncio.ensure_future(running.plane.shutdown(WAIT))
+    await asyncio.sleep(0)
+    late_reader, late_writer = await asyncio.open_connection("127.0.0.1", running.port)
+    late_writer.write(REQUEST)
+    assert await asyncio.wait_for(late_reader.read(), WAIT) == b""  # closed, nothing served
+    assert len(running.plane.connections) == 1  # only the busy one
+    running.release.set()
+    answer = await asyncio.wait_for(read_answer(busy_reader), WAIT)
+    assert answer.startswith(b"HTTP/1.1 200")
+    await asyncio.wait_for(shutdown, WAIT)
+    busy_writer.close()
+    late_writer.close()
+
+
 @pytest.mark.parametrize("server_yaml", ["{max_connections: 3}"])
 async def test_at_the_cap_the_longest_idle_connection_makes_room(running: Running) -> None:
     idle = []

@@ -68,6 +68,7 @@ class DataPlane:
         self.access_log = settings.log.access
         self.access_logger = logging.getLogger(ACCESS_LOGGER)
         self.connections: set[ClientConnection] = set()
+        self.stopping = False  # set by shutdown(): a connection accepted after it is closed
         # Python 3.11's get_running_loop() calls getpid() each time: look it up once.
         self.loop: asyncio.AbstractEventLoop | None = None
         self._date = b""
@@ -146,6 +147,7 @@ class DataPlane:
 
     async def shutdown(self, timeout: float) -> None:
         """Close idle connections now; give busy ones up to `timeout`, then cut them."""
+        self.stopping = True
         for conn in list(self.connections):
             conn.close_when_idle()
         deadline = time.monotonic() + timeout
@@ -198,6 +200,12 @@ class ClientConnection(asyncio.Protocol):
             self.peer = str(peer[0])
             self.peer_bytes = self.peer.encode()
         plane = self.plane
+        if plane.stopping:
+            # Accepted in the instant between the listener's close and this callback: it
+            # has sent nothing yet, and the process is going away.
+            self._closing = True
+            transport.close()
+            return
         if len(plane.connections) >= plane.max_connections and not plane.make_room():
             self._closing = True
             self.write(wire.envelope_answer(503, "Too many connections", keep_alive=False))
