@@ -477,7 +477,9 @@ async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_
     # process that runs gateway, proxy, upstream and clients together). Left open in the notes.
     assert max(added) <= 1.0, max(added)
     # Only the first failures and one probe per cool-down pay the timeout; the rest skip.
-    slow = [a for a in answers if a.took > TIMEOUT / 2]
+    # A request that paid the timeout waited all of it; one a busy 2-core machine merely
+    # delayed (seen: 10 over TIMEOUT / 2 where 8 paid) did not reach Redis's deadline.
+    slow = [a for a in answers if a.took >= TIMEOUT * 0.95]
     figure("requests that paid the timeout", len(slow))
     probes = int(duration / COOLDOWN) + 1
     assert len(slow) <= max(THRESHOLD, load.clients) + probes, (
