@@ -12,13 +12,12 @@ SIGTERM or SIGINT.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import signal
 from collections import Counter
 
 import orjson
-from aiohttp import web, web_server
+import upstream
+from aiohttp import web
 
 BODY = b'{"ok":true}\n'
 COUNTS_PATH = "/__chaos/counts"
@@ -47,33 +46,5 @@ async def handle(request: web.BaseRequest) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
 
-async def serve(port: int) -> None:
-    """Serve on 127.0.0.1:port until SIGTERM or SIGINT."""
-    runner = web.ServerRunner(web_server.Server(handle, access_log=None))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    port = parser.parse_args().port
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(port))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(port))
-
-
 if __name__ == "__main__":
-    main()
+    upstream.main(handle, __doc__)

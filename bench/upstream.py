@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web, web_server
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 BODY = b'{"ok":true}\n'
 
@@ -23,9 +26,9 @@ async def handle(request: web.BaseRequest) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
 
-async def serve(port: int) -> None:
-    """Serve on 127.0.0.1:port until SIGTERM or SIGINT."""
-    server = web_server.Server(handle, access_log=None)
+async def serve(port: int, handler: Handler = handle) -> None:
+    """Serve `handler` on 127.0.0.1:port until SIGTERM or SIGINT."""
+    server = web_server.Server(handler, access_log=None)
     runner = web.ServerRunner(server)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
@@ -40,17 +43,18 @@ async def serve(port: int) -> None:
         await runner.cleanup()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(handler: Handler = handle, description: str | None = __doc__) -> None:
+    """`--port N`: serve `handler` there, on uvloop when installed."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     port = parser.parse_args().port
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(port))
+        asyncio.run(serve(port, handler))
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(port))
+        runner.run(serve(port, handler))
 
 
 if __name__ == "__main__":
