@@ -33,6 +33,7 @@ from gateway.dataplane import DataPlane, start_public
 from gateway.enforce import FORWARD, Enforcer, Verdict
 from gateway.metrics import Metrics
 from gateway.store import Store
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -74,12 +75,6 @@ async def echo(request: web.Request) -> web.Response:
 
 def seen_headers(report: dict[str, Any]) -> CIMultiDict[str]:
     return CIMultiDict((name, value) for name, value in report["headers"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
