@@ -24,6 +24,18 @@ SKIP_SHARE = 0.10  # at most this share of the freeze's requests may pay the tim
 SETTLE = 0.2  # seconds after a kill before every request must meet the outage
 
 
+def _outage_load(ctx: Context, stage: Stage) -> asyncio.Task[float]:
+    """The scenario's open-loop load: PRE seconds before the fault, the fault, POST after."""
+    return start_load(
+        stage.gateway.url,
+        stage.fleet,
+        stage.recorder,
+        rate=ctx.rate,
+        duration=PRE + ctx.seconds + POST,
+        timeout=LOAD_TIMEOUT,
+    )
+
+
 async def _finish(stage: Stage, load: asyncio.Task[float], back: float) -> None:
     """Wait for the load, then let the probe run until it saw enforcement (bounded)."""
     bound = PRE + stage.ctx.seconds + POST + LOAD_TIMEOUT + 10
@@ -60,14 +72,7 @@ async def redis_kill(ctx: Context, on_error: str) -> Outcome:
     stage = await prepare(
         ctx, name, seed=11 if on_error == "open" else 12, persist=True, on_error=on_error
     )
-    load = start_load(
-        stage.gateway.url,
-        stage.fleet,
-        stage.recorder,
-        rate=ctx.rate,
-        duration=PRE + ctx.seconds + POST,
-        timeout=LOAD_TIMEOUT,
-    )
+    load = _outage_load(ctx, stage)
     started = time.monotonic()
     stage.probe.start()
     kill_at = max(started + PRE, stage.blocked_at + BLOCK_LEAD)
@@ -154,14 +159,7 @@ async def redis_black_hole(ctx: Context) -> Outcome:
     name = "redis-black-hole"
     out = Outcome(name)
     stage = await prepare(ctx, name, seed=13)
-    load = start_load(
-        stage.gateway.url,
-        stage.fleet,
-        stage.recorder,
-        rate=ctx.rate,
-        duration=PRE + ctx.seconds + POST,
-        timeout=LOAD_TIMEOUT,
-    )
+    load = _outage_load(ctx, stage)
     started = time.monotonic()
     stage.probe.start()
     await sleep_until(max(started + PRE, stage.blocked_at + BLOCK_LEAD))

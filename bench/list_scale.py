@@ -79,7 +79,7 @@ def fill(port: int, store: Store, count: int) -> None:
             device_id = f"device-{i:07d}"
             manufacturer, model = MODELS[i % len(MODELS)]
             script(
-                keys=store.keys.device(device_id).enforce(),
+                keys=store.keys.enforce(device_id),
                 args=[now + i * 1000, bucket.rate_milli, bucket.burst, "1", 50, device_id,
                       APPS[i % len(APPS)], f"{i % 5}.{i % 7}", "Android", "15", manufacturer,
                       model],

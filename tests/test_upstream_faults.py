@@ -425,17 +425,25 @@ async def test_a_stream_silent_past_the_timeout_is_cut_never_turned_into_a_504(
 # ---------------------------------------------------------------- malformed answers
 
 _LINE_NAME: Final = b"X-Big"
+
+
+def answer_with_line(length: int) -> bytes:
+    """An answer with one header line whose name + value is `length` bytes (limit 8190)."""
+    value = b"a" * (length - len(_LINE_NAME))
+    return b"HTTP/1.1 200 OK\r\n" + _LINE_NAME + b": " + value + b"\r\nContent-Length: 2\r\n\r\nok"
+
+
+def answer_with_headers(count: int) -> bytes:
+    """An answer with `count` header lines, Content-Length included (limit 128)."""
+    extra = b"".join(b"X-H%d: v\r\n" % i for i in range(count - 1))
+    return b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok"
+
+
 MALFORMED_ANSWERS: Final = {
     **MALFORMED,
     # One header line just past the limit (name + value over 8190 bytes, as for requests).
-    "header_line_over_8190": (
-        b"HTTP/1.1 200 OK\r\n" + _LINE_NAME + b": " + b"a" * (8191 - len(_LINE_NAME))
-        + b"\r\nContent-Length: 2\r\n\r\nok"
-    ),
-    "129_headers": (
-        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(128))
-        + b"Content-Length: 2\r\n\r\nok"
-    ),
+    "header_line_over_8190": answer_with_line(8191),
+    "129_headers": answer_with_headers(129),
     "chunk_size_overflow": (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"ffffffffffffffffff\r\nok\r\n0\r\n\r\n"
@@ -494,15 +502,9 @@ async def test_a_malformed_answer_is_a_502_or_a_cut_and_the_next_request_is_serv
 
 
 AT_THE_LIMITS: Final = {
-    "header_line_of_8190": (
-        b"HTTP/1.1 200 OK\r\n" + _LINE_NAME + b": " + b"a" * (8190 - len(_LINE_NAME))
-        + b"\r\nContent-Length: 2\r\n\r\nok"
-    ),
-    "128_headers": (
-        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(127))
-        + b"Content-Length: 2\r\n\r\nok"
-    ),
-}  # fmt: skip
+    "header_line_of_8190": answer_with_line(8190),
+    "128_headers": answer_with_headers(128),
+}
 
 
 @pytest.mark.parametrize("name", AT_THE_LIMITS)

@@ -123,8 +123,9 @@ def request_head(
         lines.append(name + b": " + value)
     if named:
         # Rare: a Connection header naming other headers, which are hop-by-hop too.
+        dropped = _REQUEST_SKIP | named
         del lines[2:]
-        lines.extend(n + b": " + v for n, v in headers if n.lower() not in _REQUEST_SKIP | named)
+        lines.extend(n + b": " + v for n, v in headers if n.lower() not in dropped)
     lines[1] = b"Host: " + (client_host if preserve_host and client_host else host)
     forwarded.append(peer)
     lines.append(b"X-Forwarded-For: " + b", ".join(forwarded))

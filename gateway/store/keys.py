@@ -57,10 +57,6 @@ class DeviceKeys:
     names: str
     blocked_version: str
 
-    def enforce(self) -> tuple[str, str, str, str]:
-        """KEYS of enforce.lua, in order."""
-        return (self.record, self.history, self.active, self.blocked)
-
 
 @dataclass(frozen=True, slots=True)
 class ShardKeys:
@@ -95,8 +91,9 @@ class KeySchema:
         )
 
     def enforce(self, device_id: str) -> tuple[str, str, str, str]:
-        """KEYS of enforce.lua for one device (the hot path: only the keys it needs)."""
-        tag = self._dev_tags[zlib.crc32(device_id.encode()) % SHARDS]
+        """KEYS of enforce.lua for one device, in order: record, history, active, blocked
+        (the hot path builds only these, not the whole DeviceKeys)."""
+        tag = self._dev_tags[shard_of(device_id)]
         return (f"{tag}dev:{device_id}", f"{tag}hist:{device_id}", f"{tag}active",
                 f"{tag}blocked")  # fmt: skip
 
