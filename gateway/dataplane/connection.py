@@ -22,6 +22,7 @@ from gateway.dataplane import wire
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.upstream import UpstreamPool
 from gateway.enforce import Enforcer
+from gateway.identity import FieldValues
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics
 from gateway.store import Store
@@ -333,8 +334,19 @@ class ClientConnection(asyncio.Protocol):
         chunked = False
         expect = False
         hosts = 0
+        # The same pass picks the few headers the Enforcer reads, decoded as aiohttp would
+        # (the rest stay bytes).
+        wanted = self.plane.enforced_headers
+        fields = FieldValues()
         for name, value in self._headers:
             lower = name.lower()
+            key = wanted.get(lower)
+            if key is not None:
+                text = value.decode("utf-8", "surrogateescape")
+                if key in fields:
+                    fields[key].append(text)
+                else:
+                    fields[key] = [text]
             if lower == b"content-length":
                 content_length = int(value)  # llhttp has validated it
             elif lower == b"transfer-encoding":
@@ -354,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
             method,
             url,
             self._headers,
+            fields,
             keep_alive=parser.should_keep_alive() and not self._closing,
             http11=parser.get_http_version() == "1.1",
             content_length=content_length,

@@ -65,6 +65,7 @@ class Exchange:
         "decision",
         "device_id",
         "expect_continue",
+        "fields",
         "finished",
         "head_started",
         "headers",
@@ -86,6 +87,7 @@ class Exchange:
         method: bytes,
         target: bytes,
         headers: wire.RawHeaders,
+        fields: FieldValues,
         *,
         keep_alive: bool,
         http11: bool,
@@ -98,6 +100,7 @@ class Exchange:
         self.method = method
         self.target = target
         self.headers = headers
+        self.fields = fields
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
@@ -134,7 +137,7 @@ class Exchange:
         try:
             verdict = await plane.enforcer.check(
                 self.method.decode("latin-1"),
-                self._str_headers(),
+                self.fields,
                 self.conn.peer,
                 self.content_length,
             )
@@ -159,20 +162,6 @@ class Exchange:
                 self._finish()
             else:
                 self.answer(500, REASON_INTERNAL)
-
-    def _str_headers(self) -> FieldValues:
-        """The headers the Enforcer reads, decoded as aiohttp would (the rest stay bytes)."""
-        wanted = self.conn.plane.enforced_headers
-        fields = FieldValues()
-        for name, value in self.headers:
-            key = wanted.get(name.lower())
-            if key is not None:
-                text = value.decode("utf-8", "surrogateescape")
-                if key in fields:
-                    fields[key].append(text)
-                else:
-                    fields[key] = [text]
-        return fields
 
     def _answer_verdict(self, verdict: Verdict) -> None:
         self.answer(verdict.status, verdict.reason, verdict.headers)
@@ -324,7 +313,7 @@ class Exchange:
             wire.response_head(
                 status,
                 reason,
-                wire.response_headers(headers),
+                headers,
                 self.verdict_headers,
                 content_length=content_length,
                 chunked=chunked,

@@ -36,10 +36,14 @@ _REQUEST_OWN: Final = frozenset(
     {b"content-length", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
      b"x-forwarded-host"}
 )  # fmt: skip
-_RESPONSE_OWN: Final = frozenset({b"content-length"})
 _REQUEST_SKIP: Final = HOP_BY_HOP | _REQUEST_OWN
+# The gateway re-frames every answer: the upstream's length goes, with the hop-by-hop ones.
+_RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 # Connection tokens that name nothing more to drop than HOP_BY_HOP does already.
 _ALWAYS_DROPPED: Final = HOP_BY_HOP | {b"close"}
+
+# Connection values that name nothing to drop, as senders spell them.
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 CRLF: Final = b"\r\n"
 LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -68,27 +72,12 @@ def _tokens(value: bytes) -> list[bytes]:
 
 def _named(value: bytes, named: frozenset[bytes] | None) -> frozenset[bytes] | None:
     """Add the headers one Connection value names to `named`, beyond those always dropped."""
+    if value in _PLAIN_CONNECTION:
+        return named  # the usual `keep-alive` or `close`: nothing to split
     extra = [t for t in _tokens(value) if t not in _ALWAYS_DROPPED]
     if not extra:
         return named  # `close` or `keep-alive`: the common case, nothing more to drop
     return (named or frozenset()).union(extra)
-
-
-def end_to_end(headers: Sequence[tuple[bytes, bytes]], own: frozenset[bytes]) -> RawHeaders:
-    """The headers to forward: without hop-by-hop ones, those named in Connection, or `own`."""
-    kept: RawHeaders = []
-    named: frozenset[bytes] | None = None
-    for header in headers:
-        lower = header[0].lower()
-        if lower in HOP_BY_HOP or lower in own:
-            if lower == b"connection":
-                named = _named(header[1], named)
-            continue
-        kept.append(header)
-    if named:
-        # Rare: a Connection header listing other headers, which are hop-by-hop too.
-        return [h for h in kept if h[0].lower() not in named]
-    return kept
 
 
 def request_head(
@@ -110,22 +99,22 @@ def request_head(
     forwarded: list[bytes] = []
     lines = [method + b" " + target + b" HTTP/1.1", b""]
     named: frozenset[bytes] | None = None
-    for name, value in headers:
-        lower = name.lower()
+    for header in headers:
+        lower = header[0].lower()
         if lower in _REQUEST_SKIP:
             if lower == b"host":
-                client_host = value
+                client_host = header[1]
             elif lower == b"x-forwarded-for":
-                forwarded.append(value)
+                forwarded.append(header[1])
             elif lower == b"connection":
-                named = _named(value, named)
+                named = _named(header[1], named)
             continue
-        lines.append(name + b": " + value)
+        lines.append(b": ".join(header))  # one join costs less than two concatenations
     if named:
         # Rare: a Connection header naming other headers, which are hop-by-hop too.
         dropped = _REQUEST_SKIP | named
         del lines[2:]
-        lines.extend(n + b": " + v for n, v in headers if n.lower() not in dropped)
+        lines.extend(b": ".join(h) for h in headers if h[0].lower() not in dropped)
     lines[1] = b"Host: " + (client_host if preserve_host and client_host else host)
     forwarded.append(peer)
     lines.append(b"X-Forwarded-For: " + b", ".join(forwarded))
@@ -152,14 +141,28 @@ def response_head(
     keep_alive: bool,
     http11: bool = True,
 ) -> bytes:
-    """The response head sent to the client; `extra` (rate-limit headers) replaces namesakes."""
+    """The response head sent to the client, from the upstream's raw headers in one pass.
+
+    Hop-by-hop headers, those a Connection header names, and the framing are dropped (the
+    gateway re-frames); `extra` (the rate-limit headers) replaces its namesakes, any case.
+    """
     lines = [b"HTTP/1.1 %d " % status + (reason or reason_phrase(status))]
+    drop = _response_drop(tuple(extra)) if extra else _RESPONSE_SKIP
+    named: frozenset[bytes] | None = None
+    for header in headers:
+        lower = header[0].lower()
+        if lower in drop:
+            if lower == b"connection":
+                named = _named(header[1], named)
+            continue
+        lines.append(b": ".join(header))
+    if named:
+        # Rare: a Connection header naming other headers, which are hop-by-hop too.
+        dropped = drop | named
+        del lines[1:]
+        lines.extend(b": ".join(h) for h in headers if h[0].lower() not in dropped)
     if extra:
-        replaced = _lower_names(tuple(extra))
-        lines.extend(n + b": " + v for n, v in headers if n.lower() not in replaced)
-        lines.extend(k.encode() + b": " + v.encode() for k, v in extra.items())
-    else:
-        lines.extend(n + b": " + v for n, v in headers)
+        lines.append("\r\n".join([f"{k}: {v}" for k, v in extra.items()]).encode())
     if content_length is not None:
         lines.append(b"Content-Length: %d" % content_length)
     elif chunked:
@@ -169,9 +172,9 @@ def response_head(
 
 
 @lru_cache(maxsize=64)
-def _lower_names(names: tuple[str, ...]) -> frozenset[bytes]:
-    """Lower-cased header names as bytes (the rate-limit header set repeats: cached)."""
-    return frozenset(n.lower().encode() for n in names)
+def _response_drop(names: tuple[str, ...]) -> frozenset[bytes]:
+    """What a response head drops when `names` are added (the rate-limit set repeats)."""
+    return _RESPONSE_SKIP | {n.lower().encode() for n in names}
 
 
 def _connection(keep_alive: bool, http11: bool) -> tuple[bytes, ...]:
@@ -179,11 +182,6 @@ def _connection(keep_alive: bool, http11: bool) -> tuple[bytes, ...]:
     if not keep_alive:
         return (b"Connection: close",)
     return () if http11 else (b"Connection: keep-alive",)
-
-
-def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
-    """The upstream's response headers to forward (framing is re-done by the gateway)."""
-    return end_to_end(headers, _RESPONSE_OWN)
 
 
 def chunk(data: bytes) -> bytes:

@@ -244,7 +244,13 @@ class Store:
             "1" if upload else "0",
             self._history_size,
             identity.id,
-            *(value or "" for value in identity.fields()),
+            # ARGV[7..12]: the declared fields in DEVICE_FIELDS order, "" when absent.
+            identity.application or "",
+            identity.application_version or "",
+            identity.os or "",
+            identity.os_version or "",
+            identity.manufacturer or "",
+            identity.model or "",
             "0" if registration is None else "1",
         )
         reply = await self._call(keys, args)

@@ -29,12 +29,13 @@ from gateway.errors import StoreUnavailable
 MAX_IN_FLIGHT: Final = 20_000  # calls waiting for a reply; past it, refuse at once
 
 parse_url = cast(Callable[[str], dict[str, Any]], _parse_url)
+# hiredis' stub types the argument tuple too narrowly: typed here once, not per call.
+_pack_command = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.pack_command)
 
 
 def pack(*parts: str | int | bytes) -> bytes:
-    """One command in RESP, packed by hiredis (its stub types the tuple too narrowly)."""
-    packed: bytes = hiredis.pack_command(cast(Any, parts))
-    return packed
+    """One command in RESP, packed by hiredis."""
+    return _pack_command(parts)
 
 
 class _Call:
@@ -105,7 +106,7 @@ class ScriptPipeline:
             raise StoreUnavailable("too many store calls in flight")
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        command = pack(b"EVALSHA", self._sha, len(keys), *keys, *args)
+        command = _pack_command((b"EVALSHA", self._sha, len(keys), *keys, *args))
         self._outbox.append(_Call(command, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
