@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -12,7 +13,8 @@ from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
-from tests.conftest import EPOCH_US, FakeClock, free_port
+from tests.conftest import EPOCH_US, FakeClock, RedisServer, free_port
+from tests.test_redis_faults import command_stats, reset_stats
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(
@@ -244,6 +246,60 @@ async def test_anonymous_buckets_are_per_address(store: Store) -> None:
         Outcome.ALLOW
     )
     assert await store.list_devices() == ([], 0)
+
+
+async def test_the_declared_fields_are_kept_joined_and_compared_only_when_they_change(
+    store: Store, clock: FakeClock
+) -> None:
+    record = store.keys.device("phone-1").record
+    await call(store)
+    joined = "FieldApp\x1f2.4.1\x1fAndroid\x1f15\x1fSamsung\x1fGalaxy S24"
+    assert await store._admin.hget(record, "df") == joined
+    # While the declaration stays the same the script trusts `df`: a field edited beside it
+    # (nothing in devicegate does that) is not even read...
+    await store._admin.hset(record, "o", "edited")
+    await call(store)
+    assert await store._admin.hget(record, "o") == "edited"
+    # ...and a changed declaration is compared field by field, with history.
+    clock.advance(1.0)
+    await call(store, dataclasses.replace(PHONE, os_version="16"))
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.os, device.os_version) == ("Android", "16")  # each declared field written
+    assert await store._admin.hget(record, "df") == joined.replace("\x1f15\x1f", "\x1f16\x1f")
+    history = await store.history("phone-1")
+    assert history is not None
+    assert [(e.field, e.old, e.new) for e in history] == [
+        ("os_version", "15", "16"),
+        ("os", "edited", "Android"),
+    ]
+    # A partial declaration keeps what is stored for the rest.
+    await call(store, DeviceIdentity("phone-1", model="Galaxy S25"))
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.application, device.model) == ("FieldApp", "Galaxy S25")
+
+
+async def test_a_known_device_declaring_the_same_reads_its_record_once(
+    real_redis: RedisServer, clock: FakeClock
+) -> None:
+    store = Store.from_settings(
+        RedisSettings(url=real_redis.url, timeout=2.0, key_prefix="tdf"), clock=clock
+    )
+    await store.start()
+    try:
+        await call(store)
+        reset_stats(real_redis)
+        for _ in range(3):
+            await call(store)
+        stats = command_stats(real_redis)
+        assert stats["hmget"]["calls"] == 3  # one per call: the six fields are not read
+        assert "lpush" not in stats
+        reset_stats(real_redis)
+        await call(store, dataclasses.replace(PHONE, model="Galaxy S25"))
+        assert command_stats(real_redis)["hmget"]["calls"] == 2  # the state, then the fields
+    finally:
+        await store.close()
 
 
 async def test_a_device_bucket_lives_in_its_record_with_no_key_of_its_own(store: Store) -> None:

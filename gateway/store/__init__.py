@@ -52,7 +52,8 @@ HOT_POOL_SIZE: Final = 64
 SCAN_COUNT: Final = 1000  # entries per ZSCAN/HSCAN step of a name search
 SCAN_PARALLEL: Final = 8  # shards scanned at once
 PIPELINE_CHUNK: Final = 64  # commands per admin pipeline
-HISTORY_SEPARATOR: Final = "\x1f"  # identity values never contain control characters
+# Joins history entries and the declared fields: identity values never contain controls.
+SEPARATOR: Final = "\x1f"
 
 _OUTCOMES: Final = tuple(Outcome)  # reply code -> Outcome, without the enum constructor
 _POLICY_DEVICE: Final = "device"
@@ -244,13 +245,17 @@ class Store:
             "1" if upload else "0",
             self._history_size,
             identity.id,
-            # ARGV[7..12]: the declared fields in DEVICE_FIELDS order, "" when absent.
-            identity.application or "",
-            identity.application_version or "",
-            identity.os or "",
-            identity.os_version or "",
-            identity.manufacturer or "",
-            identity.model or "",
+            # ARGV[7]: the declared fields in DEVICE_FIELDS order, "" when absent, joined.
+            SEPARATOR.join(
+                [
+                    identity.application or "",
+                    identity.application_version or "",
+                    identity.os or "",
+                    identity.os_version or "",
+                    identity.manufacturer or "",
+                    identity.model or "",
+                ]
+            ),
             "0" if registration is None else "1",
         )
         reply = await self._call(keys, args)
@@ -592,5 +597,5 @@ _FIELD_BY_KEY: Final = dict(zip(K.DEVICE_FIELD_KEYS, DEVICE_FIELDS, strict=True)
 
 
 def _history_entry(raw: str) -> HistoryEntry:
-    at, field, old, new = raw.split(HISTORY_SEPARATOR)
+    at, field, old, new = raw.split(SEPARATOR)
     return HistoryEntry(at=int(at), field=_FIELD_BY_KEY.get(field, field), old=old, new=new)

@@ -8,7 +8,8 @@ they only ever come after the tag, and only the first `{...}` of a key is its ta
 
     <p>:{dNNN}:dev:<id>     hash    the device record (short field names, see FIELD_*),
                                     with the rate-limit override in `rr`/`rb` when set and
-                                    the token bucket "<milli-tokens>:<us>" in `tb`
+                                    the token bucket "<milli-tokens>:<us>" in `tb` and
+                                    the last declared fields, joined, in `df`
     <p>:{dNNN}:hist:<id>    list    change history, newest first, capped
     <p>:{dNNN}:active       zset    id -> last activity (ms): last request, or blocked_at if none
     <p>:{dNNN}:blocked      zset    blocked ids -> last activity (ms), same score as in active
@@ -37,6 +38,9 @@ FIELD_BLOCKED_AT = "b"
 FIELD_OVERRIDE_RATE = "rr"  # milli-tokens per second
 FIELD_OVERRIDE_BURST = "rb"
 FIELD_BUCKET = "tb"  # the device's token bucket, read and written by enforce.lua only
+# The declared fields as enforce.lua last saw them, joined by the unit separator: while a
+# device declares the same, the script neither reads nor compares the six fields.
+FIELD_DECLARED = "df"
 # Declared device fields, in gateway.model.DEVICE_FIELDS order.
 DEVICE_FIELD_KEYS = ("a", "av", "o", "ov", "mf", "md")
 

@@ -1,6 +1,7 @@
 -- enforce.lua: the one call per request. Block check, token bucket, device upsert,
 -- change history and index updates, atomically, in as few Redis commands as possible
--- (a known device costs TIME, HMGET and HSET; the index only moves once a second).
+-- (a known device that declares what it declared before costs TIME, HMGET and HSET; the
+-- index only moves once a second).
 --
 -- Two modes, told apart by the number of KEYS:
 --   device (4 KEYS): KEYS[1] record hash (its field `tb` holds the device's bucket),
@@ -12,9 +13,12 @@
 -- ARGV[4]  "1" when the method counts as a data upload, else "0"   (device mode)
 -- ARGV[5]  history cap, entries (integer >= 0)                       (device mode)
 -- ARGV[6]  device id                                                 (device mode)
--- ARGV[7..12] application, application_version, os, os_version, manufacturer, model;
---          "" when the request did not declare it (the stored value is kept)
--- ARGV[13] "1": a new device must first be approved by its address's registration budget
+-- ARGV[7]  the declared application, application_version, os, os_version, manufacturer
+--          and model, joined by "\31" (a control character, never in a valid value); an
+--          empty one was not declared (the stored value is kept). The record keeps the last
+--          one in `df`: while a device declares the same, its six fields are neither read
+--          nor compared.
+-- ARGV[8]  "1": a new device must first be approved by its address's registration budget
 --          (answer 3 and write nothing); "0": register it (approved, or no budget)
 --
 -- Reply: {outcome, remaining, retry_after_us, full_after_us, rate, burst, new_device}
@@ -103,14 +107,13 @@ local device_id = ARGV[6]
 local now_ms = math.floor(now_us / 1000)
 
 local FIELDS = {'a', 'av', 'o', 'ov', 'mf', 'md'}
-local current = redis.call('HMGET', record,
-  'rc', 'dc', 'b', 'la', 'rr', 'rb', 'a', 'av', 'o', 'ov', 'mf', 'md', 'tb')
+local current = redis.call('HMGET', record, 'rc', 'dc', 'b', 'la', 'rr', 'rb', 'tb', 'df')
 local requests = tonumber(current[1] or '0')
 local denied = tonumber(current[2] or '0')
 local is_new = not current[1]
 local is_blocked = current[3] ~= false
 local last = tonumber(current[4] or '0')
-if is_new and ARGV[13] == '1' then
+if is_new and ARGV[8] == '1' then
   return {3, 0, 0, 0, rate, burst, 1}
 end
 
@@ -122,7 +125,7 @@ else
     rate = tonumber(current[5])
     burst = tonumber(current[6])
   end
-  reply, new_state = take(current[13])
+  reply, new_state = take(current[7])
 end
 reply[7] = is_new and 1 or 0
 if reply[1] ~= 0 then
@@ -144,17 +147,28 @@ if new_state then
   updates[#updates + 1] = 'tb'
   updates[#updates + 1] = new_state
 end
-for i = 1, 6 do
-  local declared = ARGV[6 + i]
-  if declared ~= '' then
-    local old = current[6 + i]
-    if old ~= declared then
-      updates[#updates + 1] = FIELDS[i]
-      updates[#updates + 1] = declared
-      -- A first value is information, not a change: only a differing stored value is history.
-      if old and history_cap > 0 then
-        redis.call('LPUSH', history, table.concat({int(stamp), FIELDS[i], old, declared}, '\31'))
-        redis.call('LTRIM', history, 0, history_cap - 1)
+-- The declared fields changed since the last call (or this is the first): compare each.
+local declared_all = ARGV[7]
+if declared_all ~= current[8] then
+  updates[#updates + 1] = 'df'
+  updates[#updates + 1] = declared_all
+  local stored = {}  -- a new record has none
+  if not is_new then
+    stored = redis.call('HMGET', record, 'a', 'av', 'o', 'ov', 'mf', 'md')
+  end
+  local i = 0
+  for declared in string.gmatch(declared_all .. '\31', '([^\31]*)\31') do
+    i = i + 1
+    if declared ~= '' then
+      local old = stored[i]
+      if old ~= declared then
+        updates[#updates + 1] = FIELDS[i]
+        updates[#updates + 1] = declared
+        -- A first value is information, not a change: only a differing stored one is history.
+        if old and history_cap > 0 then
+          redis.call('LPUSH', history, table.concat({int(stamp), FIELDS[i], old, declared}, '\31'))
+          redis.call('LTRIM', history, 0, history_cap - 1)
+        end
       end
     end
   end
