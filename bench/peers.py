@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -179,6 +180,14 @@ def scale_steps(devices_max: int) -> list[int]:
 # ---- machine ----
 
 
+def gateway_build() -> str:
+    """How the gateway under test is built (bench/run runs it from this interpreter's venv):
+    its data plane compiled with mypyc, or plain Python."""
+    spec = importlib.util.find_spec("gateway.dataplane.exchange")
+    origin = (spec.origin or "") if spec else ""
+    return "compiled (mypyc)" if origin.endswith(".so") else "plain Python"
+
+
 def machine_info(nginx: str | None, wrk: str | None, redis_server: str | None) -> dict[str, Any]:
     """What the figures depend on: CPUs, versions, the commit measured."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -202,6 +211,7 @@ def machine_info(nginx: str | None, wrk: str | None, redis_server: str | None) -
         "wrk": version_of([wrk, "-v"]) if wrk else None,
         "redis": version_of([redis_server, "--version"]) if redis_server else None,
         "packages": packages,
+        "gateway_build": gateway_build(),
         "commit": f"{commit}{' (gateway/ modified)' if dirty else ''}" if commit else None,
         "loadavg_at_start": os.getloadavg(),
     }

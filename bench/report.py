@@ -51,7 +51,8 @@ def report(results: dict[str, Any]) -> str:
     redis_v = short_version(info["redis"], r"v=(\S+)")
     parts = [
         f"devicegate bench, started {results['started']}: {info['usable_cpus']} CPUs "
-        f"({info['cpu_model']}), {info['python']}, commit {info['commit']}",
+        f"({info['cpu_model']}), {info['python']}, gateway "
+        f"{info.get('gateway_build', 'plain Python')}, commit {info['commit']}",
         f"nginx {nginx}, wrk {wrk}, redis {redis_v}, "
         f"uvloop {info['packages'].get('uvloop', '-')}; load {results['settings']['load_tool']} "
         f"-c{opts.connections} over {opts.devices:,} device ids, {opts.duration:g} s runs, "

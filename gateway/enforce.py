@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from gateway.config import Settings
 from gateway.errors import IdentityError, StoreUnavailable
@@ -47,6 +47,14 @@ class Verdict:
     headers: dict[str, str] | None
     decision: str
     device_id: str | None = None
+
+
+class Decider(Protocol):
+    """What the data plane asks of every request (the Enforcer, or a test's stand-in)."""
+
+    async def check(
+        self, method: str, headers: HeaderLookup, peer: str | None, content_length: int | None
+    ) -> Verdict: ...
 
 
 class Enforcer:

@@ -46,8 +46,10 @@ _ID_OK: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
 # C0, DEL, C1, the Unicode line/paragraph separators (they break log lines just like \n),
 # and lone surrogates: aiohttp decodes header bytes with "surrogateescape", so invalid UTF-8
 # arrives as U+DC80-U+DCFF, which neither orjson nor redis-py could encode later.
-_FIELD_BAD: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]").search
+_FIELD_BAD: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]").search
 _NONE: Final[tuple[str, ...]] = ()
+# The lone-surrogate range, built at import: mypyc takes no surrogate in a string literal.
+_SURROGATES: Final = (chr(0xD800), chr(0xDFFF))
 
 _REPEATED: Final = "sent more than once"
 _ID_EMPTY: Final = "must not be empty"
@@ -70,9 +72,9 @@ class FieldValues(dict[str, list[str]]):
 
     __slots__ = ()
 
-    # The values of header `key` (lower-cased), or `default`: dict.get itself, so a lookup
-    # runs no Python frame.
-    getall = dict.get
+    def getall(self, key: str, default: Sequence[str], /) -> Sequence[str]:
+        """The values of header `key` (lower-cased), or `default`."""
+        return self.get(key, default)
 
 
 class IdentityReader:
@@ -112,7 +114,11 @@ class IdentityReader:
                 raise IdentityError(name, _FIELD_LONG)
             bad = _FIELD_BAD(value)
             if bad is not None:
-                problem = _FIELD_UTF8 if "\ud800" <= bad.group() <= "\udfff" else _FIELD_CONTROL
+                problem = (
+                    _FIELD_UTF8
+                    if _SURROGATES[0] <= bad.group() <= _SURROGATES[1]
+                    else _FIELD_CONTROL
+                )
                 raise IdentityError(name, problem)
             values.append(value or None)
         return DeviceIdentity(device_id, *values)

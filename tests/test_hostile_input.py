@@ -179,7 +179,10 @@ async def start_gateway(upstream: CountingUpstream) -> AsyncIterator[StartGatewa
     gateway_log.addHandler(errors)
 
     async def start(
-        *, upstream_timeout: float = 5.0, prepare: Callable[[DataPlane], object] | None = None
+        *,
+        upstream_timeout: float = 5.0,
+        wrap: Callable[[Callable[[], ClientConnection]], Callable[[], asyncio.Protocol]]
+        | None = None,
     ) -> Gateway:
         config = {
             "upstream": {"url": upstream.url, "timeout": upstream_timeout},
@@ -192,9 +195,11 @@ async def start_gateway(upstream: CountingUpstream) -> AsyncIterator[StartGatewa
         store = Store.memory()
         await store.start()
         plane = DataPlane(settings, store, Metrics())
-        if prepare is not None:
-            prepare(plane)
-        server = await start_public(plane, "127.0.0.1", 0)
+        if wrap is None:
+            server = await start_public(plane, "127.0.0.1", 0)
+        else:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(wrap(plane.protocol), "127.0.0.1", 0)
         started.append((server, plane, store))
         return Gateway(server.sockets[0].getsockname()[1], plane, store, upstream, errors)
 
@@ -491,23 +496,45 @@ EDGES = {
 
 
 class CountingReads:
-    """Wraps the plane's protocol factory to count data_received calls (proves 1-byte reads)."""
+    """Counts data_received calls of the client connections it wraps (proves 1-byte reads).
 
-    def __init__(self, plane: DataPlane) -> None:
+    It wraps the protocols rather than patching them: the data plane may run compiled, and a
+    compiled class's methods cannot be replaced on an instance.
+    """
+
+    def __init__(self) -> None:
         self.reads = 0
-        self._factory = plane.protocol
-        plane.protocol = self  # type: ignore[method-assign]
 
-    def __call__(self) -> ClientConnection:
-        conn = self._factory()
-        received = conn.data_received
+    def wrap(self, factory: Callable[[], ClientConnection]) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory whose protocols count their reads, then pass everything on."""
+        return lambda: _CountedConnection(factory(), self)
 
-        def counted(data: bytes) -> None:
-            self.reads += 1
-            received(data)
 
-        conn.data_received = counted  # type: ignore[method-assign]
-        return conn
+class _CountedConnection(asyncio.Protocol):
+    """A client connection seen through a counter of its reads."""
+
+    def __init__(self, inner: ClientConnection, counter: CountingReads) -> None:
+        self._inner = inner
+        self._counter = counter
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._counter.reads += 1
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
 def x_headers(head_lines: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -521,8 +548,8 @@ def x_headers(head_lines: list[bytes]) -> list[tuple[bytes, bytes]]:
 async def test_head_size_limits_at_the_edge(
     start_gateway: StartGateway, connect: Connect, edge: Edge, delivery: str
 ) -> None:
-    counter: list[CountingReads] = []
-    gateway = await start_gateway(prepare=lambda plane: counter.append(CountingReads(plane)))
+    counter = CountingReads()
+    gateway = await start_gateway(wrap=counter.wrap)
     client = await connect(gateway)
     if delivery == "whole":
         await client.send(edge.request)
@@ -535,7 +562,7 @@ async def test_head_size_limits_at_the_edge(
         finally:
             reading.cancel()
         # Delivered byte by byte: the limits hold across llhttp callbacks, not per read.
-        assert counter[0].reads >= 0.9 * sent
+        assert counter.reads >= 0.9 * sent
     upstream = gateway.upstream
     assert answer.status == edge.status
     if edge.status == 200:

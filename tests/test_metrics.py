@@ -8,21 +8,13 @@ import aiohttp
 from aiohttp import web
 
 from gateway.admin import create_admin_app
-from gateway.config import parse_config
+from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
-from gateway.enforce import Enforcer
-from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.store import Store
+from tests.conftest import free_port
 
 TOKEN = "metrics-test-token-0123456789"
-
-
-class DownStore:
-    blocked: frozenset[str] = frozenset()
-
-    async def enforce(self, *args: Any, **kwargs: Any) -> Any:
-        raise StoreUnavailable("Redis failed: connection refused")
 
 
 def test_render_is_prometheus_text() -> None:
@@ -52,8 +44,9 @@ async def test_open_mode_counts_store_failures_and_admin_shows_them(aiohttp_clie
     )
     metrics = Metrics()
     store = Store.memory()
-    plane = DataPlane(settings, store, metrics)
-    plane.enforcer = Enforcer(settings, DownStore(), metrics)  # type: ignore[arg-type]
+    # The data plane's store is a Redis that refuses connections: nothing listens there.
+    down = Store.from_settings(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.5))
+    plane = DataPlane(settings, down, metrics)
     server = await start_public(plane, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with aiohttp.ClientSession() as http:
@@ -63,6 +56,7 @@ async def test_open_mode_counts_store_failures_and_admin_shows_them(aiohttp_clie
     server.close()
     await plane.shutdown(1.0)
     await server.wait_closed()
+    await down.close()
     assert metrics.store_failures == 2
     assert metrics.decisions["store_down_open"] == 2
 

@@ -18,19 +18,20 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
-from gateway.enforce import FORWARD, Enforcer, Verdict
+from gateway.enforce import FORWARD, Verdict
+from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
 from gateway.store import Store
 from tests.conftest import free_port
@@ -130,7 +131,7 @@ class AllowAll:
     async def check(
         self,
         method: str,
-        headers: MultiMapping[str],
+        headers: HeaderLookup,
         peer: str | None,
         content_length: int | None,
     ) -> Verdict:
@@ -185,7 +186,7 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
         plane = DataPlane(settings, store, Metrics())
         if enforcer == "stub":
             # The plane only awaits check(); the stub has that one method.
-            plane.enforcer = cast(Enforcer, AllowAll(extra_headers))
+            plane.enforcer = AllowAll(extra_headers)
         listener = await start_public(plane, "127.0.0.1", 0)
         port = listener.sockets[0].getsockname()[1]
         http = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}", auto_decompress=False)

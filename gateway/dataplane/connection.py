@@ -21,7 +21,7 @@ from gateway.config import DeviceHeaders, Settings
 from gateway.dataplane import wire
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.upstream import UpstreamPool
-from gateway.enforce import Enforcer
+from gateway.enforce import Decider, Enforcer
 from gateway.identity import FieldValues
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics
@@ -51,7 +51,7 @@ class DataPlane:
 
     def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
         self.metrics = metrics or Metrics()
-        self.enforcer = Enforcer(settings, store, self.metrics)
+        self.enforcer: Decider = Enforcer(settings, store, self.metrics)
         self.pool = UpstreamPool(settings.upstream)
         self.timeout = settings.upstream.timeout
         self.max_body = settings.limits.max_body_bytes

@@ -1,0 +1,40 @@
+"""Optional compiled build: DEVICEGATE_COMPILE=1 compiles the data plane with mypyc.
+
+Everything else (metadata, dependencies, entry points) is in pyproject.toml. The compiled
+modules are the ones every proxied request runs through; they stay plain, typed Python, and
+without DEVICEGATE_COMPILE (the default, and every editable install) they run as such.
+Compiling needs a C compiler, the Python headers and mypy in the build environment:
+
+    pip install setuptools mypy
+    DEVICEGATE_COMPILE=1 pip install --no-build-isolation '.[speed]'
+
+bench/run and the Docker image build it so; CI runs the whole test suite on both builds.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+
+# The request's path: parsing and framing, the exchange, the upstream pool, the verdict and
+# the one script call's packing. The admin side and the Store's redis-py code stay plain.
+HOT_MODULES = [
+    "gateway/dataplane/wire.py",
+    "gateway/dataplane/exchange.py",
+    "gateway/dataplane/connection.py",
+    "gateway/dataplane/upstream.py",
+    "gateway/enforce.py",
+    "gateway/identity.py",
+    "gateway/ratelimit.py",
+    "gateway/store/pipeline.py",
+    "gateway/store/keys.py",
+]
+
+ext_modules = []
+if os.environ.get("DEVICEGATE_COMPILE") == "1":
+    from mypyc.build import mypycify
+
+    ext_modules = mypycify(HOT_MODULES, opt_level="3")
+
+setup(ext_modules=ext_modules)
