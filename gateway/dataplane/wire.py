@@ -76,7 +76,7 @@ def _named(value: bytes, named: frozenset[bytes] | None) -> frozenset[bytes] | N
         return named  # the usual `keep-alive` or `close`: nothing to split
     extra = [t for t in _tokens(value) if t not in _ALWAYS_DROPPED]
     if not extra:
-        return named  # `close` or `keep-alive`: the common case, nothing more to drop
+        return named  # only `close` / `keep-alive` tokens: nothing more to drop
     return (named or frozenset()).union(extra)
 
 

@@ -246,16 +246,7 @@ class Store:
             self._history_size,
             identity.id,
             # ARGV[7]: the declared fields in DEVICE_FIELDS order, "" when absent, joined.
-            SEPARATOR.join(
-                [
-                    identity.application or "",
-                    identity.application_version or "",
-                    identity.os or "",
-                    identity.os_version or "",
-                    identity.manufacturer or "",
-                    identity.model or "",
-                ]
-            ),
+            SEPARATOR.join([value or "" for value in identity.fields()]),
             "0" if registration is None else "1",
         )
         reply = await self._call(keys, args)
