@@ -17,8 +17,9 @@ import os
 
 from setuptools import setup
 
-# The request's path: parsing and framing, the exchange, the upstream pool, the verdict and
-# the one script call's packing. The admin side and the Store's redis-py code stay plain.
+# The request's path: parsing and framing, the exchange, the upstream pool, the verdict, the
+# one script call's packing and circuit breaker, the counters and the value types. The admin
+# side and the Store's redis-py code stay plain.
 HOT_MODULES = [
     "gateway/dataplane/wire.py",
     "gateway/dataplane/exchange.py",
@@ -29,6 +30,9 @@ HOT_MODULES = [
     "gateway/ratelimit.py",
     "gateway/store/pipeline.py",
     "gateway/store/keys.py",
+    "gateway/store/breaker.py",
+    "gateway/metrics.py",
+    "gateway/model.py",
 ]
 
 ext_modules = []
