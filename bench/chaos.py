@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -195,16 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbench/chaos: interrupted; stopping everything", file=sys.stderr)
         code = EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
         procs.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     results["passed"] = code == 0
     print(f"\n{render_table(outcomes)}" if outcomes else "\nno scenario ran")
     print(f"\nresults: {write_results(results, opts.output)}")
-    if code or opts.keep_workdir:
-        print(f"configs and logs kept in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    procs.clean_up(keep=bool(code) or opts.keep_workdir)
     return code
 
 

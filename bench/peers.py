@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -535,16 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbench: interrupted; stopping everything", file=sys.stderr)
         code = 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
         procs.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if "targets" in results:
         print(f"\n{report(results)}")
         print(f"\nresults: {write_results(results, opts.output)}")
-    if code or opts.keep_workdir:
-        print(f"configs and logs kept in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    procs.clean_up(keep=bool(code) or opts.keep_workdir)
     return code
 
 

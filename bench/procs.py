@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -103,8 +105,20 @@ class Processes:
             self.procs.remove(proc)
 
     def stop_all(self) -> None:
-        while self.procs:
-            self.procs.pop().stop()
+        """Stop every process; a second Ctrl-C meanwhile must not skip any of them."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            while self.procs:
+                self.procs.pop().stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def clean_up(self, *, keep: bool) -> None:
+        """Remove the workdir (configs and logs), or say where it is kept."""
+        if keep:
+            print(f"configs and logs kept in {self.workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def wait_until(
