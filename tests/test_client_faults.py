@@ -299,6 +299,16 @@ def sockets() -> Iterator[Sockets]:
 UPLOAD_SIZE: Final = 1_000_000
 
 
+def leave(writer: asyncio.StreamWriter, close: str) -> float:
+    """Hang up as `close` says ("rst": a reset, else a FIN); when it happened."""
+    left = time.monotonic()
+    if close == "rst":
+        rst(writer.transport)
+    else:
+        writer.close()
+    return left
+
+
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_mid_upload_aborts_the_upstream_request(
     start_gateway: StartGateway, upstream: CountingUpstream, close: str
@@ -316,11 +326,7 @@ async def test_client_leaving_mid_upload_aborts_the_upstream_request(
             while upstream.arrived < 1:  # the head is upstream: the body is being forwarded
                 await asyncio.sleep(0.01)
         assert not upstream.seen
-        left = time.monotonic()
-        if close == "rst":
-            rst(writer.transport)
-        else:
-            writer.close()
+        left = leave(writer, close)
         async with asyncio.timeout(WAIT):
             while not upstream.seen:
                 await asyncio.sleep(0.01)
@@ -364,11 +370,7 @@ async def test_client_leaving_mid_download_releases_the_upstream_connection(
         assert MARK.lower().encode() in head.lower()
         assert b"d" * 1000 in await asyncio.wait_for(reader.readexactly(65536), WAIT)
         assert upstream.in_progress == 1
-        left = time.monotonic()
-        if close == "rst":
-            rst(writer.transport)
-        else:
-            writer.close()
+        left = leave(writer, close)
         async with asyncio.timeout(WAIT):
             while upstream.in_progress:  # the handler ends once a write meets the close
                 await asyncio.sleep(0.01)
