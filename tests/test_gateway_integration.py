@@ -8,6 +8,7 @@ it". Stores get the fake clock: the token bucket is driven by `clock.advance`, n
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -889,10 +890,13 @@ async def test_serve_runs_both_listeners_until_stop_is_set(
     )
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+    frozen: list[int] = []
 
     async def on_ready(running: Running) -> None:
+        frozen.append(gc.get_freeze_count())
         ready.set_result(running)
 
+    gc.unfreeze()  # earlier tests' serve() froze their own start-up
     task = asyncio.create_task(serve(settings, on_ready=on_ready, stop=stop))
     try:
         waiters: set[asyncio.Future[Any]] = {task, ready}
@@ -901,6 +905,8 @@ async def test_serve_runs_both_listeners_until_stop_is_set(
             task.result()  # raises what stopped it
         assert ready.done(), "serve() did not call on_ready"
         running = ready.result()
+        # What start-up built is out of the collector's sight before the first request.
+        assert frozen and frozen[0] > 1000, frozen
         assert running == Running(
             public_url=f"http://127.0.0.1:{public_port}",
             admin_url=f"http://127.0.0.1:{admin_port}",
@@ -919,6 +925,7 @@ async def test_serve_runs_both_listeners_until_stop_is_set(
         if not task.done():
             stop.set()
             await asyncio.wait_for(task, WAIT)
+        gc.unfreeze()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as fresh:
         with pytest.raises(aiohttp.ClientConnectionError):
             await call(fresh, "GET", f"http://127.0.0.1:{public_port}/")
