@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 from gateway.admin_client import AdminClient
 from gateway.errors import AdminClientError
+from gateway.loadtest.clock import precise_loop
 from gateway.loadtest.enforcement import EnforcementResult, check
 from gateway.loadtest.fleet import Fleet, build_fleet, choose_blocked
 from gateway.loadtest.fleet_admin import block_all, own_buckets, unblock_all
@@ -126,7 +127,14 @@ def _write_outputs(options: Options, report: dict[str, Any]) -> None:
 
 
 def run_blocking(options: Options, out: TextIO, err: TextIO) -> int:
-    """Run the command on uvloop when it is installed, else on asyncio's loop."""
+    """Run the command: open loop on the loop with precise timers, closed loop on uvloop.
+
+    Closed loop wants throughput, and uvloop gives it; open loop wants each send on time,
+    and uvloop's timers tick in whole milliseconds (see `clock`).
+    """
+    if options.spec.open_loop:
+        with asyncio.Runner(loop_factory=precise_loop) as runner:
+            return runner.run(execute(options, out, err))
     try:
         import uvloop
     except ImportError:
