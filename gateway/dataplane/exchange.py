@@ -37,16 +37,11 @@ REASON_BODY_TIMEOUT: Final = "Request body timeout"
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 BUFFER_LIMIT: Final = 1 << 20  # request body held while the verdict is pending; then pause
 
-# Attempt outcomes.
-_DONE: Final = 0
-_RETRY: Final = 1
-
 
 class Exchange:
     """One request from head to the end of its answer."""
 
     __slots__ = (
-        "_attempt",
         "_body_bytes",
         "_buffer",
         "_buffered",
@@ -57,6 +52,7 @@ class Exchange:
         "_retried",
         "_reused",
         "_sent_body",
+        "_settled",
         "_upstream",
         "body_done",
         "chunked",
@@ -110,7 +106,7 @@ class Exchange:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._upstream: UpstreamConnection | None = None
-        self._attempt: asyncio.Future[int] | None = None
+        self._settled = False  # the current upstream attempt ended (answered, failed, cut)
         self._reused = False
         self._retried = False
         self._sent_body = False
@@ -131,27 +127,30 @@ class Exchange:
 
     # -- the request's course ------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Decide, forward, and wait for the answer to be complete."""
-        plane = self.conn.plane
+    async def run(self, retry: bool = False) -> None:
+        """Decide, then send the request upstream (`retry`: send it again, decided already).
+
+        The task ends once the request is on its way: the upstream's events carry the
+        answer to the client and end the exchange, with no task waiting for them.
+        """
         try:
-            verdict = await plane.enforcer.check(
-                self.method.decode("latin-1"),
-                self.fields,
-                self.conn.peer,
-                self.content_length,
-            )
-            self.decision = verdict.decision
-            self.device_id = verdict.device_id
-            if self.finished:
-                return  # answered meanwhile (body over the limit)
-            if verdict.status != FORWARD:
-                self._answer_verdict(verdict)
-                return
-            self.verdict_headers = verdict.headers
-            self.upstream_started = time.perf_counter()
-            while await self._forward() == _RETRY:
-                pass
+            if not retry:
+                verdict = await self.conn.plane.enforcer.check(
+                    self.method.decode("latin-1"),
+                    self.fields,
+                    self.conn.peer,
+                    self.content_length,
+                )
+                self.decision = verdict.decision
+                self.device_id = verdict.device_id
+                if self.finished:
+                    return  # answered meanwhile (body over the limit)
+                if verdict.status != FORWARD:
+                    self._answer_verdict(verdict)
+                    return
+                self.verdict_headers = verdict.headers
+                self.upstream_started = time.perf_counter()
+            await self._forward()
         except asyncio.CancelledError:
             self._finish()
             raise
@@ -166,23 +165,23 @@ class Exchange:
     def _answer_verdict(self, verdict: Verdict) -> None:
         self.answer(verdict.status, verdict.reason, verdict.headers)
 
-    async def _forward(self) -> int:
-        """One upstream attempt; _RETRY when a stale pooled connection may be tried again."""
+    async def _forward(self) -> None:
+        """One upstream attempt: a connection, then the request head and what body is here."""
         plane = self.conn.plane
         try:
             upstream, self._reused = await plane.pool.acquire()
         except PoolExhausted:
             self.answer(503, REASON_BUSY, self.verdict_headers, retry_after=True)
-            return _DONE
+            return
         except UpstreamUnreachable as exc:
             log.warning("upstream unreachable: %s", exc)
             self.answer(502, REASON_UNREACHABLE, self.verdict_headers)
-            return _DONE
+            return
         if self.finished:
             plane.pool.release(upstream)
-            return _DONE
+            return
         loop = self.conn.loop
-        self._attempt = loop.create_future()
+        self._settled = False
         self._upstream = upstream
         upstream.begin(self, head_request=self.method == b"HEAD")
         content_length = self.content_length
@@ -215,7 +214,6 @@ class Exchange:
         self.conn.resume_reading()
         self._last_io = loop.time()
         self._deadline = loop.call_at(self._last_io + plane.timeout, self._on_deadline)
-        return await self._attempt
 
     # -- client events -------------------------------------------------------------------
 
@@ -268,7 +266,7 @@ class Exchange:
             self.answer(status, reason, self.verdict_headers)
         else:
             self.conn.abort()
-        self._resolve(_DONE)
+        self._settle()
 
     def client_lost(self) -> None:
         """The client went away: drop the upstream side (an upload stays incomplete)."""
@@ -277,7 +275,7 @@ class Exchange:
             upstream.abort()
         if self.status == 0:
             self.status = 499
-        self._resolve(_DONE)
+        self._settle()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self._finish()
@@ -336,7 +334,7 @@ class Exchange:
                 self.conn.plane.pool.release(upstream)
             else:
                 upstream.abort()
-        self._resolve(_DONE)
+        self._settle()
 
     def on_upstream_flush(self) -> None:
         """Send what one upstream read produced, in one write."""
@@ -344,7 +342,7 @@ class Exchange:
             self.conn.write(b"".join(self._out))
             self._out = []
             self._last_io = self.conn.loop.time()
-        if self._attempt is not None and self._attempt.done():
+        if self._settled:
             self._finish()
 
     def on_upstream_failed(self, exc: BaseException) -> None:
@@ -357,7 +355,7 @@ class Exchange:
             log.warning("upstream broke mid-response: %r", exc)
             self._out = []
             self.conn.abort()
-            self._resolve(_DONE)
+            self._settle()
             self._finish()
             return
         if (
@@ -369,7 +367,7 @@ class Exchange:
         ):
             self._retried = True  # a pooled connection the upstream had closed: try a new one
             self._cancel_deadline()
-            self._resolve(_RETRY)
+            self.task = self.conn.loop.create_task(self.run(retry=True))
             return
         parse_error = not isinstance(exc, OSError | UpstreamError)
         log.warning("upstream failed: %r", exc)
@@ -414,7 +412,7 @@ class Exchange:
             upstream, self._upstream = self._upstream, None
             upstream.abort()
             self.conn.abort()
-            self._resolve(_DONE)
+            self._settle()
             self._finish()
             return
         upstream, self._upstream = self._upstream, None
@@ -456,13 +454,11 @@ class Exchange:
                 head_only=self.method == b"HEAD",
             )
         )
-        self._resolve(_DONE)
+        self._settle()
         self._finish()
 
-    def _resolve(self, outcome: int) -> None:
-        attempt = self._attempt
-        if attempt is not None and not attempt.done():
-            attempt.set_result(outcome)
+    def _settle(self) -> None:
+        self._settled = True
 
     def _finish(self) -> None:
         """Log once, then let the connection go on to its next request (or close)."""
