@@ -34,7 +34,7 @@ ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 FORWARD: Final = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # its own __init__: compiled, unlike a generated one
 class Verdict:
     """What to do with one request: forward it (status 0) or answer `status` with `reason`.
 
@@ -46,7 +46,21 @@ class Verdict:
     reason: str
     headers: dict[str, str] | None
     decision: str
-    device_id: str | None = None
+    device_id: str | None
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: dict[str, str] | None,
+        decision: str,
+        device_id: str | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.decision = decision
+        self.device_id = device_id
 
 
 class Decider(Protocol):

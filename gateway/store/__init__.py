@@ -288,14 +288,9 @@ class Store:
             if rate_milli == bucket.rate_milli and burst == bucket.burst
             else Bucket(rate=rate_milli / 1000, burst=burst)
         )
+        # Positional: a compiled class's keyword arguments are parsed by name, per call.
         return Decision(
-            outcome=_OUTCOMES[outcome],
-            remaining=remaining,
-            retry_after_us=retry_after,
-            full_after_us=full_after,
-            bucket=applied,
-            policy=policy,
-            new_device=bool(new),
+            _OUTCOMES[outcome], remaining, retry_after, full_after, applied, policy, bool(new)
         )
 
     # -- admin: one device -----------------------------------------------------------
