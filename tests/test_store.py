@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any
 
 import pytest
 
@@ -480,17 +481,40 @@ async def test_new_devices_are_charged_to_their_address_budget(
     assert total == 4
 
 
-async def test_a_known_device_costs_one_call_a_new_one_three(store: Store) -> None:
-    calls: list[int] = []
-    original = store._call
+async def test_a_known_device_costs_one_call_a_new_one_three(clock: FakeClock) -> None:
+    store = Store.memory(clock=clock)
+    await store.start()  # the script is loaded: no NOSCRIPT retry in the count
+    calls: list[int] = []  # the number of keys of each enforce.lua call
+    hot = store._hot
+    original = hot.evalsha
 
-    async def counting(keys, args):
-        calls.append(len(keys))
-        return await original(keys, args)
+    async def counting(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        calls.append(numkeys)
+        return await original(sha, numkeys, *keys_and_args)
 
-    store._call = counting  # type: ignore[method-assign]
-    await register(store, "fresh")
-    assert calls == [4, 1, 4]  # enforce (asks), the address budget (one key), enforce again
-    calls.clear()
-    await register(store, "fresh")
-    assert calls == [4]
+    hot.evalsha = counting  # type: ignore[method-assign]
+    try:
+        await register(store, "fresh")
+        assert calls == [4, 1, 4]  # enforce (asks), the address budget (one key), enforce again
+        calls.clear()
+        await register(store, "fresh")
+        assert calls == [4]
+    finally:
+        await store.close()
+
+
+async def test_a_known_device_costs_one_round_trip_on_real_redis(
+    real_redis: RedisServer, clock: FakeClock
+) -> None:
+    settings = RedisSettings(url=real_redis.url, timeout=2.0)
+    store = Store.from_settings(settings, clock=clock)
+    await store.start()
+    try:
+        reset_stats(real_redis)
+        await register(store, "fresh")
+        assert command_stats(real_redis)["evalsha"]["calls"] == 3
+        reset_stats(real_redis)
+        await register(store, "fresh")
+        assert command_stats(real_redis)["evalsha"]["calls"] == 1
+    finally:
+        await store.close()

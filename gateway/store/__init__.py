@@ -1,10 +1,10 @@
 """The store: the only package that talks to Redis.
 
-`Store.enforce` is the data plane's one round trip per request (enforce.lua); the other
-methods serve the admin API. Two clients: a hot one bounded by `redis.timeout` for the
-data plane, and an admin one with a longer bound for listing in chunks, so an admin list
-never queues in front of requests. Every Redis failure is wrapped here, once, into
-`StoreUnavailable`.
+`Store.enforce` is the data plane's one round trip per request (enforce.lua, run by
+`gateway.store.hot`); the other methods serve the admin API. Two clients: a hot one
+bounded by `redis.timeout` for the data plane, and an admin one with a longer bound for
+listing in chunks, so an admin list never queues in front of requests. Every Redis failure
+is wrapped here, once, into `StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ from gateway.errors import StoreUnavailable
 from gateway.model import (
     DEVICE_FIELDS,
     Bucket,
-    Decision,
     Device,
-    DeviceIdentity,
     HistoryEntry,
-    Outcome,
 )
 from gateway.store import keys as K
 from gateway.store.blocked import BlockedSet
 from gateway.store.breaker import CircuitBreaker
+from gateway.store.hot import SEPARATOR, HotPath
 from gateway.store.keys import SHARDS, KeySchema
 from gateway.store.pipeline import ScriptPipeline
 from gateway.typedefs import Clock
@@ -52,13 +50,6 @@ HOT_POOL_SIZE: Final = 64
 SCAN_COUNT: Final = 1000  # entries per ZSCAN/HSCAN step of a name search
 SCAN_PARALLEL: Final = 8  # shards scanned at once
 PIPELINE_CHUNK: Final = 64  # commands per admin pipeline
-# Joins history entries and the declared fields: identity values never contain controls.
-SEPARATOR: Final = "\x1f"
-
-_OUTCOMES: Final = tuple(Outcome)  # reply code -> Outcome, without the enum constructor
-_POLICY_DEVICE: Final = "device"
-_POLICY_ANONYMOUS: Final = "anonymous"
-_POLICY_REGISTRATION: Final = "registration"
 
 
 def _script(name: str) -> str:
@@ -116,13 +107,23 @@ class Store:
         self.blocked = BlockedSet(admin, self._keys)
         self._timeout = timeout
         self._admin_timeout = admin_timeout
-        self._history_size = str(history_size)
         self._clock = clock
         self._enforce = hot.register_script(_script("enforce.lua"))
         self._block = admin.register_script(_script("block.lua"))
         self._unblock = admin.register_script(_script("unblock.lua"))
         self._rename = admin.register_script(_script("rename.lua"))
         self._delete = admin.register_script(_script("delete.lua"))
+        self._hot_path = HotPath(
+            self._keys,
+            self._breaker,
+            pipeline=pipeline,
+            fallback=self._run_enforce,
+            history_size=history_size,
+            clock=clock,
+        )
+        # The data plane's call, compiled in the compiled build (gateway/store/hot.py):
+        # run(identity, client_ip, bucket, *, upload, registration=None) -> Decision.
+        self.enforce = self._hot_path.enforce
 
     @classmethod
     def from_settings(
@@ -216,82 +217,9 @@ class Store:
     def _now(self) -> str:
         return "" if self._clock is None else str(self._clock())
 
-    # -- data plane ------------------------------------------------------------------
-
-    async def enforce(
-        self,
-        identity: DeviceIdentity | None,
-        client_ip: str,
-        bucket: Bucket,
-        *,
-        upload: bool,
-        registration: Bucket | None = None,
-    ) -> Decision:
-        """Run enforce.lua once: block check, token bucket, upsert, history, indexes.
-
-        With a `registration` budget, a device never seen costs more: its address's budget
-        (a bucket under the address's own hash tag) is charged first, and a refused device
-        leaves no record. A known device costs exactly one call.
-        """
-        if identity is None:
-            keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
-            args: tuple[str | int, ...] = (self._now(), bucket.rate_milli, bucket.burst)
-            return self._decision(await self._call(keys, args), bucket, _POLICY_ANONYMOUS)
-        keys = self._keys.enforce(identity.id)
-        args = (
-            self._now(),
-            bucket.rate_milli,
-            bucket.burst,
-            "1" if upload else "0",
-            self._history_size,
-            identity.id,
-            # ARGV[7]: the declared fields in DEVICE_FIELDS order, "" when absent, joined.
-            SEPARATOR.join([value or "" for value in identity.fields()]),
-            "0" if registration is None else "1",
-        )
-        reply = await self._call(keys, args)
-        if registration is not None and reply[0] == Outcome.UNREGISTERED:
-            budget = await self._call(
-                (self._keys.registration_bucket(client_ip),),
-                (self._now(), registration.rate_milli, registration.burst),
-            )
-            if budget[0] != Outcome.ALLOW:
-                return self._decision(budget, registration, _POLICY_REGISTRATION)
-            reply = await self._call(keys, (*args[:-1], "0"))
-        return self._decision(reply, bucket, _POLICY_DEVICE)
-
-    async def _call(self, keys: Sequence[str], args: Sequence[str | int]) -> list[int]:
-        """One enforce.lua call, through the circuit breaker."""
-        breaker = self._breaker
-        if not breaker.allow():
-            raise StoreUnavailable("Redis is failing; the circuit breaker skips it for now")
-        try:
-            if self._pipeline is not None:
-                # Bounded by the pipeline's own deadline; it raises StoreUnavailable itself.
-                reply = await self._pipeline.call(keys, args)
-            else:
-                reply = await self._guard(self._enforce(keys, args), self._timeout)
-        except StoreUnavailable:
-            breaker.failure()
-            raise
-        except BaseException:
-            breaker.abandon()  # cancelled: neither a success nor a failure of Redis
-            raise
-        breaker.success()
-        return [int(x) for x in reply]
-
-    @staticmethod
-    def _decision(reply: list[int], bucket: Bucket, policy: str) -> Decision:
-        outcome, remaining, retry_after, full_after, rate_milli, burst, new = reply
-        applied = (
-            bucket
-            if rate_milli == bucket.rate_milli and burst == bucket.burst
-            else Bucket(rate=rate_milli / 1000, burst=burst)
-        )
-        # Positional: a compiled class's keyword arguments are parsed by name, per call.
-        return Decision(
-            _OUTCOMES[outcome], remaining, retry_after, full_after, applied, policy, bool(new)
-        )
+    async def _run_enforce(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """enforce.lua through redis-py (the embedded store, which has no pipeline)."""
+        return await self._guard(self._enforce(keys, args), self._timeout)
 
     # -- admin: one device -----------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""The data plane's side of the store: enforce.lua once per request, through the breaker.
+
+Kept apart from the admin side (`gateway.store.Store`) so that the compiled build
+(setup.py) compiles it with the rest of the hot path: every request runs it, the admin
+side is redis-py and needs no compiling. `Store.enforce` is this class's `enforce`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+from gateway.errors import StoreUnavailable
+from gateway.model import Bucket, Decision, DeviceIdentity, Outcome
+from gateway.store.breaker import CircuitBreaker
+from gateway.store.keys import KeySchema
+from gateway.store.pipeline import ScriptPipeline
+from gateway.typedefs import Clock
+
+# Joins history entries and the declared fields: identity values never contain controls.
+SEPARATOR: Final = "\x1f"
+
+_OUTCOMES: Final = tuple(Outcome)  # reply code -> Outcome, without the enum constructor
+_POLICY_DEVICE: Final = "device"
+_POLICY_ANONYMOUS: Final = "anonymous"
+_POLICY_REGISTRATION: Final = "registration"
+
+ScriptCall = Callable[[Sequence[str], Sequence[str | int]], Awaitable[Any]]
+
+
+class HotPath:
+    """enforce.lua per request: over the pipelined connection, or `fallback` (memory://)."""
+
+    def __init__(
+        self,
+        keys: KeySchema,
+        breaker: CircuitBreaker,
+        *,
+        pipeline: ScriptPipeline | None,
+        fallback: ScriptCall,
+        history_size: int,
+        clock: Clock | None,
+    ) -> None:
+        self._keys = keys
+        self._breaker = breaker
+        self._pipeline = pipeline
+        self._fallback = fallback  # bounded in time, failures as StoreUnavailable
+        self._history_size = str(history_size)
+        self._clock = clock
+
+    def _now(self) -> str:
+        return "" if self._clock is None else str(self._clock())
+
+    async def enforce(
+        self,
+        identity: DeviceIdentity | None,
+        client_ip: str,
+        bucket: Bucket,
+        *,
+        upload: bool,
+        registration: Bucket | None = None,
+    ) -> Decision:
+        """Run enforce.lua once: block check, token bucket, upsert, history, indexes.
+
+        With a `registration` budget, a device never seen costs more: its address's budget
+        (a bucket under the address's own hash tag) is charged first, and a refused device
+        leaves no record. A known device costs exactly one call.
+        """
+        if identity is None:
+            keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
+            args: tuple[str | int, ...] = (self._now(), bucket.rate_milli, bucket.burst)
+            return _decision(await self.call(keys, args), bucket, _POLICY_ANONYMOUS)
+        keys = self._keys.enforce(identity.id)
+        args = (
+            self._now(),
+            bucket.rate_milli,
+            bucket.burst,
+            "1" if upload else "0",
+            self._history_size,
+            identity.id,
+            # ARGV[7]: the declared fields in DEVICE_FIELDS order, "" when absent, joined.
+            SEPARATOR.join([value or "" for value in identity.fields()]),
+            "0" if registration is None else "1",
+        )
+        reply = await self.call(keys, args)
+        if registration is not None and reply[0] == Outcome.UNREGISTERED:
+            budget = await self.call(
+                (self._keys.registration_bucket(client_ip),),
+                (self._now(), registration.rate_milli, registration.burst),
+            )
+            if budget[0] != Outcome.ALLOW:
+                return _decision(budget, registration, _POLICY_REGISTRATION)
+            reply = await self.call(keys, (*args[:-1], "0"))
+        return _decision(reply, bucket, _POLICY_DEVICE)
+
+    async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> list[int]:
+        """One enforce.lua call, through the circuit breaker."""
+        breaker = self._breaker
+        if not breaker.allow():
+            raise StoreUnavailable("Redis is failing; the circuit breaker skips it for now")
+        try:
+            if self._pipeline is not None:
+                # Bounded by the pipeline's own deadline; it raises StoreUnavailable itself.
+                reply = await self._pipeline.call(keys, args)
+            else:
+                reply = await self._fallback(keys, args)
+        except StoreUnavailable:
+            breaker.failure()
+            raise
+        except BaseException:
+            breaker.abandon()  # cancelled: neither a success nor a failure of Redis
+            raise
+        breaker.success()
+        return [int(x) for x in reply]
+
+
+def _decision(reply: list[int], bucket: Bucket, policy: str) -> Decision:
+    outcome, remaining, retry_after, full_after, rate_milli, burst, new = reply
+    applied = (
+        bucket
+        if rate_milli == bucket.rate_milli and burst == bucket.burst
+        else Bucket(rate=rate_milli / 1000, burst=burst)
+    )
+    return Decision(
+        _OUTCOMES[outcome], remaining, retry_after, full_after, applied, policy, bool(new)
+    )
