@@ -303,7 +303,9 @@ class Client:
         while True:
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):
+                # Reset: the handshake had completed in the listener's backlog when the
+                # listener closed, so the gateway never accepted it. No request was sent.
                 self.refused_at = time.monotonic()
                 return
             try:
