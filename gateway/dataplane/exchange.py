@@ -466,6 +466,9 @@ class Exchange:
             return
         self.finished = True
         self._cancel_deadline()
+        # The task's coroutine holds this exchange: drop the task, or the pair is a cycle
+        # that only the cyclic collector frees (refcounting frees it now).
+        self.task = None
         self.conn.exchange_done(self)
 
 
