@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from yarl import URL
@@ -92,6 +93,16 @@ def reply(data: bytes, *, close: bool = False) -> Answer:
     return answer
 
 
+@contextlib.contextmanager
+def open_pool(url: URL, *, limit: int, timeout: float) -> Iterator[HttpPool]:
+    """A pool for one test, closed after it (connections aborted, nothing left pending)."""
+    pool = HttpPool(url, limit=limit, timeout=timeout)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 async def fetch(pool: HttpPool, data: bytes = GET) -> tuple[int, RequestFailed | None]:
     done: asyncio.Future[tuple[int, RequestFailed | None]] = (
         asyncio.get_running_loop().create_future()
@@ -104,12 +115,9 @@ async def test_requests_reuse_one_keep_alive_connection(
     serve: Callable[..., Awaitable[Scripted]],
 ) -> None:
     server = await serve(reply(OK))
-    pool = HttpPool(server.url, limit=4, timeout=WAIT)
-    try:
+    with open_pool(server.url, limit=4, timeout=WAIT) as pool:
         assert [await fetch(pool) for _ in range(5)] == [(200, None)] * 5
         assert server.connections == 1 and server.heads == [GET] * 5
-    finally:
-        pool.close()
 
 
 async def test_requests_beyond_the_limit_wait_for_a_connection_in_order(
@@ -120,10 +128,9 @@ async def test_requests_beyond_the_limit_wait_for_a_connection_in_order(
         writer.write(OK)
 
     server = await serve(slow)
-    pool = HttpPool(server.url, limit=2, timeout=WAIT)
     order: list[int] = []
     finished = asyncio.get_running_loop().create_future()
-    try:
+    with open_pool(server.url, limit=2, timeout=WAIT) as pool:
         for i in range(6):
             data = GET.replace(b"/x", f"/{i}".encode())
 
@@ -137,8 +144,6 @@ async def test_requests_beyond_the_limit_wait_for_a_connection_in_order(
         await asyncio.wait_for(finished, WAIT)
         assert server.connections == 2 and pool.connections == 2
         assert sorted(order) == list(range(6)) and order[-2:] in ([4, 5], [5, 4])
-    finally:
-        pool.close()
 
 
 @pytest.mark.parametrize(
@@ -167,65 +172,50 @@ async def test_framed_answers_are_read_whole_and_the_connection_kept(
     serve: Callable[..., Awaitable[Scripted]], answer: bytes, status: int
 ) -> None:
     server = await serve(reply(answer))
-    pool = HttpPool(server.url, limit=1, timeout=WAIT)
-    try:
+    with open_pool(server.url, limit=1, timeout=WAIT) as pool:
         assert await fetch(pool) == (status, None)
         assert await fetch(pool) == (status, None)  # the stream was read to the end
         assert server.connections == 1
-    finally:
-        pool.close()
 
 
 async def test_an_answer_ended_by_the_close_counts_and_the_next_request_reconnects(
     serve: Callable[..., Awaitable[Scripted]],
 ) -> None:
     server = await serve(reply(b"HTTP/1.1 200 OK\r\n\r\nread until the close", close=True))
-    pool = HttpPool(server.url, limit=1, timeout=WAIT)
-    try:
+    with open_pool(server.url, limit=1, timeout=WAIT) as pool:
         assert await fetch(pool) == (200, None)
         assert await fetch(pool) == (200, None)
         assert server.connections == 2
-    finally:
-        pool.close()
 
 
 async def test_connection_close_is_honoured(serve: Callable[..., Awaitable[Scripted]]) -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     server = await serve(reply(answer))  # the server keeps it open: the client must not reuse
-    pool = HttpPool(server.url, limit=1, timeout=WAIT)
-    try:
+    with open_pool(server.url, limit=1, timeout=WAIT) as pool:
         assert [await fetch(pool) for _ in range(3)] == [(200, None)] * 3
         assert server.connections == 3
-    finally:
-        pool.close()
 
 
 async def test_a_close_before_the_answer_is_complete_is_disconnected(
     serve: Callable[..., Awaitable[Scripted]],
 ) -> None:
     server = await serve(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", close=True))
-    pool = HttpPool(server.url, limit=1, timeout=WAIT)
-    try:
+    with open_pool(server.url, limit=1, timeout=WAIT) as pool:
         status, failure = await fetch(pool)
         assert status == 0 and isinstance(failure, Disconnected)
         assert error_kind(failure) == "disconnected"
-    finally:
-        pool.close()
 
 
 async def test_an_invalid_answer_is_a_payload_error_and_drops_the_connection(
     serve: Callable[..., Awaitable[Scripted]],
 ) -> None:
     server = await serve(reply(b"SMTP ready\r\n\r\n"))
-    pool = HttpPool(server.url, limit=1, timeout=WAIT)
-    try:
+    with open_pool(server.url, limit=1, timeout=WAIT) as pool:
         status, failure = await fetch(pool)
         assert status == 0 and isinstance(failure, InvalidResponse)
         assert error_kind(failure) == "payload"
         await asyncio.sleep(0.05)
         assert pool.connections == 0
-    finally:
-        pool.close()
 
 
 async def test_a_timeout_fails_the_request_and_takes_its_connection_down(
@@ -239,26 +229,20 @@ async def test_a_timeout_fails_the_request_and_takes_its_connection_down(
         writer.write(OK)
 
     server = await serve(first_hangs)
-    pool = HttpPool(server.url, limit=1, timeout=0.2)
-    try:
+    with open_pool(server.url, limit=1, timeout=0.2) as pool:
         status, failure = await fetch(pool)
         assert status == 0 and isinstance(failure, RequestTimeout)
         assert error_kind(failure) == "timeout"
         # The late answer can never be mistaken for the next request's: a new connection.
         assert await fetch(pool) == (200, None)
         assert server.connections == 2
-    finally:
-        pool.close()
 
 
 async def test_a_refused_connection_fails_each_waiting_request_as_connect() -> None:
-    pool = HttpPool(URL(f"http://127.0.0.1:{free_port()}/"), limit=4, timeout=WAIT)
-    try:
+    with open_pool(URL(f"http://127.0.0.1:{free_port()}/"), limit=4, timeout=WAIT) as pool:
         results = await asyncio.gather(*(fetch(pool) for _ in range(3)))
         assert [status for status, _ in results] == [0, 0, 0]
         assert all(isinstance(f, ConnectFailed) and error_kind(f) == "connect" for _, f in results)
-    finally:
-        pool.close()
 
 
 async def test_close_fails_what_is_in_flight_and_refuses_what_comes_after(
