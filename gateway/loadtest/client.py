@@ -195,9 +195,10 @@ class HttpPool:
             self._connecting -= wanted
             for conn in results:
                 if isinstance(conn, _Connection) and conn.transport is not None:
-                    self._all.add(conn)
+                    self._all.add(conn)  # kept even if cancelled below: close() aborts it
                     self.release(conn, reusable=True)
-                elif isinstance(conn, asyncio.CancelledError):
+            for conn in results:
+                if isinstance(conn, asyncio.CancelledError):
                     raise conn
         return len(self._all)
 
