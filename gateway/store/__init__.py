@@ -121,8 +121,8 @@ class Store:
             history_size=history_size,
             clock=clock,
         )
-        # The data plane's call, compiled in the compiled build (gateway/store/hot.py):
-        # run(identity, client_ip, bucket, *, upload, registration=None) -> Decision.
+        # enforce(identity, client_ip, bucket, *, upload, registration=None) -> Decision:
+        # the data plane's call, compiled in the compiled build (gateway/store/hot.py).
         self.enforce = self._hot_path.enforce
 
     @classmethod
