@@ -18,8 +18,8 @@ import os
 from setuptools import setup
 
 # The request's path: parsing and framing, the exchange, the upstream pool, the verdict, the
-# one script call's packing and circuit breaker, the counters and the value types. The admin
-# side and the Store's redis-py code stay plain.
+# one script call (its arguments, packing and circuit breaker), the counters and the value
+# types. The admin side and the Store's redis-py code stay plain.
 HOT_MODULES = [
     "gateway/dataplane/wire.py",
     "gateway/dataplane/exchange.py",

@@ -101,13 +101,11 @@ class Store:
     ) -> None:
         self._hot = hot
         self._pipeline = pipeline
-        self._breaker = breaker or CircuitBreaker()
         self._admin = admin
         self._keys = KeySchema(key_prefix)
         self.blocked = BlockedSet(admin, self._keys)
         self._timeout = timeout
         self._admin_timeout = admin_timeout
-        self._clock = clock
         self._enforce = hot.register_script(_script("enforce.lua"))
         self._block = admin.register_script(_script("block.lua"))
         self._unblock = admin.register_script(_script("unblock.lua"))
@@ -115,7 +113,7 @@ class Store:
         self._delete = admin.register_script(_script("delete.lua"))
         self._hot_path = HotPath(
             self._keys,
-            self._breaker,
+            breaker or CircuitBreaker(),
             pipeline=pipeline,
             fallback=self._run_enforce,
             history_size=history_size,
@@ -214,9 +212,6 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis failed: {exc}") from exc
 
-    def _now(self) -> str:
-        return "" if self._clock is None else str(self._clock())
-
     async def _run_enforce(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         """enforce.lua through redis-py (the embedded store, which has no pipeline)."""
         return await self._guard(self._enforce(keys, args), self._timeout)
@@ -257,7 +252,7 @@ class Store:
         flat = await self._admin_call(
             self._block(
                 (k.record, k.active, k.blocked, k.blocked_version),
-                (self._now(), device_id, self._keys.blocked_channel),
+                (self._hot_path.now(), device_id, self._keys.blocked_channel),
             )
         )
         device = _from_flat(device_id, flat)

@@ -48,7 +48,8 @@ class HotPath:
         self._history_size = str(history_size)
         self._clock = clock
 
-    def _now(self) -> str:
+    def now(self) -> str:
+        """The scripts' clock argument: "" (they read Redis TIME), or the injected clock."""
         return "" if self._clock is None else str(self._clock())
 
     async def enforce(
@@ -68,11 +69,11 @@ class HotPath:
         """
         if identity is None:
             keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
-            args: tuple[str | int, ...] = (self._now(), bucket.rate_milli, bucket.burst)
+            args: tuple[str | int, ...] = (self.now(), bucket.rate_milli, bucket.burst)
             return _decision(await self.call(keys, args), bucket, _POLICY_ANONYMOUS)
         keys = self._keys.enforce(identity.id)
         args = (
-            self._now(),
+            self.now(),
             bucket.rate_milli,
             bucket.burst,
             "1" if upload else "0",
@@ -86,7 +87,7 @@ class HotPath:
         if registration is not None and reply[0] == Outcome.UNREGISTERED:
             budget = await self.call(
                 (self._keys.registration_bucket(client_ip),),
-                (self._now(), registration.rate_milli, registration.burst),
+                (self.now(), registration.rate_milli, registration.burst),
             )
             if budget[0] != Outcome.ALLOW:
                 return _decision(budget, registration, _POLICY_REGISTRATION)
