@@ -335,11 +335,15 @@ class Client:
 
 
 async def probe_refused(port: int) -> float:
-    """time.monotonic() when a new connection to `port` is first refused."""
+    """time.monotonic() when a new connection to `port` is first refused.
+
+    A reset during connect counts too: the handshake was queued in the listener's backlog when
+    the listener closed, which is the same moment seen from the other side.
+    """
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
             return time.monotonic()
         writer.transport.abort()
         await asyncio.sleep(0.01)
