@@ -49,6 +49,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def children(pid: int) -> list[int]:
+    """The pids of the processes whose parent is `pid` (a supervisor's workers)."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
 class RedisServer:
     """A real redis-server process on a free loopback port, with no persistence."""
 
@@ -176,3 +184,38 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
 
 
 TESTS_DIR = Path(__file__).parent
+
+
+@pytest.fixture
+def unaccepting_listener() -> Iterator[str]:
+    """A loopback listener whose accept queue is full, so new SYNs are dropped (Linux).
+
+    Skips when the kernel completes connects anyway: then there is no way to provoke a
+    connect timeout on loopback, and a refused connect is covered by its own test.
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    address = server.getsockname()
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(address)
+    except TimeoutError:
+        pass
+    else:
+        pytest.skip("the kernel accepted a connect beyond the listen backlog")
+    finally:
+        probe.close()
+    try:
+        yield f"http://127.0.0.1:{address[1]}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()

@@ -61,6 +61,7 @@ from gateway.loadtest.runner import (
 from gateway.loadtest.schedule import arrivals, arrivals_until, post_choices
 from gateway.model import Bucket
 from tests.conftest import free_port
+from tests.loadtest_report import REPORT_KEYS
 
 # ---------------------------------------------------------------- the fleet
 
@@ -398,13 +399,6 @@ def _recorded() -> Recorder:
     rec.on_error(0, "timeout", 1.0)
     rec.tick(1.0)
     return rec
-
-
-REPORT_KEYS = {
-    "schema", "started_at", "target", "mode", "rate", "concurrency", "connections", "devices",
-    "duration_s", "elapsed_s", "timeout_s", "seed", "post_share", "post_bytes", "latency_from",
-    "requests", "latency_us", "generator", "status", "errors", "timeline", "enforcement",
-}  # fmt: skip
 
 
 def test_the_report_has_the_documented_fields(tmp_path: Path) -> None:

@@ -39,10 +39,9 @@ from typing import Final, Literal
 import orjson
 import pytest
 
-from tests.conftest import TESTS_DIR, RedisServer, free_port
+from tests.conftest import TESTS_DIR, RedisServer, children, free_port
 from tests.counting_upstream import MARK, CountingUpstream, Reply, Slow, Stream
-from tests.test_redis_faults import figure
-from tests.test_workers import children
+from tests.gateway_rig import figure
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,8 @@ import hashlib
 import io
 import logging
 import os
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +34,7 @@ from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
 from gateway.store import Store
 from tests.conftest import free_port
+from tests.raw_http import head_fields, read_answer
 
 pytestmark = pytest.mark.integration
 
@@ -215,45 +215,6 @@ async def raw_http(gw: Gateway, request: bytes) -> tuple[bytes, bytes]:
             await writer.wait_closed()
     head, _, body = data.partition(b"\r\n\r\n")
     return head, body
-
-
-def head_fields(head: bytes) -> CIMultiDict[str]:
-    return CIMultiDict(
-        (name.strip(), value.strip())
-        for name, _, value in (line.decode().partition(":") for line in head.split(b"\r\n")[1:])
-    )
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One response read off a raw connection, its framing undone."""
-
-    status: int
-    head: bytes
-    fields: CIMultiDict[str]
-    body: bytes
-
-
-async def read_answer(reader: asyncio.StreamReader, *, head_request: bool = False) -> Answer:
-    """Read one response: by Content-Length, chunked, or (neither) to the end of stream."""
-    async with asyncio.timeout(WAIT):
-        head = (await reader.readuntil(b"\r\n\r\n"))[:-4]
-        status = int(head.split(b" ", 2)[1])
-        fields = head_fields(head)
-        if head_request or status in (204, 304) or 100 <= status < 200:
-            body = b""
-        elif "Content-Length" in fields:
-            body = await reader.readexactly(int(fields["Content-Length"]))
-        elif fields.get("Transfer-Encoding", "").lower() == "chunked":
-            parts = []
-            while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
-                parts.append(await reader.readexactly(size))
-                assert await reader.readexactly(2) == b"\r\n"
-            assert await reader.readuntil(b"\r\n") == b"\r\n"  # no trailers
-            body = b"".join(parts)
-        else:
-            body = await reader.read()
-    return Answer(status, head, fields, body)
 
 
 @dataclass
@@ -1146,41 +1107,6 @@ async def test_upstream_slow_to_answer_is_504_envelope(
         assert time.monotonic() - started < WAIT / 2
     finally:
         never.set()
-
-
-@pytest.fixture
-def unaccepting_listener() -> Iterator[str]:
-    """A loopback listener whose accept queue is full, so new SYNs are dropped (Linux).
-
-    Skips when the kernel completes connects anyway: then there is no way to provoke a
-    connect timeout on loopback, and a refused connect is covered by its own test.
-    """
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    address = server.getsockname()
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(address)
-        fillers.append(filler)
-    probe = socket.socket()
-    probe.settimeout(0.5)
-    try:
-        probe.connect(address)
-    except TimeoutError:
-        pass
-    else:
-        pytest.skip("the kernel accepted a connect beyond the listen backlog")
-    finally:
-        probe.close()
-    try:
-        yield f"http://127.0.0.1:{address[1]}"
-    finally:
-        for filler in fillers:
-            filler.close()
-        server.close()
 
 
 async def test_connect_timeout_is_502_envelope(

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,94 +23,56 @@ import aiohttp
 import orjson
 import pytest
 import redis
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from gateway.app import Running, serve
-from gateway.config import RedisSettings, Settings, parse_config
-from gateway.dataplane import DataPlane, start_public
-from gateway.logs import ACCESS_LOGGER, JsonFormatter
+from gateway.config import RedisSettings
+from gateway.logs import ACCESS_LOGGER
 from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
 from tests.conftest import RedisServer, free_port
-from tests.counting_upstream import MARK, CountingUpstream
+from tests.counting_upstream import CountingUpstream
 from tests.faults import FaultProxy, rst
+from tests.gateway_rig import (
+    TIMEOUT,
+    TOKEN,
+    WAIT,
+    Answer,
+    OnError,
+    StartGateway,
+    assert_envelope,
+    assert_no_traceback,
+    bounded,
+    calls,
+    command_stats,
+    figure,
+    make_settings,
+    reset_stats,
+    send,
+    until,
+)
+from tests.gateway_rig import gateway_log as gateway_log
+from tests.gateway_rig import http as http
+from tests.gateway_rig import proxies as proxies
+from tests.gateway_rig import start_gateway as start_gateway
+from tests.gateway_rig import upstream as upstream
 
 pytestmark = pytest.mark.integration
 
-OnError = Literal["open", "closed"]
 MODES: tuple[OnError, ...] = ("open", "closed")
 
-TIMEOUT = 0.1  # redis.timeout under test
 # The promise: a request pays at most redis.timeout + 50 ms for a Redis that cannot answer.
 # The 50 ms is the whole allowance for scheduling on a busy 2-core CI machine (a timed-out
 # call measures 100-105 ms of added latency on an idle one).
 MARGIN = 0.05
-WAIT = 10.0  # bounds every wait for a server, a process or a response
-TOKEN = "redis-faults-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BLOCKED = {"status": False, "result": "Access denied: device is blocked"}
 LIMITED = {"status": False, "result": "Too many requests"}
 UNAVAILABLE = {"status": False, "result": "Service temporarily unavailable"}
 
 
-# ---------------------------------------------------------------- configuration
-
-
-def make_settings(
-    upstream: CountingUpstream,
-    redis_url: str,
-    on_error: OnError = "open",
-    *,
-    extra: str = "",
-) -> Settings:
-    """Settings for these tests: buckets so large that no request meets its limit unless a
-    test gives a device its own, and a registration budget that never refuses."""
-    text = (
-        f"redis: {{timeout: {TIMEOUT}, on_error: {on_error}}}\n"
-        "rate_limits: {device: {rate: 1000, burst: 1000}}\n"
-        "devices: {registration_limit: {rate: 1000, burst: 10000}}\n"
-        f"{extra}"
-    )
-    env = {
-        "GATEWAY_UPSTREAM_URL": upstream.url,
-        "GATEWAY_REDIS_URL": redis_url,
-        "GATEWAY_ADMIN_TOKEN": TOKEN,
-    }
-    return parse_config(text, "faults.yaml", env)
-
-
 # ---------------------------------------------------------------- fixtures
-
-
-async def bounded(step: Awaitable[None], what: str) -> None:
-    """A teardown step bounded by WAIT; past it, the tasks still running are printed and the
-    step fails by name (rather than a silent wait until pytest-timeout)."""
-    task = asyncio.ensure_future(step)
-    done, _ = await asyncio.wait({task}, timeout=WAIT)
-    if not done:
-        for other in asyncio.all_tasks():
-            if other is not asyncio.current_task():
-                other.print_stack()
-        task.cancel()
-        pytest.fail(f"{what} did not finish within {WAIT} s")
-    task.result()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await bounded(up.close(), "closing the upstream")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(limit=200)
-    timeout = aiohttp.ClientTimeout(total=WAIT)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        yield session
 
 
 @pytest.fixture
@@ -129,125 +90,7 @@ def redis_servers() -> Iterator[Callable[..., RedisServer]]:
         server.stop()
 
 
-@pytest.fixture
-async def proxies() -> AsyncIterator[Callable[[int], Awaitable[FaultProxy]]]:
-    """Factory: a started FaultProxy in front of a loopback port."""
-    made: list[FaultProxy] = []
-
-    async def start(port: int) -> FaultProxy:
-        proxy = FaultProxy("127.0.0.1", port)
-        await proxy.start()
-        made.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in made:
-        await bounded(proxy.close(), "closing a fault proxy")
-
-
-@dataclass(frozen=True)
-class Gateway:
-    """The data plane on a loopback port over its own Store (following the blocked ids)."""
-
-    url: str
-    store: Store
-    plane: DataPlane
-
-
-StartGateway = Callable[[Settings], Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
-    running: list[tuple[Gateway, asyncio.Server]] = []
-
-    async def start(settings: Settings) -> Gateway:
-        store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
-        await store.start(follow_blocked=True)
-        plane = DataPlane(settings, store)
-        server = await start_public(plane, "127.0.0.1", 0)
-        gw = Gateway(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", store, plane)
-        running.append((gw, server))
-        return gw
-
-    yield start
-    for gw, server in running:
-        server.close()
-        await bounded(gw.plane.shutdown(1.0), "the data plane's shutdown")
-        await bounded(server.wait_closed(), "closing the public listener")
-        await bounded(gw.store.close(), "closing the store")
-
-
-@pytest.fixture
-def gateway_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """Every record at INFO and up (the gateway's own from DEBUG), for `assert_no_traceback`."""
-    caplog.set_level(logging.INFO)
-    caplog.set_level(logging.DEBUG, logger="gateway")
-    return caplog
-
-
-def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
-    """No record carries an exception, and none renders (as the gateway's JSON line) a
-    traceback."""
-    formatter = JsonFormatter()
-    for record in caplog.records:
-        line = formatter.format(record)
-        assert record.exc_info is None and "Traceback" not in line, line
-
-
-# ---------------------------------------------------------------- requests and answers
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One answer, read whole, with when its request was sent and how long it took."""
-
-    status: int
-    headers: CIMultiDictProxy[str] | CIMultiDict[str]
-    body: bytes
-    tag: str
-    device: str
-    sent: float  # time.monotonic() at the send
-    took: float
-
-    @property
-    def done(self) -> float:
-        return self.sent + self.took
-
-    @property
-    def from_upstream(self) -> bool:
-        return MARK in self.headers
-
-    @property
-    def enforced(self) -> bool:
-        """Redis decided: the rate-limit headers are there (never invented without it)."""
-        return "RateLimit" in self.headers and "X-RateLimit-Remaining" in self.headers
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-def assert_envelope(answer: Answer) -> None:
-    """An answer the gateway made itself is `{"status": false, "result": "<reason>"}`."""
-    if answer.from_upstream:
-        return
-    assert answer.headers.get("Content-Type", "").startswith("application/json"), answer
-    document = answer.json()
-    assert set(document) == {"status", "result"}, document
-    assert document["status"] is (answer.status < 400)
-    assert isinstance(document["result"], str)
-
-
-_tags = itertools.count()
-
-
-async def send(http: aiohttp.ClientSession, base: str, device: str) -> Answer:
-    """GET /r/<device>?n=<unique tag> with the device's id; the answer is read whole."""
-    tag = str(next(_tags))
-    started = time.monotonic()
-    async with http.get(f"{base}/r/{device}?n={tag}", headers={"X-Device-Id": device}) as r:
-        body = await r.read()
-    return Answer(r.status, r.headers, body, tag, device, started, time.monotonic() - started)
+# ---------------------------------------------------------------- load
 
 
 class Load:
@@ -289,15 +132,6 @@ class Load:
             await asyncio.sleep(pace)
 
 
-async def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> float:
-    """Wait (polling) for `condition`; returns the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
 async def first_enforced(
     http: aiohttp.ClientSession, base: str, device: str, since: float, limit: float
 ) -> float:
@@ -322,11 +156,6 @@ async def upstream_alone(http: aiohttp.ClientSession, upstream: CountingUpstream
     return statistics.median(took)
 
 
-def figure(name: str, value: float) -> None:
-    """Print a measured figure (shown with `pytest -rP`; the closing notes quote them)."""
-    print(f"figure {name}: {value:.4g}")
-
-
 # ---------------------------------------------------------------- Redis helpers
 
 # Every write reaches the append-only file (the OS's cache) before Redis replies, so a
@@ -340,25 +169,6 @@ def crash(server: RedisServer) -> None:
     assert server.proc is not None
     server.proc.kill()
     server.proc.wait(timeout=WAIT)
-
-
-def command_stats(server: RedisServer) -> dict[str, dict[str, int]]:
-    """INFO commandstats as {command: {calls, failed_calls, ...}}."""
-    with redis.Redis(port=server.port, socket_timeout=2) as client:
-        info = client.info("commandstats")
-    return {
-        name.removeprefix("cmdstat_"): {k: int(v) for k, v in stats.items() if k != "usec_per_call"}
-        for name, stats in info.items()
-    }
-
-
-def reset_stats(server: RedisServer) -> None:
-    with redis.Redis(port=server.port, socket_timeout=2) as client:
-        client.config_resetstat()
-
-
-def calls(stats: dict[str, dict[str, int]], command: str, what: str = "calls") -> int:
-    return stats.get(command, {}).get(what, 0)
 
 
 # ---------------------------------------------------------------- killed under load

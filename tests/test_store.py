@@ -15,7 +15,7 @@ from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
 from tests.conftest import EPOCH_US, FakeClock, RedisServer, free_port
-from tests.test_redis_faults import command_stats, reset_stats
+from tests.gateway_rig import command_stats, reset_stats
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(

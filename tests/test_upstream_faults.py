@@ -44,9 +44,7 @@ from tests.counting_upstream import (
     Stream,
 )
 from tests.faults import FaultProxy
-from tests.test_proxy_integration import head_fields, read_answer
-from tests.test_proxy_integration import unaccepting_listener as unaccepting_listener
-from tests.test_redis_faults import (
+from tests.gateway_rig import (
     Answer,
     Gateway,
     StartGateway,
@@ -57,15 +55,16 @@ from tests.test_redis_faults import (
     send,
     until,
 )
-from tests.test_redis_faults import gateway_log as gateway_log
-from tests.test_redis_faults import http as http
-from tests.test_redis_faults import proxies as proxies
-from tests.test_redis_faults import start_gateway as start_gateway
-from tests.test_redis_faults import upstream as upstream
+from tests.gateway_rig import gateway_log as gateway_log
+from tests.gateway_rig import http as http
+from tests.gateway_rig import proxies as proxies
+from tests.gateway_rig import start_gateway as start_gateway
+from tests.gateway_rig import upstream as upstream
+from tests.raw_http import head_fields, read_answer
 
-# The `x as x` imports above are fixtures of the other fault tests: imported into this
-# module's namespace, pytest finds them here (the redundant alias tells ruff it is a
-# re-export, not an unused name).
+# The `x as x` imports above are the rig's fixtures: imported into this module's namespace,
+# pytest finds them here (the redundant alias tells ruff it is a re-export, not an unused
+# name).
 
 pytestmark = pytest.mark.integration
 

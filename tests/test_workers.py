@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from gateway.metrics import Metrics, SharedCounters, render
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, children, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -58,13 +58,6 @@ async def upstream() -> AsyncIterator[str]:
     await site.start()
     yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     await runner.cleanup()
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
-    )
-    return [int(p) for p in out.stdout.split()]
 
 
 async def wait_for(url: str, headers: dict[str, str] | None = None) -> None:
