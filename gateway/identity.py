@@ -134,12 +134,15 @@ def _id_problem(device_id: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> IPAddress | None:
-    """One address as a peer or an X-Forwarded-For entry writes it, or None if it is not one.
+def _parse_ip(text: str) -> tuple[IPAddress, str] | None:
+    """One address as a peer or an X-Forwarded-For entry writes it, with its canonical text
+    form, or None if it is not one.
 
     Accepts `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]`, `[2001:db8::1]:443` and
     zones (`fe80::1%eth0`, dropped); IPv4-mapped IPv6 becomes IPv4, so one client has one key
-    whether it came over IPv4 or a dual-stack socket. Cached: peers and proxies repeat.
+    whether it came over IPv4 or a dual-stack socket. Cached by the text as written: peers and
+    proxies repeat, and a string keeps its hash (an address object's is computed in Python
+    on every lookup).
     """
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -157,18 +160,12 @@ def _parse_ip(text: str) -> IPAddress | None:
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+        ip = ip.ipv4_mapped
+    return ip, str(ip)
 
 
 def _is_port(text: str) -> bool:
     return text.isascii() and text.isdecimal()
-
-
-@lru_cache(maxsize=4096)
-def _text(ip: IPAddress) -> str:
-    """An address in its canonical text form (formatting one costs more than this lookup)."""
-    return str(ip)
 
 
 def _trusted(ip: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
@@ -189,22 +186,22 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[
     """
     if peer is None:
         return "unknown"
-    peer_ip = _parse_ip(peer)
-    if peer_ip is None:
+    parsed = _parse_ip(peer)
+    if parsed is None:
         # A unix socket or an odd transport: not spoofable by the client, keep it as given.
         return peer or "unknown"
-    if not trusted or not _trusted(peer_ip, trusted):
-        return _text(peer_ip)
-    last = peer_ip  # the nearest hop known to be trusted
+    if not trusted or not _trusted(parsed[0], trusted):
+        return parsed[1]
+    last = parsed  # the nearest hop known to be trusted
     for value in reversed(forwarded_for):
         for entry in reversed(value.split(",")):
             text = entry.strip(" \t")
             if not text:
                 continue
-            ip = _parse_ip(text)
-            if ip is None:
-                return _text(last)
-            if not _trusted(ip, trusted):
-                return _text(ip)
-            last = ip
-    return _text(last)
+            hop = _parse_ip(text)
+            if hop is None:
+                return last[1]
+            if not _trusted(hop[0], trusted):
+                return hop[1]
+            last = hop
+    return last[1]
