@@ -1,4 +1,5 @@
-"""Shared fixtures: a fake clock, a real redis-server on a free port, stores on both."""
+"""Shared fixtures and helpers: a fake clock, a real redis-server on a free port, stores on
+both, a listener that never accepts, and the child processes of a pid."""
 
 from __future__ import annotations
 
