@@ -1,8 +1,10 @@
-"""Shared fixtures and helpers: a fake clock, a real redis-server on a free port, stores on
-both, a listener that never accepts, and the child processes of a pid."""
+"""Shared fixtures and helpers: a fake clock, a real redis-server on a free port (and its
+INFO commandstats), stores on both, a listener that never accepts, the child processes of a
+pid, and a bounded wait."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -11,7 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> float:
+    """Wait (polling every 10 ms) for `condition`; returns the seconds it took. Past
+    `timeout` seconds the test fails, naming `what` it waited for."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
 
 
 def children(pid: int) -> list[int]:
@@ -145,6 +157,25 @@ class RedisServer:
         """Stop the server and remove its directory."""
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def command_stats(server: RedisServer) -> dict[str, dict[str, int]]:
+    """INFO commandstats as {command: {calls, failed_calls, ...}}."""
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        info = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): {k: int(v) for k, v in stats.items() if k != "usec_per_call"}
+        for name, stats in info.items()
+    }
+
+
+def reset_stats(server: RedisServer) -> None:
+    with redis.Redis(port=server.port, socket_timeout=2) as client:
+        client.config_resetstat()
+
+
+def calls(stats: dict[str, dict[str, int]], command: str, what: str = "calls") -> int:
+    return stats.get(command, {}).get(what, 0)
 
 
 @pytest.fixture(scope="session")

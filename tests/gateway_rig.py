@@ -1,4 +1,4 @@
-"""The in-process gateway rig the fault tests share: settings, fixtures, answers, waits.
+"""The in-process gateway rig the fault tests share: settings, fixtures, answers.
 
 The data plane runs on a loopback port over a Store of its own (following the blocked ids),
 in front of a `CountingUpstream`, with `FaultProxy`s to put between them. Test modules take
@@ -19,14 +19,12 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 import pytest
-import redis
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import Settings, parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.logs import JsonFormatter
 from gateway.store import Store
-from tests.conftest import RedisServer
 from tests.counting_upstream import MARK, CountingUpstream
 from tests.faults import FaultProxy
 
@@ -217,37 +215,6 @@ async def send(http: aiohttp.ClientSession, base: str, device: str) -> Answer:
     return Answer(r.status, r.headers, body, tag, device, started, time.monotonic() - started)
 
 
-async def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> float:
-    """Wait (polling) for `condition`; returns the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
 def figure(name: str, value: float) -> None:
     """Print a measured figure (shown with `pytest -rP`; the closing notes quote them)."""
     print(f"figure {name}: {value:.4g}")
-
-
-# ---------------------------------------------------------------- Redis helpers
-
-
-def command_stats(server: RedisServer) -> dict[str, dict[str, int]]:
-    """INFO commandstats as {command: {calls, failed_calls, ...}}."""
-    with redis.Redis(port=server.port, socket_timeout=2) as client:
-        info = client.info("commandstats")
-    return {
-        name.removeprefix("cmdstat_"): {k: int(v) for k, v in stats.items() if k != "usec_per_call"}
-        for name, stats in info.items()
-    }
-
-
-def reset_stats(server: RedisServer) -> None:
-    with redis.Redis(port=server.port, socket_timeout=2) as client:
-        client.config_resetstat()
-
-
-def calls(stats: dict[str, dict[str, int]], command: str, what: str = "calls") -> int:
-    return stats.get(command, {}).get(what, 0)

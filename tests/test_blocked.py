@@ -15,7 +15,7 @@ from aiohttp import web
 from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.store import Store
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, until
 
 pytestmark = pytest.mark.integration
 
@@ -27,15 +27,6 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer()
     yield server
     server.stop()
-
-
-async def until(condition: object, what: str, timeout: float = WAIT) -> float:
-    """Wait for a callable to become true; returns the seconds it took."""
-    started = time.monotonic()
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 async def test_blocks_reach_other_processes_at_once_through_pubsub(

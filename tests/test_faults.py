@@ -21,7 +21,7 @@ import orjson
 import pytest
 from yarl import URL
 
-from tests.conftest import free_port
+from tests.conftest import free_port, until
 from tests.counting_upstream import (
     MALFORMED,
     MARK,
@@ -159,13 +159,6 @@ async def connect(proxy: FaultProxy, made: list[Client]) -> Client:
     return client
 
 
-async def until(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 # ---------------------------------------------------------------- FaultProxy
 
 
@@ -233,7 +226,7 @@ async def test_reset_sends_rst_to_open_and_to_new_connections(
     new_one = await connect(proxy, clients)  # the accept happens, then the RST
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(new_one.reader.read(1), WAIT)
-    await until(lambda: echo.open == 0, "the target side to be dropped too")
+    await until(lambda: echo.open == 0, "the target side to be dropped too", WAIT)
     assert proxy.open_connections == 0
 
 
@@ -251,7 +244,7 @@ async def test_cut_after_passes_n_bytes_from_the_target_then_closes(
     proxy.cut_after(0)
     at_once = await connect(proxy, clients)
     assert await asyncio.wait_for(at_once.reader.read(), WAIT) == b""
-    await until(lambda: echo.open == 0, "the target side to be dropped too")
+    await until(lambda: echo.open == 0, "the target side to be dropped too", WAIT)
 
 
 async def test_a_refused_target_resets_the_client_connection(clients: list[Client]) -> None:
@@ -406,9 +399,9 @@ async def test_a_body_the_client_breaks_off_is_recorded_as_incomplete(
     _, writer = await asyncio.open_connection("127.0.0.1", int(upstream.url.rsplit(":", 1)[1]))
     writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"z" * 10)
     await writer.drain()
-    await until(lambda: upstream.arrived == 1, "the request head")
+    await until(lambda: upstream.arrived == 1, "the request head", WAIT)
     rst(writer.transport)
-    await until(lambda: len(upstream.seen) == 1, "the broken request to be recorded")
+    await until(lambda: len(upstream.seen) == 1, "the broken request to be recorded", WAIT)
     [seen] = upstream.seen
     assert (seen.raw_path, seen.body_size, seen.complete) == ("/up", 10, False)
 

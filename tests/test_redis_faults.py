@@ -31,7 +31,7 @@ from gateway.logs import ACCESS_LOGGER
 from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, calls, command_stats, free_port, reset_stats, until
 from tests.counting_upstream import CountingUpstream
 from tests.faults import FaultProxy, rst
 from tests.gateway_rig import (
@@ -44,13 +44,9 @@ from tests.gateway_rig import (
     assert_envelope,
     assert_no_traceback,
     bounded,
-    calls,
-    command_stats,
     figure,
     make_settings,
-    reset_stats,
     send,
-    until,
 )
 from tests.gateway_rig import gateway_log as gateway_log
 from tests.gateway_rig import http as http

@@ -14,8 +14,7 @@ from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
-from tests.conftest import EPOCH_US, FakeClock, RedisServer, free_port
-from tests.gateway_rig import command_stats, reset_stats
+from tests.conftest import EPOCH_US, FakeClock, RedisServer, command_stats, free_port, reset_stats
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(

@@ -32,7 +32,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config import Settings
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, until
 from tests.counting_upstream import (
     MALFORMED,
     MARK,
@@ -53,7 +53,6 @@ from tests.gateway_rig import (
     figure,
     make_settings,
     send,
-    until,
 )
 from tests.gateway_rig import gateway_log as gateway_log
 from tests.gateway_rig import http as http
