@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+\Z")
+# A DNS name, an IPv4 address or a bracketed IPv6 address, without a port.
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_RATE = 1_000_000.0
 MAX_BURST = 1_000_000
@@ -59,6 +61,8 @@ class AdminSettings:
 
     listen: Listen = Listen("127.0.0.1", 8081)
     token: str | None = None
+    # Host header values accepted besides the listener's own loopback names (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,15 @@ class UpstreamSettings:
     connect_timeout: float = 2.0
     timeout: float = 30.0
     max_connections: int = 1000
+    # Connections one client address may hold at once; None: half of max_connections.
+    max_connections_per_client: int | None = None
+
+    @property
+    def per_client_limit(self) -> int:
+        """Upstream connections one client address may hold at once."""
+        if self.max_connections_per_client is not None:
+            return self.max_connections_per_client
+        return max(1, self.max_connections // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +93,8 @@ class RedisSettings:
     timeout: float = 0.1
     on_error: Literal["open", "closed"] = "open"
     key_prefix: str = "dg"
+    # When Redis comes back without the gateway's data: block again the ids known blocked.
+    restore_blocks: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +141,15 @@ class RateLimitSettings:
 
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
-    """Request limits."""
+    """Request limits and request-body buffering."""
 
     max_body_bytes: int = 10 * 1024 * 1024
+    # Read a request body whole before an upstream connection is taken (as nginx does).
+    request_buffering: bool = True
+    # A buffered body past this many bytes moves from memory to a temporary file.
+    buffer_memory_bytes: int = 1024 * 1024
+    # Where those files go; None: the system's temporary directory.
+    buffer_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +158,14 @@ class LogSettings:
 
     level: str = "info"
     access: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Files kept between runs (the blocked-ids snapshot, a generated admin token)."""
+
+    # None: $XDG_STATE_HOME/devicegate, else ~/.local/state/devicegate; False: keep none.
+    dir: str | Literal[False] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +180,7 @@ class Settings:
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    state: StateSettings = field(default_factory=StateSettings)
 
 
 ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
@@ -159,6 +189,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, ...]] = {
     "GATEWAY_LISTEN": ("server", "listen"),
     "GATEWAY_ADMIN_LISTEN": ("admin", "listen"),
     "GATEWAY_ADMIN_TOKEN": ("admin", "token"),
+    "GATEWAY_STATE_DIR": ("state", "dir"),
 }
 
 
@@ -190,7 +221,7 @@ class _Reader:
         default: T,
         convert: Callable[[Any, str], T],
     ) -> T:
-        if key not in raw or (raw[key] is None and default is not None):
+        if key not in raw or raw[key] is None:
             return default
         return convert(raw[key], f"{path}.{key}" if path else key)
 
@@ -314,6 +345,17 @@ def _header_name(reader: _Reader, value: Any, path: str) -> str:
     return text
 
 
+def _hosts(reader: _Reader, value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise reader.fail(path, "must be a list of host names")
+    hosts = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _HOST.match(item):
+            raise reader.fail(f"{path}[{i}]", f"is not a host name or address: {item!r}")
+        hosts.append(item.lower())
+    return tuple(hosts)
+
+
 def _methods(reader: _Reader, value: Any, path: str) -> frozenset[str]:
     if not isinstance(value, list) or not value:
         raise reader.fail(path, "must be a non-empty list of HTTP methods")
@@ -329,7 +371,17 @@ def _build(reader: _Reader, raw: Any) -> Settings:
     top = reader.section(
         raw,
         "",
-        ("server", "admin", "upstream", "redis", "devices", "rate_limits", "limits", "log"),
+        (
+            "server",
+            "admin",
+            "upstream",
+            "redis",
+            "devices",
+            "rate_limits",
+            "limits",
+            "log",
+            "state",
+        ),
     )
     d = Settings()
 
@@ -370,7 +422,7 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         ),
     )
 
-    a = reader.section(top.get("admin"), "admin", ("listen", "token"))
+    a = reader.section(top.get("admin"), "admin", ("listen", "token", "allowed_hosts"))
     token = a.get("token")
     if token is not None:
         token = reader.string(token, "admin.token")
@@ -383,13 +435,24 @@ def _build(reader: _Reader, raw: Any) -> Settings:
                 "admin.token", "must be visible ASCII characters (no spaces or control characters)"
             )
     admin = AdminSettings(
-        listen=reader.get(a, "admin", "listen", d.admin.listen, reader.listen), token=token
+        listen=reader.get(a, "admin", "listen", d.admin.listen, reader.listen),
+        token=token,
+        allowed_hosts=reader.get(
+            a, "admin", "allowed_hosts", d.admin.allowed_hosts, lambda v, p: _hosts(reader, v, p)
+        ),
     )
 
     u = reader.section(
         top.get("upstream"),
         "upstream",
-        ("url", "preserve_host", "connect_timeout", "timeout", "max_connections"),
+        (
+            "url",
+            "preserve_host",
+            "connect_timeout",
+            "timeout",
+            "max_connections",
+            "max_connections_per_client",
+        ),
     )
     du = d.upstream
     upstream = UpstreamSettings(
@@ -402,11 +465,27 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         max_connections=reader.get(
             u, "upstream", "max_connections", du.max_connections, reader.integer(1, 100_000)
         ),
+        max_connections_per_client=reader.get(
+            u,
+            "upstream",
+            "max_connections_per_client",
+            du.max_connections_per_client,
+            reader.integer(1, 100_000),
+        ),
     )
+    if (
+        upstream.max_connections_per_client is not None
+        and upstream.max_connections_per_client > upstream.max_connections
+    ):
+        raise reader.fail(
+            "upstream.max_connections_per_client", "must not exceed upstream.max_connections"
+        )
     if upstream.connect_timeout > upstream.timeout:
         raise reader.fail("upstream.connect_timeout", "must not exceed upstream.timeout")
 
-    r = reader.section(top.get("redis"), "redis", ("url", "timeout", "on_error", "key_prefix"))
+    r = reader.section(
+        top.get("redis"), "redis", ("url", "timeout", "on_error", "key_prefix", "restore_blocks")
+    )
     on_error = r.get("on_error", d.redis.on_error)
     if on_error not in ("open", "closed"):
         raise reader.fail("redis.on_error", f"must be open or closed, got {on_error!r}")
@@ -421,6 +500,9 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         timeout=redis_timeout,
         on_error=cast(Literal["open", "closed"], on_error),
         key_prefix=prefix,
+        restore_blocks=reader.get(
+            r, "redis", "restore_blocks", d.redis.restore_blocks, reader.boolean
+        ),
     )
 
     v = reader.section(
@@ -472,15 +554,27 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         ),
     )
 
-    lim = reader.section(top.get("limits"), "limits", ("max_body_bytes",))
+    lim = reader.section(
+        top.get("limits"),
+        "limits",
+        ("max_body_bytes", "request_buffering", "buffer_memory_bytes", "buffer_dir"),
+    )
+    dl = d.limits
     limits = LimitSettings(
         max_body_bytes=reader.get(
+            lim, "limits", "max_body_bytes", dl.max_body_bytes, reader.integer(0, 1 << 40)
+        ),
+        request_buffering=reader.get(
+            lim, "limits", "request_buffering", dl.request_buffering, reader.boolean
+        ),
+        buffer_memory_bytes=reader.get(
             lim,
             "limits",
-            "max_body_bytes",
-            d.limits.max_body_bytes,
-            reader.integer(0, 1 << 40),
-        )
+            "buffer_memory_bytes",
+            dl.buffer_memory_bytes,
+            reader.integer(0, 1 << 30),
+        ),
+        buffer_dir=reader.get(lim, "limits", "buffer_dir", dl.buffer_dir, reader.string),
     )
 
     lg = reader.section(top.get("log"), "log", ("level", "access"))
@@ -489,6 +583,12 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         raise reader.fail("log.level", f"must be one of {', '.join(_LOG_LEVELS)}")
     access = reader.get(lg, "log", "access", d.log.access, reader.boolean)
     log = LogSettings(level=level, access=access)
+
+    st = reader.section(top.get("state"), "state", ("dir",))
+    state_dir: str | Literal[False] | None = st.get("dir")
+    if state_dir is not None and state_dir is not False:
+        state_dir = reader.string(state_dir, "state.dir")
+    state = StateSettings(dir=state_dir)
 
     return Settings(
         server=server,
@@ -499,6 +599,7 @@ def _build(reader: _Reader, raw: Any) -> Settings:
         rate_limits=rate_limits,
         limits=limits,
         log=log,
+        state=state,
     )
 
 

@@ -22,6 +22,16 @@ import redis
 from gateway.config import RedisSettings
 from gateway.store import Store
 
+def pytest_configure(config: pytest.Config) -> None:
+    """State files (blocked-ids snapshots, generated admin tokens) of every gateway the
+    tests start, in-process or not, go to a directory of this session's, never to $HOME."""
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="devicegate-state-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("XDG_STATE_HOME", ""), ignore_errors=True)
+
+
 # 2026-11-03T23:24:19.787Z, the seed document's timestamp.
 EPOCH_US = 1_793_748_259_787_000
 

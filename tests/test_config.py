@@ -28,11 +28,12 @@ SHIPPED = HERE.parent / "config.yaml"
 BAD_CONFIGS: dict[str, str] = {
     "unknown_top_key.yaml": (
         "serverz: unknown key "
-        "(allowed: server, admin, upstream, redis, devices, rate_limits, limits, log)"
+        "(allowed: server, admin, upstream, redis, devices, rate_limits, limits, log, state)"
     ),
     "unknown_nested_key.yaml": (
         "upstream.timeout_ms: unknown key "
-        "(allowed: url, preserve_host, connect_timeout, timeout, max_connections)"
+        "(allowed: url, preserve_host, connect_timeout, timeout, max_connections, "
+        "max_connections_per_client)"
     ),
     "unknown_header_key.yaml": (
         "devices.headers.serial: unknown key (allowed: id, application, application_version, "
@@ -102,6 +103,16 @@ BAD_CONFIGS: dict[str, str] = {
     "float_burst.yaml": "rate_limits.device.burst: must be a whole number",
     "negative_body_limit.yaml": "limits.max_body_bytes: must be between 0 and 1099511627776",
     "bad_log_level.yaml": "log.level: must be one of debug, info, warning, error",
+    "per_client_over_pool.yaml": (
+        "upstream.max_connections_per_client: must not exceed upstream.max_connections"
+    ),
+    "allowed_host_with_port.yaml": (
+        "admin.allowed_hosts[1]: is not a host name or address: 'evil.example:80'"
+    ),
+    "allowed_hosts_not_a_list.yaml": "admin.allowed_hosts: must be a list of host names",
+    "state_dir_true.yaml": "state.dir: must be a non-empty string",
+    "negative_buffer_memory.yaml": ("limits.buffer_memory_bytes: must be between 0 and 1073741824"),
+    "restore_blocks_not_a_bool.yaml": "redis.restore_blocks: must be true or false",
 }
 
 
@@ -249,6 +260,30 @@ log:
     assert s.log.level == "debug"
 
 
+def test_new_keys_convert_and_derive() -> None:
+    s = parse_config(
+        "admin: {allowed_hosts: [Admin.Internal, 10.1.2.3, '[fd00::1]']}\n"
+        "upstream: {max_connections: 9}\n"
+        "limits: {request_buffering: false, buffer_memory_bytes: 0, buffer_dir: /tmp/b}\n"
+        "redis: {restore_blocks: false}\n"
+        "state: {dir: false}\n",
+        "x.yaml",
+        env={},
+    )
+    assert s.admin.allowed_hosts == ("admin.internal", "10.1.2.3", "[fd00::1]")
+    # Unset, an address may hold half the pool (at least one connection).
+    assert s.upstream.max_connections_per_client is None
+    assert s.upstream.per_client_limit == 4
+    tiny = parse_config("upstream: {max_connections: 1}", "x", env={})
+    assert tiny.upstream.per_client_limit == 1
+    explicit = parse_config("upstream: {max_connections_per_client: 7}", "x", env={})
+    assert explicit.upstream.per_client_limit == 7
+    assert s.limits.request_buffering is False
+    assert s.limits.buffer_memory_bytes == 0 and s.limits.buffer_dir == "/tmp/b"
+    assert s.redis.restore_blocks is False
+    assert s.state.dir is False
+
+
 def test_yaml_merge_keys_may_override_merged_values() -> None:
     # The duplicate-key check must not reject the one legitimate way to repeat a key.
     text = """
@@ -290,6 +325,7 @@ ENV_CASES = [
     ("GATEWAY_LISTEN", "127.0.0.1:18080", "server", "listen", Listen("127.0.0.1", 18080)),
     ("GATEWAY_ADMIN_LISTEN", "[::1]:18081", "admin", "listen", Listen("::1", 18081)),
     ("GATEWAY_ADMIN_TOKEN", "0123456789abcdef-token", "admin", "token", "0123456789abcdef-token"),
+    ("GATEWAY_STATE_DIR", "/var/lib/devicegate", "state", "dir", "/var/lib/devicegate"),
 ]
 
 
