@@ -34,6 +34,7 @@ from chaos_stress import overload, sigterm_under_load
 from peers import terminate_as_interrupt
 from procs import BenchError, Processes, run_bounded
 
+from gateway import loops
 from gateway.errors import GatewayError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,12 +147,7 @@ async def run_all(opts: Options, procs: Processes, results: dict[str, Any]) -> l
 
 def run_blocking(opts: Options, procs: Processes, results: dict[str, Any]) -> list[Outcome]:
     """On uvloop when installed (the load generator needs every cycle), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(run_all(opts, procs, results))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_all(opts, procs, results))
+    return loops.run(run_all(opts, procs, results))
 
 
 def write_results(results: dict[str, Any], output: Path | None) -> Path:

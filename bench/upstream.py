@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web, web_server
 
+from gateway import loops
+
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 BODY = b'{"ok":true}\n'
@@ -48,13 +50,7 @@ def main(handler: Handler = handle, description: str | None = __doc__) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     port = parser.parse_args().port
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(port, handler))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(port, handler))
+    loops.run(serve(port, handler))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import os
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -93,21 +93,17 @@ def _load(args: argparse.Namespace, env: Mapping[str, str], err: TextIO) -> Sett
         return None
 
 
-def run_event_loop(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop when it is installed (the `speed` extra), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
 def _cmd_run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
+    from gateway import loops
     from gateway.app import Running, serve
     from gateway.demo import curl_lines, start_echo
     from gateway.logs import setup_logging
 
+    try:
+        factory = loops.loop_factory()
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     setup_logging(settings.log.level)
 
     async def main() -> None:
@@ -139,7 +135,7 @@ def _cmd_run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
                 await echo.cleanup()
 
     try:
-        run_event_loop(main())
+        loops.run(main(), factory)
     except (OSError, WorkerFailed) as exc:
         print(f"gateway: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE

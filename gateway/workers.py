@@ -181,13 +181,13 @@ async def _worker(settings: Settings, index: int, workers: int, counters_path: s
 
 def worker_main() -> int:
     """Entry point of a worker process: settings arrive pickled on stdin from the supervisor."""
-    from gateway.cli import run_event_loop
+    from gateway import loops
     from gateway.logs import setup_logging
 
     settings, index, workers, counters_path = pickle.loads(sys.stdin.buffer.read())
     setup_logging(settings.log.level)
     try:
-        run_event_loop(_worker(settings, index, workers, counters_path))
+        loops.run(_worker(settings, index, workers, counters_path))
     except OSError as exc:
         log.error("worker %d cannot start: %s", index, exc)
         return 1

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from gateway import loops
 from gateway.config import RedisSettings
 from gateway.store import Store
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """State files (blocked-ids snapshots, generated admin tokens) of every gateway the
@@ -261,3 +263,12 @@ def unaccepting_listener() -> Iterator[str]:
         for filler in fillers:
             filler.close()
         server.close()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the loop the gateway itself would pick (DEVICEGATE_LOOP:
+    auto, uvloop or asyncio), so CI can run the suite on both loops."""
+    factory = loops.loop_factory()
+    return {loops.loop_name(factory): factory}

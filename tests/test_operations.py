@@ -114,7 +114,12 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     started: list[GatewayProcess] = []
 
     async def start(
-        upstream_url: str, redis_url: str, *, workers: int = 1, shutdown_timeout: float = 30.0
+        upstream_url: str,
+        redis_url: str,
+        *,
+        workers: int = 1,
+        shutdown_timeout: float = 30.0,
+        loop: str | None = None,
     ) -> GatewayProcess:
         port = free_port()
         config = tmp_path / f"gateway-{len(started)}.yaml"
@@ -130,6 +135,8 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         )
         stderr_path = tmp_path / f"gateway-{len(started)}.stderr"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        if loop is not None:
+            env["DEVICEGATE_LOOP"] = loop
         argv = ["-m", "gateway", "run", "--config", str(config), "--workers", str(workers)]
         with stderr_path.open("wb") as stderr:  # the child keeps its own copy
             proc = await asyncio.create_subprocess_exec(
@@ -775,4 +782,32 @@ async def test_overload_at_twice_capacity_stays_up_bounded_and_recovers(
     gateway.signal(signal.SIGTERM)
     code, _ = await gateway.exited(WAIT)
     assert code == 0, gateway.stderr
+    assert_no_traceback(gateway)
+
+
+# ---------------------------------------------------------------- the loop it runs on
+
+LOOP_REFUSALS: Final = (
+    (b"GET /" + b"t" * 9000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431),
+    (b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_refusals_keep_their_status_on_either_loop(
+    start_gateway: StartGateway, upstream: CountingUpstream, loop: str
+) -> None:
+    # Without uvloop, `gateway run` once ran its loop inside `except ImportError`: every
+    # refusal raised in a parser callback then carried that error and became a 400.
+    gateway = await start_gateway(upstream.url, "memory://", loop=loop)
+    for request, status in LOOP_REFUSALS:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        finally:
+            writer.transport.abort()
+        assert int(head.split(b" ", 2)[1]) == status, head
+    assert upstream.arrived == 0
     assert_no_traceback(gateway)

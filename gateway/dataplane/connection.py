@@ -38,7 +38,13 @@ LINGER: Final = 5.0  # seconds an unwanted request body is still read before the
 
 
 class _Reject(Exception):
-    """A request head over a size limit."""
+    """A request the connection refuses itself (a size limit, a version, a framing).
+
+    Raised from inside llhttp's callbacks, which httptools turns into its own
+    HttpParserCallbackError: the protocol records the refusal before raising
+    (`ClientConnection._refusal`) and reads it back from there, never from the exception's
+    `__context__`, which depends on whatever exception was being handled around the loop.
+    """
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -177,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: wire.RawHeaders = []
         self._closing = False
+        self._rejected: _Reject | None = None  # set by a callback that refuses the request
         self._in_head = False
         self._line_bytes = 0  # bytes of the head line still being received
         self._request_line_done = False
@@ -236,17 +243,15 @@ class ClientConnection(asyncio.Protocol):
                 ex.keep_alive = False
                 if ex.content_length or ex.chunked:
                     ex.body_broken(400, "A request offering an upgrade cannot carry a body")
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _Reject):
-                self._refuse(cause.status, cause.reason)
-            else:
-                log.error("request parsing failed: %r", cause)
+        except (httptools.HttpParserError, _Reject) as exc:
+            rejected, self._rejected = self._rejected, None
+            if rejected is not None:
+                self._refuse(rejected.status, rejected.reason)
+            elif isinstance(exc, httptools.HttpParserCallbackError):
+                # A callback failed on something other than a refusal: a bug of ours.
+                log.error("request parsing failed: %r", exc.__context__ or exc)
                 self._refuse(400, "Bad request")
-        except _Reject as exc:
-            self._refuse(exc.status, exc.reason)
-        except httptools.HttpParserError as exc:
-            if self.linger_until:
+            elif self.linger_until:
                 self.abort()
             else:
                 self._refuse(400, f"Bad request: {exc}")
@@ -265,9 +270,14 @@ class ClientConnection(asyncio.Protocol):
             # Still the request line: the target's own limit (414, checked as it arrives)
             # plus the method, the version and the spaces.
             if self._line_bytes > MAX_LINE + REQUEST_LINE_EXTRA:
-                raise _Reject(414, "Request target too long")
+                raise self._refusal(414, "Request target too long")
         elif self._line_bytes > MAX_FIELD + 4:  # name, ": ", value, CRLF
-            raise _Reject(431, "Request header too large")
+            raise self._refusal(431, "Request header too large")
+
+    def _refusal(self, status: int, reason: str) -> _Reject:
+        """Record a refusal (data_received reads it back after llhttp stops) and return it."""
+        self._rejected = _Reject(status, reason)
+        return self._rejected
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -301,16 +311,16 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > MAX_LINE:
-            raise _Reject(414, "Request target too long")
+            raise self._refusal(414, "Request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) + len(value) > MAX_FIELD:
-            raise _Reject(431, "Request header too large")
+            raise self._refusal(431, "Request header too large")
         if not self._in_head:
             return  # a trailer field: never promoted to a header upstream (they are dropped)
         self._headers.append((name, value))
         if len(self._headers) > MAX_HEADERS:
-            raise _Reject(431, "Too many request headers")
+            raise self._refusal(431, "Too many request headers")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -322,14 +332,14 @@ class ClientConnection(asyncio.Protocol):
         url = self._url
         if parser.get_http_version() not in ("1.0", "1.1"):
             # llhttp reads HTTP/0.9 and 2.0 request lines; only HTTP/1.x is served here.
-            raise _Reject(505, "HTTP version not supported")
+            raise self._refusal(505, "HTTP version not supported")
         if (
             not url.startswith(b"/")
             and not (url == b"*" and method == b"OPTIONS")
             and method != b"CONNECT"  # authority-form; the Enforcer answers it with 405
         ):
             # Absolute- or authority-form: only the configured upstream is ever contacted.
-            raise _Reject(400, "Invalid request target")
+            raise self._refusal(400, "Invalid request target")
         content_length: int | None = None
         chunked = False
         expect = False
@@ -353,14 +363,14 @@ class ClientConnection(asyncio.Protocol):
                 # llhttp accepts it only with chunked last; another coding before chunked
                 # would be lost in re-framing, so it is refused (RFC 9112 section 6.1).
                 if value.strip().lower() != b"chunked":
-                    raise _Reject(501, "Unsupported transfer coding")
+                    raise self._refusal(501, "Unsupported transfer coding")
                 chunked = True
             elif lower == b"expect":
                 expect = value.strip().lower() == b"100-continue"
             elif lower == b"host":
                 hosts += 1
         if hosts > 1:
-            raise _Reject(400, "Duplicate Host header")
+            raise self._refusal(400, "Duplicate Host header")
         ex = Exchange(
             self,
             method,

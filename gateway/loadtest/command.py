@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway import loops
 from gateway.admin_client import AdminClient
 from gateway.errors import AdminClientError
 from gateway.loadtest.clock import precise_loop
@@ -133,11 +133,5 @@ def run_blocking(options: Options, out: TextIO, err: TextIO) -> int:
     and uvloop's timers tick in whole milliseconds (see `clock`).
     """
     if options.spec.open_loop:
-        with asyncio.Runner(loop_factory=precise_loop) as runner:
-            return runner.run(execute(options, out, err))
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(execute(options, out, err))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(execute(options, out, err))
+        return loops.run(execute(options, out, err), precise_loop)
+    return loops.run(execute(options, out, err))

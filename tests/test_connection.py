@@ -1,0 +1,164 @@
+"""The client protocol without sockets: refusals of the request head, whatever surrounds the
+loop.
+
+A ClientConnection is driven by hand (connection_made, data_received) over a transport that
+records what is written. The refusals are raised inside llhttp's callbacks; the status they
+get must not depend on the exception being handled around the loop (`gateway run` once ran
+its loop inside `except ImportError` when uvloop was missing, and every refusal became a
+400 with an error log line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import orjson
+import pytest
+
+from gateway.config import parse_config
+from gateway.dataplane import DataPlane
+from gateway.dataplane.connection import ClientConnection
+from gateway.store import Store
+
+
+class MockTransport(asyncio.Transport):
+    """Records writes and closes; the peer is 127.0.0.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.reading = True
+        self.eof_written = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def status(self) -> int:
+        """The status code of the first answer written."""
+        return int(bytes(self.written).split(b" ", 2)[1])
+
+    def envelope(self) -> Any:
+        """The `result` of the first answer's envelope."""
+        return orjson.loads(bytes(self.written).split(b"\r\n\r\n", 1)[1])["result"]
+
+
+@pytest.fixture
+async def plane() -> Iterator[DataPlane]:
+    store = Store.memory()
+    plane = DataPlane(parse_config("", "test"), store)
+    yield plane
+    await plane.shutdown(0.1)
+    await store.close()
+
+
+def connect(plane: DataPlane) -> tuple[ClientConnection, MockTransport]:
+    conn = plane.protocol()
+    transport = MockTransport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+class Refusal(NamedTuple):
+    request: bytes
+    status: int
+    reason: str
+
+
+def _head(*lines: bytes) -> bytes:
+    return b"\r\n".join([*lines, b"", b""])
+
+
+REFUSALS = {
+    "target_over_8190": Refusal(
+        _head(b"GET /" + b"t" * 9000 + b" HTTP/1.1", b"Host: gw"), 414, "Request target too long"
+    ),
+    "header_over_8190": Refusal(
+        _head(b"GET / HTTP/1.1", b"Host: gw", b"X-Big: " + b"v" * 9000),
+        431,
+        "Request header too large",
+    ),
+    "header_line_never_ending": Refusal(
+        b"GET / HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"v" * 9000, 431, "Request header too large"
+    ),
+    "129_headers": Refusal(
+        _head(b"GET / HTTP/1.1", *(b"X-H%d: v" % i for i in range(129))),
+        431,
+        "Too many request headers",
+    ),
+    "gzip_then_chunked": Refusal(
+        _head(b"POST / HTTP/1.1", b"Host: gw", b"Transfer-Encoding: gzip, chunked"),
+        501,
+        "Unsupported transfer coding",
+    ),
+    "absolute_form": Refusal(
+        _head(b"GET http://elsewhere.test/ HTTP/1.1", b"Host: gw"), 400, "Invalid request target"
+    ),
+    "two_hosts": Refusal(
+        _head(b"GET / HTTP/1.1", b"Host: a", b"Host: b"), 400, "Duplicate Host header"
+    ),
+}
+
+
+class Surrounding(NamedTuple):
+    name: str
+    exception: BaseException | None
+
+
+SURROUNDINGS = [
+    Surrounding("nothing handled", None),
+    # What `gateway run` looked like without uvloop: the loop ran inside the handler.
+    Surrounding("inside except ImportError", ModuleNotFoundError("No module named 'uvloop'")),
+    Surrounding("inside except KeyError", KeyError("unrelated")),
+]
+
+
+def feed(conn: ClientConnection, data: bytes, around: BaseException | None) -> None:
+    if around is None:
+        conn.data_received(data)
+        return
+    try:
+        raise around
+    except BaseException:
+        conn.data_received(data)
+
+
+@pytest.mark.parametrize("around", SURROUNDINGS, ids=[s.name for s in SURROUNDINGS])
+@pytest.mark.parametrize("case", REFUSALS.values(), ids=REFUSALS.keys())
+async def test_a_refusal_keeps_its_status_whatever_exception_surrounds_the_loop(
+    plane: DataPlane, case: Refusal, around: Surrounding, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn, transport = connect(plane)
+    with caplog.at_level(logging.WARNING):
+        feed(conn, case.request, around.exception)
+    assert (transport.status(), transport.envelope()) == (case.status, case.reason)
+    assert transport.closed
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
