@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 import orjson
@@ -72,7 +72,7 @@ class MockTransport(asyncio.Transport):
 
 
 @pytest.fixture
-async def plane() -> Iterator[DataPlane]:
+async def plane() -> AsyncIterator[DataPlane]:
     store = Store.memory()
     plane = DataPlane(parse_config("", "test"), store)
     yield plane
