@@ -32,7 +32,7 @@ import contextlib
 import socket
 import struct
 from collections import deque
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 Mode = Literal["pass", "latency", "black_hole", "reset", "cut"]
 
@@ -59,8 +59,8 @@ class _End(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
         if self.is_client:
             self.link.accepted()
 

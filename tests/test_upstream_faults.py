@@ -853,3 +853,232 @@ async def test_requests_meeting_the_upstreams_idle_close_get_200_and_posts_are_n
     # The fault was real: the upstream did close idle connections under the gateway.
     assert closing.connections("GET") > 1 and closing.connections("POST") > 1
     assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- when a request is sent again
+
+# Answered on a connection's second request (a reused, pooled one): the first is answered
+# OK and kept alive, so the gateway pools the connection and sends the next request on it.
+GARBLED: Final = {
+    **MALFORMED_ANSWERS,
+    "switching_protocols": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+    "garbage": b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n",
+}
+# Answered, then the upstream closes: part of an answer is an answer.
+CUT_SHORT: Final = {
+    "head_then_close": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok",
+    "half_a_status_line_then_close": b"HTTP/1.1 2",
+    "continue_then_close": b"HTTP/1.1 100 Continue\r\n\r\n",
+}
+OK_KEEP_ALIVE: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+OK_CLOSE: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+Script = Callable[[int], bytes | tuple[bytes, Literal["close"]] | None]
+
+
+class ScriptedUpstream:
+    """Answers the n-th request of each connection with `script(n)`: bytes written with the
+    connection kept open, (bytes, "close") written then closed, None: closed at once."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.seen: list[tuple[str, str, int]] = []  # method, raw path, connection number
+        self.connections = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    def count(self, path: str) -> int:
+        return sum(1 for _, p, _ in self.seen if p == path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        self._writers.add(writer)
+        try:
+            n = 0
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                length = next(
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"content-length:")),
+                    0,
+                )  # fmt: skip
+                await reader.readexactly(length)
+                self.seen.append((method, path, number))
+                n += 1
+                answer = self.script(n)
+                if answer is None:
+                    break
+                writer.write(answer if isinstance(answer, bytes) else answer[0])
+                await writer.drain()
+                if not isinstance(answer, bytes):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+
+async def through(
+    start_gateway: StartGateway,
+    upstream: CountingUpstream,
+    store_url: str,
+    script: Script,
+    request: bytes,
+) -> tuple[Ended, ScriptedUpstream]:
+    """Warm a pooled connection with one GET, then send `request` on a new client
+    connection: the gateway sends it on the pooled upstream connection."""
+    scripted = ScriptedUpstream(script)
+    await scripted.start()
+    try:
+        gw = await start_gateway(settings_for(upstream, store_url, scripted.url))
+        warm = await until_ended(gw, raw_request("GET", "/warm", "d-replay", close=True))
+        assert warm.status == 200, warm.data[:200]
+        ended = await until_ended(gw, request)
+    finally:
+        await asyncio.wait_for(scripted.close(), WAIT)
+    return ended, scripted
+
+
+REQUESTS: Final = {
+    "GET": raw_request("GET", "/r", "d-replay", close=True),
+    "HEAD": raw_request("HEAD", "/r", "d-replay", close=True),
+    "OPTIONS": raw_request("OPTIONS", "/r", "d-replay", close=True),
+    "PUT_empty": raw_request("PUT", "/r", "d-replay", close=True, extra="Content-Length: 0"),
+    "DELETE": raw_request("DELETE", "/r", "d-replay", close=True),
+    "POST": raw_request("POST", "/r", "d-replay", b"x", close=True),
+    "PUT_keyed": raw_request(
+        "PUT", "/r", "d-replay", close=True, extra="Content-Length: 0\r\nIdempotency-Key: k-1"
+    ),
+    "DELETE_keyed": raw_request(
+        "DELETE", "/r", "d-replay", close=True, extra="X-Idempotency-Key: k-2"
+    ),
+}
+
+
+@pytest.mark.parametrize("method", REQUESTS)
+@pytest.mark.parametrize("answer", [*GARBLED, *CUT_SHORT])
+async def test_a_garbled_answer_on_a_reused_connection_is_never_sent_again(
+    answer: str,
+    method: str,
+    upstream: CountingUpstream,
+    real_redis: RedisServer,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    ended, scripted = await through(
+        start_gateway,
+        upstream,
+        real_redis.url,
+        lambda n: (
+            OK_KEEP_ALIVE
+            if n == 1
+            else GARBLED[answer]
+            if answer in GARBLED
+            else (CUT_SHORT[answer], "close")
+        ),
+        REQUESTS[method],
+    )
+    # Once, and only once: a byte of an answer came back, so the upstream may have acted.
+    assert scripted.count("/r") == 1, scripted.seen
+    assert ended.status in (502, 200, None), ended.data[:300]
+    if ended.status != 502:  # the head was out (a 200 of a broken body): cut, never whole
+        assert not ended.complete_looking(), ended.data[:300]
+    assert_no_traceback(gateway_log)
+
+
+# Which requests are sent again when the reused connection closes before a byte of answer.
+REPLAYED: Final = {
+    "GET": True,
+    "HEAD": True,
+    "OPTIONS": True,
+    "PUT_empty": False,  # idempotent, but it may have been acted on: not without a key
+    "DELETE": False,
+    "POST": False,
+    "PUT_keyed": True,
+    "DELETE_keyed": True,
+}
+
+
+@pytest.mark.parametrize("method", REQUESTS)
+async def test_only_a_safe_or_keyed_request_is_sent_again_after_a_silent_close(
+    method: str,
+    upstream: CountingUpstream,
+    real_redis: RedisServer,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    # Each connection: the first request answered and kept alive, the second met by a
+    # close without a byte (what an upstream's idle timeout looks like mid-race).
+    ended, scripted = await through(
+        start_gateway,
+        upstream,
+        real_redis.url,
+        lambda n: OK_KEEP_ALIVE if n == 1 else None,
+        REQUESTS[method],
+    )
+    if REPLAYED[method]:
+        assert scripted.count("/r") == 2, scripted.seen
+        assert ended.status == 200, ended.data[:300]
+        # The second attempt went on a new connection, not the one that closed.
+        assert len({conn for _, p, conn in scripted.seen if p == "/r"}) == 2
+    else:
+        assert scripted.count("/r") == 1, scripted.seen
+        assert ended.status == 502, ended.data[:300]
+        assert orjson.loads(ended.body) == UNREACHABLE
+    assert_no_traceback(gateway_log)
+
+
+async def test_a_request_is_sent_again_at_most_once(
+    upstream: CountingUpstream,
+    real_redis: RedisServer,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    # The retry's new connection closes without a byte too: 502, and two sends in all.
+    warmed = False
+
+    def script(n: int) -> bytes | None:
+        nonlocal warmed
+        if not warmed:
+            warmed = True
+            return OK_KEEP_ALIVE
+        return None
+
+    ended, scripted = await through(
+        start_gateway, upstream, real_redis.url, script, REQUESTS["GET"]
+    )
+    assert scripted.count("/r") == 2, scripted.seen
+    assert ended.status == 502 and orjson.loads(ended.body) == UNREACHABLE
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
+    upstream: CountingUpstream,
+    real_redis: RedisServer,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    # No keep-alive race can explain a new connection's silent close: the upstream failed.
+    scripted = ScriptedUpstream(lambda n: None)
+    await scripted.start()
+    try:
+        gw = await start_gateway(settings_for(upstream, real_redis.url, scripted.url))
+        ended = await until_ended(gw, REQUESTS["GET"])
+    finally:
+        await asyncio.wait_for(scripted.close(), WAIT)
+    assert scripted.count("/r") == 1 and ended.status == 502

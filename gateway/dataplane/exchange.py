@@ -33,8 +33,12 @@ REASON_BUSY: Final = "Upstream connection limit reached"
 REASON_INTERNAL: Final = "Internal error"
 REASON_BODY_TIMEOUT: Final = "Request body timeout"
 
-# Methods a stale pooled connection may be retried with (RFC 9110 section 9.2.2).
-IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# Requests sent again on a new connection when a reused one closed before a byte of the
+# answer (the upstream had closed it while idle; a keep-alive race): the safe methods (RFC
+# 9110 section 9.2.1), or a request the client marked with an idempotency key, as Go's
+# net/http decides. PUT and DELETE are idempotent but may have been acted on already.
+SAFE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+IDEMPOTENCY_KEYS: Final = frozenset({b"idempotency-key", b"x-idempotency-key"})
 BUFFER_LIMIT: Final = 1 << 20  # request body held while the verdict is pending; then pause
 
 
@@ -345,7 +349,7 @@ class Exchange:
         if self._settled:
             self._finish()
 
-    def on_upstream_failed(self, exc: BaseException) -> None:
+    def on_upstream_failed(self, exc: BaseException, *, unanswered: bool) -> None:
         """The upstream connection broke or sent nonsense."""
         self._upstream = None
         if self.finished:
@@ -358,14 +362,10 @@ class Exchange:
             self._settle()
             self._finish()
             return
-        if (
-            self._reused
-            and not self._retried
-            and not self._sent_body
-            and self.body_done
-            and self.method in IDEMPOTENT
-        ):
-            self._retried = True  # a pooled connection the upstream had closed: try a new one
+        if unanswered and self._reused and not self._retried and self._replayable():
+            # A pooled connection the upstream had closed: try once on a new one. A garbled
+            # or partial answer is never a reason to send the request again.
+            self._retried = True
             self._cancel_deadline()
             self.task = self.conn.loop.create_task(self.run(retry=True))
             return
@@ -373,6 +373,14 @@ class Exchange:
         log.warning("upstream failed: %r", exc)
         self.answer(502, REASON_BAD_RESPONSE if parse_error else REASON_UNREACHABLE,
                     self.verdict_headers)  # fmt: skip
+
+    def _replayable(self) -> bool:
+        """May this request be sent a second time? Safe (or keyed) and without a body."""
+        if self._sent_body or not self.body_done:
+            return False
+        if self.method in SAFE:
+            return True
+        return any(name.lower() in IDEMPOTENCY_KEYS for name, _ in self.headers)
 
     def pause_upload(self) -> None:
         """The upstream's socket is full: stop reading the client."""

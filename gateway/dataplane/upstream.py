@@ -49,8 +49,9 @@ class ResponseSink(Protocol):
     def on_response_end(self, reusable: bool) -> None:
         """The response is complete."""
 
-    def on_upstream_failed(self, exc: BaseException) -> None:
-        """The connection failed or sent something unparsable."""
+    def on_upstream_failed(self, exc: BaseException, *, unanswered: bool) -> None:
+        """The connection failed or sent something unparsable. `unanswered`: it closed
+        before a single byte of an answer arrived (the only case a retry may follow)."""
 
     def on_upstream_flush(self) -> None:
         """One read from the socket was handled: send what it produced."""
@@ -70,8 +71,8 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream origin."""
 
     __slots__ = ("_head_request", "_headers", "_in_head", "_informational", "_line_bytes",
-                 "_parser", "_pool", "_reason", "_until_close", "idle_since", "sink",
-                 "transport")  # fmt: skip
+                 "_parser", "_pool", "_reason", "_received", "_until_close", "idle_since",
+                 "sink", "transport")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -85,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_close = False
         self._in_head = False
         self._line_bytes = 0  # bytes of the head line still being received
+        self._received = False  # a byte of the current exchange's answer arrived
         self.idle_since = 0.0
 
     # -- driven by the exchange ----------------------------------------------------------
@@ -99,6 +101,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = True
         self._line_bytes = 0
         self._until_close = False
+        self._received = False
 
     def write(self, data: bytes) -> None:
         """Send request bytes."""
@@ -122,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None or parser is None:
             self.abort()  # bytes nobody asked for: this connection cannot be trusted
             return
+        self._received = True
         try:
             parser.feed_data(data)
             if self._in_head:
@@ -129,8 +133,9 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade, HeadTooLarge) as exc:
             # An upgrade (101) was never asked for: Upgrade is not forwarded. -> 502.
             self._fail(exc)
-            return
-        sink.on_upstream_flush()  # the exchange that owned this read sends what it produced
+        # The exchange that owned this read sends what it produced, also when the parse
+        # failed after its answer had ended (a HEAD answer followed by garbage, say).
+        sink.on_upstream_flush()
 
     def _check_partial_line(self, data: bytes) -> None:
         """Refuse a head line already past its limit before it ends: llhttp hands a line
@@ -150,7 +155,10 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_end(False)  # a body delimited by the close is complete now
             sink.on_upstream_flush()
         else:
-            sink.on_upstream_failed(exc or ConnectionResetError("upstream closed the connection"))
+            sink.on_upstream_failed(
+                exc or ConnectionResetError("upstream closed the connection"),
+                unanswered=not self._received,
+            )
 
     def pause_writing(self) -> None:
         if self.sink is not None:
@@ -222,7 +230,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         if sink is not None:
-            sink.on_upstream_failed(exc)
+            sink.on_upstream_failed(exc, unanswered=False)
 
 
 class UpstreamPool:
