@@ -22,6 +22,7 @@ import redis
 from gateway.config import RedisSettings
 from gateway.store import Store
 
+
 def pytest_configure(config: pytest.Config) -> None:
     """State files (blocked-ids snapshots, generated admin tokens) of every gateway the
     tests start, in-process or not, go to a directory of this session's, never to $HOME."""
