@@ -16,6 +16,7 @@ from multidict import MultiMapping
 from gateway.admin.auth import auth_middleware
 from gateway.config import MAX_BURST, MAX_RATE
 from gateway.errors import StoreUnavailable
+from gateway.identity import device_id_problem
 from gateway.metrics import Metrics, Renderable
 from gateway.model import Bucket
 from gateway.responses import error, ok
@@ -34,14 +35,17 @@ MIN_RATE: Final = 0.001
 REMOVED: Final = "Successfully Removed"
 DEVICE_NOT_FOUND: Final = "Device not found"
 
-_DEVICE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _BLOCKED_VALUES: Final = ("all", "hide", "only")
 _LIST_PARAMS: Final = ("name", "blocked", "page", "amount")
 _RETRY_AFTER: Final = {"Retry-After": "1"}
 _PUBLIC_ROUTES: Final = ("healthz", "page", "asset")
 _PAGE: Final = {"index.html": "text/html"}
-_ASSETS: Final = {"app.js": "text/javascript", "style.css": "text/css"}
+_ASSETS: Final = {
+    "app.js": "text/javascript",
+    "paths.js": "text/javascript",
+    "style.css": "text/css",
+}
 _PAGE_HEADERS: Final = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -61,10 +65,18 @@ class BadRequest(Exception):
 # ---- validation (pure) -------------------------------------------------------------------
 
 
-def check_device_id(device_id: str) -> str:
-    """The id if it is 1 to 128 visible ASCII characters, else BadRequest."""
-    if not _DEVICE_ID.fullmatch(device_id):
+def check_device_id(device_id: str, *, new: bool = False) -> str:
+    """The id if it may name a device, else BadRequest.
+
+    A route that addresses a record takes any 1 to 128 visible ASCII characters, so records
+    kept before the data plane's stricter rule stay manageable; a route that may create state
+    for an id never seen (`new`) applies the data plane's rule, as no device could use it.
+    """
+    if device_id_problem(device_id, stored=True) is not None:
         raise BadRequest("Invalid device id: must be 1 to 128 visible ASCII characters")
+    problem = device_id_problem(device_id) if new else None
+    if problem is not None:
+        raise BadRequest(f"Invalid device id: {problem}")
     return device_id
 
 
@@ -145,8 +157,8 @@ def parse_bucket(body: bytes) -> Bucket:
 # ---- handlers ----------------------------------------------------------------------------
 
 
-def _target(request: web.Request) -> tuple[Store, str]:
-    return request.app[STORE_KEY], check_device_id(request.match_info["id"])
+def _target(request: web.Request, *, new: bool = False) -> tuple[Store, str]:
+    return request.app[STORE_KEY], check_device_id(request.match_info["id"], new=new)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -195,7 +207,7 @@ async def rename(request: web.Request) -> web.Response:
 
 async def block(request: web.Request) -> web.Response:
     """Block a device (creating the record for an id never seen)."""
-    store, device_id = _target(request)
+    store, device_id = _target(request, new=True)
     return ok((await store.block(device_id)).to_json())
 
 
@@ -214,7 +226,7 @@ async def delete_device(request: web.Request) -> web.Response:
 
 async def set_rate_limit(request: web.Request) -> web.Response:
     """Set a device's rate-limit override (also for an id never seen)."""
-    store, device_id = _target(request)
+    store, device_id = _target(request, new=True)
     bucket = parse_bucket(await request.read())
     await store.set_rate_limit(device_id, bucket)
     return ok({"rate": bucket.rate, "burst": bucket.burst})
