@@ -242,6 +242,7 @@ async def test_an_unexpected_error_is_a_logged_500_without_details(
         ("/", "text/html", b"API Devices"),
         ("/static/app.js", "text/javascript", b"sessionStorage"),
         ("/static/paths.js", "text/javascript", b"export function devicePath("),
+        ("/static/text.js", "text/javascript", b"export function displayParts("),
         ("/static/style.css", "text/css", b"@media (max-width: 720px) {\n  .hw { display: none; }"),
     ],
 )
@@ -267,7 +268,7 @@ async def test_the_page_loads_only_its_own_assets(anon: AdminTestClient) -> None
 async def test_every_module_the_page_imports_is_served(anon: AdminTestClient) -> None:
     script = (await (await anon.get("/static/app.js")).read()).decode()
     imported = re.findall(r'^import .* from "\./([a-z]+\.js)";$', script, re.M)
-    assert imported == ["paths.js"]
+    assert imported == ["paths.js", "text.js"]
     for name in imported:
         resp = await anon.get(f"/static/{name}")
         assert resp.status == 200 and resp.content_type == "text/javascript", name

@@ -44,6 +44,7 @@ _PAGE: Final = {"index.html": "text/html"}
 _ASSETS: Final = {
     "app.js": "text/javascript",
     "paths.js": "text/javascript",
+    "text.js": "text/javascript",
     "style.css": "text/css",
 }
 _PAGE_HEADERS: Final = {

@@ -1,6 +1,7 @@
 // devicegate admin page: vanilla JS ES modules, no dependencies, no build step. Data is only
-// ever put on the page with textContent / value, never innerHTML.
+// ever put on the page with textContent / value / createElement, never innerHTML.
 import { devicePath } from "./paths.js";
+import { displayParts, displayText } from "./text.js";
 
 const TOKEN_KEY = "devicegate.adminToken";
 const state = { name: "", blocked: "all", page: 1, amount: 20, total: 0, selected: null };
@@ -61,10 +62,22 @@ function joined(...parts) {
   return text || "—";
 }
 
+// Puts `text` in `element`, hidden characters (text.js) as visibly styled markers.
+function show(element, text) {
+  const nodes = displayParts(text).map((part) => {
+    if (!part.escaped) return document.createTextNode(part.text);
+    const span = document.createElement("span");
+    span.className = "esc";
+    span.textContent = part.text;
+    return span;
+  });
+  element.replaceChildren(...nodes);
+}
+
 function cell(text, className) {
   const td = document.createElement("td");
-  td.textContent = text;
-  td.title = text;
+  show(td, text);
+  td.title = displayText(text);
   if (className) td.className = className;
   return td;
 }
@@ -156,13 +169,13 @@ function renderRows(devices) {
 function showDevice(device) {
   state.selected = device.id;
   $("details").hidden = false;
-  $("d-title").textContent = device.display_name;
-  $("d-name").value = device.name || "";
-  $("d-id").textContent = device.id;
-  $("d-manufacturer").textContent = device.manufacturer || "—";
-  $("d-model").textContent = device.model || "—";
-  $("d-application").textContent = joined(device.application, device.application_version);
-  $("d-os").textContent = joined(device.os, device.os_version);
+  show($("d-title"), device.display_name);
+  $("d-name").value = device.name || ""; // raw: saving must not turn markers into data
+  show($("d-id"), device.id);
+  show($("d-manufacturer"), device.manufacturer || "—");
+  show($("d-model"), device.model || "—");
+  show($("d-application"), joined(device.application, device.application_version));
+  show($("d-os"), joined(device.os, device.os_version));
   $("d-upload").textContent = when(device.last_data_upload);
   $("d-active").textContent = when(device.last_active);
   $("d-blocked").textContent = device.blocked ? when(device.blocked_at) : "Not blocked";
