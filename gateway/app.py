@@ -113,7 +113,14 @@ async def serve(
     await store.start(follow_blocked=True)
     metrics = metrics or Metrics()
     plane = DataPlane(settings, store, metrics)
-    admin_runner = web.AppRunner(create_admin_app(store, token or "-", metrics), access_log=None)
+    admin_app = create_admin_app(
+        store,
+        token or "-",
+        metrics,
+        listen_host=settings.admin.listen.host,
+        allowed_hosts=settings.admin.allowed_hosts,
+    )
+    admin_runner = web.AppRunner(admin_app, access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -392,6 +392,10 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
             assert (shown["application"], shown["model"]) == ("FieldApp", "Galaxy S24")
             async with http.post(f"{admin}/devices/demo-phone-1/block", headers=auth) as resp:
                 assert resp.status == 200
+            # Bound to loopback: a rebound name in Host is refused, even with the token.
+            rebound = {**auth, "Host": f"rebound.example:{admin_port}"}
+            async with http.get(f"{admin}/devices/demo-phone-1", headers=rebound) as resp:
+                assert resp.status == 403
             async with http.get(url, headers=headers) as resp:
                 assert resp.status == 403
                 assert orjson.loads(await resp.read()) == {

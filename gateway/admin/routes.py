@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
+from collections.abc import Collection
 from importlib import resources
 from typing import Any, Final, Literal, cast
 
@@ -14,6 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import MultiMapping
 
 from gateway.admin.auth import auth_middleware
+from gateway.admin.hosts import host_middleware
 from gateway.config import MAX_BURST, MAX_RATE
 from gateway.errors import StoreUnavailable
 from gateway.identity import device_id_problem
@@ -300,11 +302,25 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 def create_admin_app(
-    store: Store, token: str, metrics: Renderable | None = None
+    store: Store,
+    token: str,
+    metrics: Renderable | None = None,
+    *,
+    listen_host: str = "127.0.0.1",
+    allowed_hosts: Collection[str] = (),
 ) -> web.Application:
-    """The admin application: every route but /healthz and the page needs the bearer token."""
+    """The admin application: every route but /healthz and the page needs the bearer token.
+
+    `listen_host` (where the listener is bound) and `allowed_hosts` (`admin.allowed_hosts`)
+    decide which Host headers it answers, on every route (gateway.admin.hosts).
+    """
     app = web.Application(
-        middlewares=[error_middleware(), auth_middleware(token=token, public=_PUBLIC_ROUTES)],
+        middlewares=[
+            # First: a request for another site's name is refused before anything else.
+            host_middleware(listen_host=listen_host, allowed_hosts=allowed_hosts),
+            error_middleware(),
+            auth_middleware(token=token, public=_PUBLIC_ROUTES),
+        ],
         client_max_size=MAX_BODY_BYTES,  # request.read() raises 413 past it, chunked or not
     )
     app[STORE_KEY] = store
