@@ -15,6 +15,7 @@ from yarl import URL
 from gateway.errors import AdminClientError
 
 _CELL_CHARS = 32
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Zs"})
 
 
 class AdminClient:
@@ -176,13 +177,20 @@ def _envelope(raw: bytes) -> tuple[bool, Any] | None:
 
 
 def _clean(value: object) -> str:
-    """Printable text: None -> "-"; control and format characters cannot reach the terminal."""
+    """Printable text: None -> "-"; each hidden character shown as `<U+202E>` style text."""
     if value is None or value == "":
         return "-"
-    text = str(value)
-    return "".join(
-        "\ufffd" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in text
-    )
+    return "".join(f"<U+{ord(ch):04X}>" if _hidden(ch) else ch for ch in str(value))
+
+
+def _hidden(ch: str) -> bool:
+    """A character that could hide, reorder or fake text on a terminal.
+
+    Controls (an escape sequence rewrites the screen), format characters (U+202E right-to-left
+    override, zero-width ones, the BOM), line and paragraph separators, private use, and every
+    space but the plain U+0020. The admin page's static/text.js shows the same set.
+    """
+    return ch != " " and unicodedata.category(ch) in _HIDDEN_CATEGORIES
 
 
 def _width(text: str) -> int:

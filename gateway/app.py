@@ -5,32 +5,81 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TextIO
 
 from aiohttp import web
 
 from gateway.admin import create_admin_app
+from gateway.admin.hosts import is_loopback
 from gateway.config import Settings
 from gateway.dataplane import DataPlane, start_public
+from gateway.errors import AdminTokenError
 from gateway.metrics import Metrics
+from gateway.state import admin_token_file, write_atomic
 from gateway.store import Store
 
 log = logging.getLogger("gateway")
 
 
-def admin_token(settings: Settings) -> str:
-    """The configured admin token, or a random one logged once."""
+def admin_token(
+    settings: Settings, *, env: Mapping[str, str] | None = None, stderr: TextIO | None = None
+) -> str:
+    """The configured admin token, or a random one for this run, which is never logged.
+
+    A generated token is written, readable by this user only, to the state directory
+    (`admin-token-<host>-<port>`, where `gateway devices` finds it); the log names the file.
+    With no state directory, or the write failing, it is printed once to `stderr` if that is
+    a terminal; otherwise AdminTokenError: a token nobody can read would lock everyone out.
+    `env` (default os.environ) locates the state directory.
+    """
     if settings.admin.token:
         return settings.admin.token
     token = secrets.token_urlsafe(32)
-    log.warning(
-        "no admin token configured; generated one for this run",
-        extra={"fields": {"admin_token": token}},
+    listen = settings.admin.listen
+    if not is_loopback(listen.host):
+        log.warning(
+            "the admin listener is bound to a non-loopback address with a generated token; "
+            "set admin.token and keep the listener off untrusted networks",
+            extra={"fields": {"admin": str(listen)}},
+        )
+    env = os.environ if env is None else env
+    path = admin_token_file(settings.state.dir, listen.host, listen.port, env)
+    problem = (
+        "state.dir is false"
+        if settings.state.dir is False
+        else "no state directory: state.dir, XDG_STATE_HOME and HOME are unset"
     )
-    return token
+    if path is not None:
+        try:
+            write_atomic(path, token.encode() + b"\n")
+        except OSError as exc:
+            problem = f"cannot write {path}: {exc.strerror or exc}"
+        else:
+            log.warning(
+                "no admin token configured; generated one, in a file readable by this user only",
+                extra={"fields": {"admin_token_file": str(path)}},
+            )
+            return token
+    stderr = stderr or sys.stderr
+    if stderr.isatty():
+        log.warning("no admin token configured; generated one, shown on the terminal only")
+        # Straight to the terminal, never through logging: logs get shipped.
+        print(
+            f"gateway: generated admin token for this run (not saved: {problem}):\n  {token}",
+            file=stderr,
+            flush=True,
+        )
+        return token
+    raise AdminTokenError(
+        f"no admin token configured, and nowhere to keep a generated one ({problem}; "
+        "stderr is not a terminal): set admin.token (or GATEWAY_ADMIN_TOKEN) or state.dir"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +106,21 @@ async def serve(
     `admin=False` runs the data plane alone (a worker process of `gateway run --workers`,
     whose supervisor serves the admin API).
     """
+    # Before anything opens: a refusal (AdminTokenError) leaves nothing to clean up.
+    token = admin_token(settings) if admin else ""
     own_store = store is None
     store = store or Store.from_settings(settings.redis, history_size=settings.devices.history_size)
     await store.start(follow_blocked=True)
-    token = admin_token(settings) if admin else ""
     metrics = metrics or Metrics()
     plane = DataPlane(settings, store, metrics)
-    admin_runner = web.AppRunner(create_admin_app(store, token or "-", metrics), access_log=None)
+    admin_app = create_admin_app(
+        store,
+        token or "-",
+        metrics,
+        listen_host=settings.admin.listen.host,
+        allowed_hosts=settings.admin.allowed_hosts,
+    )
+    admin_runner = web.AppRunner(admin_app, access_log=None)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

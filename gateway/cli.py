@@ -14,8 +14,9 @@ from typing import Any, TextIO
 import orjson
 
 from gateway.config import Settings, load_config
-from gateway.errors import AdminClientError, ConfigError, WorkerFailed
+from gateway.errors import AdminClientError, AdminTokenError, ConfigError, WorkerFailed
 from gateway.loadtest import cli as loadtest_cli
+from gateway.state import admin_token_file
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -95,7 +96,7 @@ def _load(args: argparse.Namespace, env: Mapping[str, str], err: TextIO) -> Sett
 
 def _cmd_run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
     from gateway import loops
-    from gateway.app import Running, serve
+    from gateway.app import Running, admin_token, serve
     from gateway.demo import curl_lines, start_echo
     from gateway.logs import setup_logging
 
@@ -108,11 +109,16 @@ def _cmd_run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
 
     async def main() -> None:
         echo = None
-        current = settings
+        # Resolved once, before anything starts: a generated token is written (or refused)
+        # once, and serve or supervise find it in the settings.
+        token = admin_token(settings)
+        current = dataclasses.replace(
+            settings, admin=dataclasses.replace(settings.admin, token=token)
+        )
         if demo:
             echo, origin = await start_echo()
             current = dataclasses.replace(
-                settings, upstream=dataclasses.replace(settings.upstream, url=origin)
+                current, upstream=dataclasses.replace(current.upstream, url=origin)
             )
 
         def ready(running: Running) -> None:
@@ -136,7 +142,7 @@ def _cmd_run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
 
     try:
         loops.run(main(), factory)
-    except (OSError, WorkerFailed) as exc:
+    except (OSError, WorkerFailed, AdminTokenError) as exc:
         print(f"gateway: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -151,15 +157,31 @@ def _admin_url(settings: Settings) -> str:
     return f"http://{host}:{settings.admin.listen.port}"
 
 
+def _read_token(path: Path) -> str | None:
+    """The token a running gateway generated and saved, None when it saved none."""
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdminClientError(f"cannot read the admin token file {path}: {exc}") from exc
+
+
 def _cmd_devices(
     args: argparse.Namespace, settings: Settings, env: Mapping[str, str], out: TextIO
 ) -> int:
     from gateway.admin_client import AdminClient, render_device, render_table
 
     token = getattr(args, "token", None) or env.get("GATEWAY_ADMIN_TOKEN") or settings.admin.token
+    listen = settings.admin.listen
+    saved = admin_token_file(settings.state.dir, listen.host, listen.port, env)
+    if not token and saved is not None:
+        token = _read_token(saved)
     if not token:
+        where = f" (no generated token in {saved})" if saved is not None else ""
         raise AdminClientError(
-            "no admin token: pass --token, set GATEWAY_ADMIN_TOKEN or admin.token in the config"
+            "no admin token: pass --token, set GATEWAY_ADMIN_TOKEN or admin.token in the "
+            f"config{where}"
         )
     url = getattr(args, "admin_url", None) or _admin_url(settings)
 

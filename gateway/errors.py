@@ -9,6 +9,8 @@
     │   ├── UpstreamUnreachable  refused, reset, connect timeout (-> 502)
     │   └── UpstreamTimeout      the whole request took too long (-> 504)
     ├── AdminClientError       the `gateway devices ...` CLI could not talk to the admin API
+    ├── AdminTokenError        no admin token configured, and a generated one can be neither
+    │                          saved nor shown: the gateway refuses to start
     └── WorkerFailed           a data-plane worker process could not start
 
 Exceptions become HTTP answers in two places only: the enforce middleware and the
@@ -69,6 +71,11 @@ class UpstreamTimeout(UpstreamError):
 
 class AdminClientError(GatewayError):
     """The ops CLI could not complete a call to the admin API."""
+
+
+class AdminTokenError(GatewayError):
+    """No admin token is configured and a generated one has nowhere to go (no state file, no
+    terminal); the message names the fix."""
 
 
 class WorkerFailed(GatewayError):

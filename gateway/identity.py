@@ -6,7 +6,10 @@ Device headers (names from `devices.headers`):
   nothing is recorded for an anonymous request);
 - any identity header sent more than once: invalid (a client cannot smuggle a second identity,
   and a proxy that merges or picks one of them must not decide which device is charged);
-- the id: 1 to 128 visible ASCII characters (0x21-0x7E); an empty id is invalid, not anonymous;
+- the id: 1 to 128 visible ASCII characters (0x21-0x7E) but the comma (an upstream could read
+  a comma list in the header as several values), and not exactly `.` or `..` (a URL path
+  resolves those as dot segments, so no path could name the device: `device_id_problem`);
+  an empty id is invalid, not anonymous;
 - the other fields: at most 256 characters, no control characters (C0, DEL, C1, U+2028,
   U+2029) and valid UTF-8; absent or empty both mean "not declared" (None), so a client that
   sends `X-App-Name:` does not wipe a stored value with an empty string.
@@ -34,6 +37,7 @@ __all__ = [
     "HeaderLookup",
     "IdentityReader",
     "client_ip",
+    "device_id_problem",
 ]
 
 MAX_ID_LENGTH: Final = 128
@@ -42,7 +46,11 @@ MAX_FIELD_LENGTH: Final = 256
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_ID_OK: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
+# The data plane's rule in one pattern (the per-request fast path): visible ASCII but the
+# comma, and not exactly "." or "..". The admin API's rule for ids already stored is the
+# older one, any visible ASCII, so records made before the stricter rule stay manageable.
+_ID_OK: Final = re.compile(rf"(?!\.\.?\Z)[\x21-\x2b\x2d-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
+_ID_STORED: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
 # C0, DEL, C1, the Unicode line/paragraph separators (they break log lines just like \n),
 # and lone surrogates: aiohttp decodes header bytes with "surrogateescape", so invalid UTF-8
 # arrives as U+DC80-U+DCFF, which neither orjson nor redis-py could encode later.
@@ -55,6 +63,8 @@ _REPEATED: Final = "sent more than once"
 _ID_EMPTY: Final = "must not be empty"
 _ID_LONG: Final = f"must be at most {MAX_ID_LENGTH} characters"
 _ID_CHARS: Final = "must be visible ASCII characters (0x21-0x7E)"
+_ID_COMMA: Final = "must not contain commas"
+_ID_DOTS: Final = 'must not be "." or ".."'
 _FIELD_LONG: Final = f"must be at most {MAX_FIELD_LENGTH} characters"
 _FIELD_CONTROL: Final = "must not contain control characters"
 _FIELD_UTF8: Final = "must be valid UTF-8"
@@ -99,8 +109,9 @@ class IdentityReader:
         if len(ids) > 1:
             raise IdentityError(self._id_name, _REPEATED)
         device_id = ids[0]
-        if _ID_OK(device_id) is None:
-            raise IdentityError(self._id_name, _id_problem(device_id))
+        problem = device_id_problem(device_id)
+        if problem is not None:
+            raise IdentityError(self._id_name, problem)
         values: list[str | None] = []
         for name, key in self._fields:
             found = headers.getall(key, _NONE)
@@ -124,13 +135,22 @@ class IdentityReader:
         return DeviceIdentity(device_id, *values)
 
 
-def _id_problem(device_id: str) -> str:
-    """Why an id that failed the pattern is invalid (the slow path, for the message only)."""
+def device_id_problem(device_id: str, *, stored: bool = False) -> str | None:
+    """Why `device_id` cannot name a device, or None when it can.
+
+    The data plane's rule by default; `stored=True` is the older, wider rule (any 1 to 128
+    visible ASCII characters) by which the admin API still addresses records already kept.
+    """
+    if (_ID_STORED if stored else _ID_OK)(device_id) is not None:
+        return None
+    # The slow path, for the message only.
     if not device_id:
         return _ID_EMPTY
     if len(device_id) > MAX_ID_LENGTH:
         return _ID_LONG
-    return _ID_CHARS
+    if _ID_STORED(device_id) is None:
+        return _ID_CHARS
+    return _ID_COMMA if "," in device_id else _ID_DOTS
 
 
 @lru_cache(maxsize=4096)

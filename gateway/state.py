@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 APP_DIR = "devicegate"
+# File-name characters a host name keeps; anything else (an IPv6 address's colons, a zone's
+# "%") becomes "_".
+_NAME_UNSAFE = re.compile(r"[^a-z0-9.-]")
 
 
 def state_dir(configured: str | Literal[False] | None, env: Mapping[str, str]) -> Path | None:
@@ -32,6 +36,22 @@ def state_dir(configured: str | Literal[False] | None, env: Mapping[str, str]) -
     if not home:
         return None
     return Path(home) / ".local" / "state" / APP_DIR
+
+
+def admin_token_file(
+    configured: str | Literal[False] | None, host: str, port: int, env: Mapping[str, str]
+) -> Path | None:
+    """Where the generated admin token of the admin listener at host:port is kept, or None
+    when the configuration keeps no state files.
+
+    `gateway run` writes it, `gateway devices` reads it: one name per listener, so two
+    gateways sharing a state directory do not overwrite each other's token.
+    """
+    directory = state_dir(configured, env)
+    if directory is None:
+        return None
+    name = _NAME_UNSAFE.sub("_", host.strip("[]").lower())
+    return directory / f"admin-token-{name}-{port}"
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:

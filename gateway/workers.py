@@ -91,7 +91,16 @@ async def supervise(
     store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
     await store.start()
     token = admin_token(settings)
-    admin = web.AppRunner(create_admin_app(store, token, counters), access_log=None)
+    admin = web.AppRunner(
+        create_admin_app(
+            store,
+            token,
+            counters,
+            listen_host=settings.admin.listen.host,
+            allowed_hosts=settings.admin.allowed_hosts,
+        ),
+        access_log=None,
+    )
     stop = stop or asyncio.Event()
     stopping = False
     loop = asyncio.get_running_loop()

@@ -1,11 +1,15 @@
-"""Admin authentication: the brute-force limit on wrong tokens per client address."""
+"""Admin authentication: the limit on wrong tokens per client address, which never locks
+out the right token."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from aiohttp import web
+
 from gateway.admin import create_admin_app
-from gateway.admin.auth import MAX_TRACKED, FailureLimiter
+from gateway.admin.auth import MAX_TRACKED, FailureLimiter, auth_middleware
 from gateway.store import Store
 
 TOKEN = "admin-auth-test-token-0123456789"
@@ -54,18 +58,74 @@ def test_memory_is_bounded() -> None:
     assert limiter.retry_after(f"10.0.{last // 256}.{last % 256}") is not None
 
 
-async def test_the_admin_api_answers_429_before_checking_the_token(aiohttp_client: Any) -> None:
+# While an address is locked: the Authorization header sent -> the status it gets.
+LOCKED_CASES = {
+    "right-token": ({"Authorization": f"Bearer {TOKEN}"}, 200),
+    "right-token-other-scheme-case": ({"Authorization": f"bearer {TOKEN}"}, 200),
+    "wrong-token": ({"Authorization": "Bearer not-the-token-at-all"}, 429),
+    "token-prefix": ({"Authorization": f"Bearer {TOKEN[:-1]}"}, 429),
+    "missing-token": ({}, 429),
+    "other-scheme": ({"Authorization": f"Basic {TOKEN}"}, 429),
+}
+
+
+@pytest.mark.parametrize(("headers", "status"), LOCKED_CASES.values(), ids=LOCKED_CASES.keys())
+async def test_a_locked_address_still_lets_the_right_token_through(
+    aiohttp_client: Any, headers: dict[str, str], status: int
+) -> None:
     store = Store.memory()
     client = await aiohttp_client(create_admin_app(store, TOKEN))
     wrong = {"Authorization": "Bearer not-the-token-at-all"}
     for _ in range(10):
         assert (await client.get("/devices", headers=wrong)).status == 401
-    refused = await client.get("/devices", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert refused.status == 429
-    assert int(refused.headers["Retry-After"]) >= 1
-    assert await refused.json() == {"status": False, "result": "Too many failed admin logins"}
+    resp = await client.get("/devices", headers=headers)
+    assert resp.status == status
+    if status == 429:
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert await resp.json() == {"status": False, "result": "Too many failed admin logins"}
+    else:
+        assert "Retry-After" not in resp.headers
     assert (await client.get("/healthz")).status == 200  # public routes stay open
     await store.close()
+
+
+class CountingLimiter(FailureLimiter):
+    """A FailureLimiter that records each failure it is told of."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(limit=3, window=60, clock=clock)
+        self.failures = 0
+
+    def failed(self, address: str) -> None:
+        self.failures += 1
+        super().failed(address)
+
+
+async def test_wrong_tokens_from_a_locked_address_are_counted_and_the_lock_ends(
+    aiohttp_client: Any,
+) -> None:
+    clock = Clock()
+    limiter = CountingLimiter(clock)
+
+    async def devices(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[auth_middleware(token=TOKEN, public=(), limiter=limiter)])
+    app.router.add_get("/devices", devices)
+    client = await aiohttp_client(app)
+    wrong = {"Authorization": "Bearer wrong"}
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    assert [(await client.get("/devices", headers=wrong)).status for _ in range(4)] == [
+        401, 401, 401, 429,
+    ]  # fmt: skip
+    assert limiter.failures == 4  # the one refused with 429 too
+    assert (await client.get("/devices")).status == 429
+    assert limiter.failures == 4  # a missing token is not a guess
+    resp = await client.get("/devices", headers=right)
+    assert (resp.status, await resp.text()) == (200, "ok")
+    assert limiter.failures == 4
+    clock.now += 60  # the window passes
+    assert (await client.get("/devices", headers=wrong)).status == 401
 
 
 async def test_missing_tokens_are_not_counted_as_guesses(aiohttp_client: Any) -> None:

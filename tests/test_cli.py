@@ -11,6 +11,7 @@ import io
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from pytest_aiohttp import AiohttpServer
 from gateway.admin import create_admin_app
 from gateway.cli import main
 from gateway.model import Bucket, DeviceIdentity
+from gateway.state import admin_token_file
 from gateway.store import Store
 from tests.conftest import TESTS_DIR, FakeClock, free_port
 
@@ -243,6 +245,31 @@ async def test_devices_without_a_token_exits_1(admin_url: str) -> None:
     assert code == 0 and out.endswith("2 of 2 devices\n")
 
 
+async def test_devices_reads_the_token_a_running_gateway_generated(
+    admin_url: str, tmp_path: Path
+) -> None:
+    # What `gateway run` without a token writes for the listener of the config used.
+    env = {"XDG_STATE_HOME": str(tmp_path)}
+    saved = admin_token_file(None, "127.0.0.1", 8081, env)
+    assert saved is not None
+    argv = ("devices", "--config", str(CONFIG), "--admin-url", admin_url, "list")
+    code, out, err = await asyncio.to_thread(run_cli, *argv, env=env)
+    assert (code, out) == (1, "")
+    assert err == (
+        "gateway: no admin token: pass --token, set GATEWAY_ADMIN_TOKEN or admin.token in the "
+        f"config (no generated token in {saved})\n"
+    )
+    saved.parent.mkdir(parents=True)
+    saved.write_text(TOKEN + "\n")
+    code, out, err = await asyncio.to_thread(run_cli, *argv, env=env)
+    assert (code, err) == (0, "") and out.endswith("2 of 2 devices\n")
+    # A token given explicitly wins over the file.
+    code, _, err = await asyncio.to_thread(
+        run_cli, *argv, "--token", "wrong-token-0123456789", env=env
+    )
+    assert code == 1 and "Invalid admin token" in err
+
+
 async def test_devices_with_a_wrong_token_exits_1(admin_url: str) -> None:
     code, out, err = await asyncio.to_thread(
         run_cli,
@@ -292,13 +319,40 @@ async def _read_demo_lines(stream: asyncio.StreamReader) -> list[str]:
             return lines
 
 
+def test_run_without_a_token_or_a_state_dir_refuses_to_start(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        "state: {dir: false}\n"
+    )
+    proc = subprocess.run(  # stderr is a pipe, not a terminal: the token could go nowhere
+        [sys.executable, "-m", "gateway", "run", "--config", str(config), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_clean_env(),
+        timeout=WAIT,
+    )
+    assert (proc.returncode, proc.stdout) == (1, "")
+    last = proc.stderr.splitlines()[-1]
+    assert last == (
+        "gateway: cannot start: no admin token configured, and nowhere to keep a generated "
+        "one (state.dir is false; stderr is not a terminal): set admin.token (or "
+        "GATEWAY_ADMIN_TOKEN) or state.dir"
+    )
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.integration
 async def test_run_demo_end_to_end(tmp_path: Path) -> None:
     public_port, admin_port = free_port(), free_port()
+    state = tmp_path / "state"
     env = _clean_env(
         GATEWAY_LISTEN=f"127.0.0.1:{public_port}",
         GATEWAY_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
         GATEWAY_REDIS_URL="memory://",
+        GATEWAY_STATE_DIR=str(state),
     )
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
@@ -338,6 +392,10 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
             assert (shown["application"], shown["model"]) == ("FieldApp", "Galaxy S24")
             async with http.post(f"{admin}/devices/demo-phone-1/block", headers=auth) as resp:
                 assert resp.status == 200
+            # Bound to loopback: a rebound name in Host is refused, even with the token.
+            rebound = {**auth, "Host": f"rebound.example:{admin_port}"}
+            async with http.get(f"{admin}/devices/demo-phone-1", headers=rebound) as resp:
+                assert resp.status == 403
             async with http.get(url, headers=headers) as resp:
                 assert resp.status == 403
                 assert orjson.loads(await resp.read()) == {
@@ -345,11 +403,31 @@ async def test_run_demo_end_to_end(tmp_path: Path) -> None:
                     "result": "Access denied: device is blocked",
                 }
 
+        # The generated token: in a private file that `gateway devices` reads, in no log line.
+        saved = state / f"admin-token-127.0.0.1-{admin_port}"
+        assert saved.read_text() == token + "\n"
+        assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+        cli_env = {
+            "GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+            "GATEWAY_STATE_DIR": str(state),
+        }
+        code, out, err = await asyncio.to_thread(
+            run_cli, "devices", "--json", "show", "demo-phone-1", env=cli_env
+        )
+        assert (code, err) == (0, "") and orjson.loads(out)["blocked"] is True
+
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), WAIT)
         errors = stderr_path.read_text()
         assert code == 0, errors
         assert "Traceback" not in errors
+        assert token not in errors
+        # JSON log lines; the CLI's own notes ("memory:// store: running 1 worker") are text.
+        logged = [orjson.loads(line) for line in errors.splitlines() if line.startswith("{")]
+        assert any(
+            entry["level"] == "warning" and entry.get("admin_token_file") == str(saved)
+            for entry in logged
+        ), errors
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -17,7 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import DeviceHeaders, DeviceSettings
 from gateway.errors import IdentityError
-from gateway.identity import IdentityReader, client_ip
+from gateway.identity import IdentityReader, client_ip, device_id_problem
 from gateway.model import DEVICE_FIELDS, DeviceIdentity
 
 DEFAULT = IdentityReader(DeviceSettings())
@@ -66,6 +66,10 @@ OK_CASES: dict[str, Ok] = {
     "id-highest-visible-char": Ok(((ID, "~"),), DeviceIdentity("~")),
     "id-punctuation-braces-colons": Ok(((ID, "{a}:b*c"),), DeviceIdentity("{a}:b*c")),
     "id-128-chars": Ok(((ID, "x" * 128),), DeviceIdentity("x" * 128)),
+    "id-three-dots": Ok(((ID, "..."),), DeviceIdentity("...")),
+    "id-dot-first": Ok(((ID, ".a"),), DeviceIdentity(".a")),
+    "id-dots-last": Ok(((ID, "a.."),), DeviceIdentity("a..")),
+    "id-percent-encoded-dots-are-text": Ok(((ID, "%2e%2e"),), DeviceIdentity("%2e%2e")),
     "empty-field-is-not-declared": Ok(((ID, "d1"), (APP, "")), DeviceIdentity("d1")),
     "field-256-chars": Ok(((ID, "d1"), (APP, "a" * 256)), DeviceIdentity("d1", "a" * 256)),
     "field-256-non-ascii-chars": Ok(
@@ -99,6 +103,7 @@ class Bad(NamedTuple):
 TOO_MANY = "sent more than once"
 ID_CHARS = "must be visible ASCII characters (0x21-0x7E)"
 CONTROL = "must not contain control characters"
+DOTS = 'must not be "." or ".."'
 
 BAD_CASES: dict[str, Bad] = {
     "id-repeated": Bad(((ID, "a"), (ID, "b")), ID, TOO_MANY),
@@ -114,6 +119,10 @@ BAD_CASES: dict[str, Bad] = {
     "id-del": Bad(((ID, "a\x7f"),), ID, ID_CHARS),
     "id-non-ascii": Bad(((ID, "gerät"),), ID, ID_CHARS),
     "id-invalid-utf8": Bad(((ID, "a\udcff"),), ID, ID_CHARS),
+    "id-comma": Bad(((ID, "a,b"),), ID, "must not contain commas"),
+    "id-comma-only": Bad(((ID, ","),), ID, "must not contain commas"),
+    "id-dot": Bad(((ID, "."),), ID, DOTS),
+    "id-dot-dot": Bad(((ID, ".."),), ID, DOTS),
     "field-repeated": Bad(((ID, "d1"), (APP, "a"), (APP, "b")), APP, TOO_MANY),
     "last-field-repeated": Bad(
         ((ID, "d1"), ("X-Device-Model", "a"), ("X-Device-Model", "a")),
@@ -193,6 +202,7 @@ _edge_char = st.sampled_from(
     [
         *("\x00", "\t", "\x1f", " ", "!", "~", "\x7f", "\x80", "\x85", "\x9f", "\xa0"),
         *("\u2028", "\u2029", "\ud800", "\udcff", "\udfff", "é", "\U0001f4f1"),
+        *(",", "."),
     ]
 )
 # Values that pass for any header: most values are, so later headers get checked too.
@@ -241,6 +251,12 @@ def _header_lists(draw: st.DrawFn) -> list[tuple[str, str]]:
     return list(draw(st.permutations(pairs)))
 
 
+def _id_ok(value: str) -> bool:
+    """The data plane's id rule, written out without the module's regexes."""
+    visible = 1 <= len(value) <= 128 and all(33 <= ord(c) <= 126 for c in value)
+    return visible and "," not in value and value not in (".", "..")
+
+
 def _is_control(ch: str) -> bool:
     code = ord(ch)
     return code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029)
@@ -261,7 +277,7 @@ def _expected(pairs: list[tuple[str, str]]) -> DeviceIdentity | str | None:
     if len(ids) != 1:
         return NAMES.id
     device_id = ids[0]
-    if not 1 <= len(device_id) <= 128 or any(not 33 <= ord(c) <= 126 for c in device_id):
+    if not _id_ok(device_id):
         return NAMES.id
     values: dict[str, str | None] = {}
     for field in DEVICE_FIELDS:
@@ -300,16 +316,16 @@ _single = st.one_of(
     st.text(st.one_of(_any_char, _edge_char), max_size=40),
     st.builds(
         lambda n, c: c * n,
-        st.sampled_from([0, 1, 127, 128, 129, 255, 256, 257]),
-        st.sampled_from(["a", "~", "é", "\x85"]),
+        st.sampled_from([0, 1, 2, 3, 127, 128, 129, 255, 256, 257]),
+        st.sampled_from(["a", "~", "é", "\x85", ".", ","]),
     ),
 )
 
 
 @settings(max_examples=300)
 @given(_single)
-def test_any_single_id_value_is_accepted_exactly_when_visible_ascii(value: str) -> None:
-    ok = 1 <= len(value) <= 128 and all("!" <= c <= "~" for c in value)
+def test_any_single_id_value_is_accepted_exactly_by_the_rule(value: str) -> None:
+    ok = _id_ok(value)
     try:
         got = DEFAULT.read(headers((ID, value)))
     except IdentityError as exc:
@@ -329,6 +345,38 @@ def test_any_single_field_value_is_accepted_exactly_by_the_rule(field: str, valu
         assert not ok and exc.header == name
     else:
         assert ok and got == DeviceIdentity("d1", **{field: value or None})
+
+
+# ---------------------------------------------------------------- device_id_problem()
+
+
+class IdRule(NamedTuple):
+    device_id: str
+    new: str | None  # the data plane's rule (the default)
+    stored: str | None  # stored=True: the rule by which the admin API addresses records
+
+
+ID_RULE_CASES: dict[str, IdRule] = {
+    "plain": IdRule("phone-1", None, None),
+    "awkward-but-fine": IdRule("%2e%2e/{d001}?#", None, None),
+    "three-dots": IdRule("...", None, None),
+    "dot": IdRule(".", DOTS, None),
+    "dot-dot": IdRule("..", DOTS, None),
+    "comma": IdRule("a,b", "must not contain commas", None),
+    "comma-and-dots": IdRule(".,.", "must not contain commas", None),
+    "empty": IdRule("", "must not be empty", "must not be empty"),
+    "too-long": IdRule(
+        "x" * 129, "must be at most 128 characters", "must be at most 128 characters"
+    ),
+    "space": IdRule("a b", ID_CHARS, ID_CHARS),
+    "non-ascii-with-comma": IdRule("é,", ID_CHARS, ID_CHARS),
+}
+
+
+@pytest.mark.parametrize("case", ID_RULE_CASES.values(), ids=ID_RULE_CASES.keys())
+def test_device_id_problem(case: IdRule) -> None:
+    assert device_id_problem(case.device_id) == case.new
+    assert device_id_problem(case.device_id, stored=True) == case.stored
 
 
 # ---------------------------------------------------------------- client_ip()

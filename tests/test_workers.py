@@ -117,6 +117,10 @@ async def test_two_workers_share_the_port_the_counters_and_the_store(
                 text = await r.text()
             assert 'devicegate_requests_total{decision="allow"} 21\n' in text
             assert 'devicegate_requests_total{decision="blocked"} 6\n' in text
+            # The supervisor's admin listener checks Host (bound to loopback).
+            rebound = {**auth, "Host": "rebound.example"}
+            async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=rebound) as r:
+                assert r.status == 403
 
             # A worker that dies is replaced, and the port keeps answering meanwhile.
             os.kill(workers[0], signal.SIGKILL)

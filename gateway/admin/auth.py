@@ -1,4 +1,17 @@
-"""Bearer-token authentication for the admin API (constant-time compare, brute-force limit)."""
+"""Bearer-token authentication for the admin API (constant-time compare, brute-force limit).
+
+A request carrying the right token always passes, even from an address locked out for
+wrong tokens; a wrong or missing token from a locked address gets 429 + Retry-After.
+
+Why letting the right token through a lockout is safe: the lockout cannot be what protects
+the token. A check that admits the right token during a lockout answers every wrong guess
+exactly as it would without one, so a guesser learns nothing from it either way; what makes
+guessing hopeless is the token's length. A configured token has at least 16 visible ASCII
+characters (94^16, about 3.7e31 candidates if they are random), a generated one 32 random
+bytes. The lockout only throttles noise: misconfigured clients and guessing that could not
+succeed anyway. So it must never deny the operator, who may share an address with the
+noise (behind one proxy, everyone does).
+"""
 
 from __future__ import annotations
 
@@ -22,11 +35,12 @@ MAX_TRACKED: Final = 10_000  # addresses remembered; the oldest windows are drop
 
 
 class FailureLimiter:
-    """Wrong tokens per client address in a fixed window; past the limit, refuse outright.
+    """Wrong tokens per client address in a fixed window; past the limit, a locked address.
 
-    An address that sent FAILURES_PER_WINDOW wrong tokens gets 429 for the rest of its
-    window, before its token is even looked at; other addresses are unaffected. Memory is
-    bounded: at most MAX_TRACKED addresses, the oldest windows forgotten first.
+    An address that sent FAILURES_PER_WINDOW wrong tokens is locked for the rest of its
+    window (the middleware then answers 429 to anything but the right token); other
+    addresses are unaffected. Memory is bounded: at most MAX_TRACKED addresses, the oldest
+    windows forgotten first.
     """
 
     def __init__(
@@ -81,8 +95,8 @@ def auth_middleware(
 ) -> Middleware:
     """Answer 401 unless the request carries the admin token; routes named in `public` are open.
 
-    Wrong tokens are counted per client address (`limiter`); an address over the limit gets
-    429 before its token is checked.
+    Wrong tokens are counted per client address (`limiter`); from an address over the limit,
+    a wrong or missing token gets 429 (the right one still passes: see the module docstring).
     """
     if not token:
         raise ValueError("the admin token must not be empty")
@@ -97,19 +111,23 @@ def auth_middleware(
         resource = request.match_info.route.resource
         if resource is not None and resource.name in public_names:
             return await handler(request)
-        address = request.remote or "unknown"
-        wait = limiter.retry_after(address)
-        if wait is not None:
-            return error(429, "Too many failed admin logins", headers={"Retry-After": str(wait)})
         given = bearer_token(request)
-        if given is None:
-            return error(401, "Missing admin token", headers={hdrs.WWW_AUTHENTICATE: _CHALLENGE})
         # surrogatepass: a header with undecodable bytes still compares (and fails) in
         # constant time instead of raising.
-        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected):
-            limiter.failed(address)
-            challenge = f'{_CHALLENGE}, error="invalid_token"'
-            return error(401, "Invalid admin token", headers={hdrs.WWW_AUTHENTICATE: challenge})
-        return await handler(request)
+        if given is not None and hmac.compare_digest(
+            given.encode("utf-8", "surrogatepass"), expected
+        ):
+            return await handler(request)
+        address = request.remote or "unknown"
+        # Asked before this guess is counted: the guess that reaches the limit gets 401.
+        wait = limiter.retry_after(address)
+        if given is not None:
+            limiter.failed(address)  # missing tokens are not guesses
+        if wait is not None:
+            return error(429, "Too many failed admin logins", headers={"Retry-After": str(wait)})
+        if given is None:
+            return error(401, "Missing admin token", headers={hdrs.WWW_AUTHENTICATE: _CHALLENGE})
+        challenge = f'{_CHALLENGE}, error="invalid_token"'
+        return error(401, "Invalid admin token", headers={hdrs.WWW_AUTHENTICATE: challenge})
 
     return impl

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
+from collections.abc import Collection
 from importlib import resources
 from typing import Any, Final, Literal, cast
 
@@ -14,8 +15,10 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import MultiMapping
 
 from gateway.admin.auth import auth_middleware
+from gateway.admin.hosts import host_middleware
 from gateway.config import MAX_BURST, MAX_RATE
 from gateway.errors import StoreUnavailable
+from gateway.identity import device_id_problem
 from gateway.metrics import Metrics, Renderable
 from gateway.model import Bucket
 from gateway.responses import error, ok
@@ -34,14 +37,18 @@ MIN_RATE: Final = 0.001
 REMOVED: Final = "Successfully Removed"
 DEVICE_NOT_FOUND: Final = "Device not found"
 
-_DEVICE_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _BLOCKED_VALUES: Final = ("all", "hide", "only")
 _LIST_PARAMS: Final = ("name", "blocked", "page", "amount")
 _RETRY_AFTER: Final = {"Retry-After": "1"}
 _PUBLIC_ROUTES: Final = ("healthz", "page", "asset")
 _PAGE: Final = {"index.html": "text/html"}
-_ASSETS: Final = {"app.js": "text/javascript", "style.css": "text/css"}
+_ASSETS: Final = {
+    "app.js": "text/javascript",
+    "paths.js": "text/javascript",
+    "text.js": "text/javascript",
+    "style.css": "text/css",
+}
 _PAGE_HEADERS: Final = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -61,10 +68,18 @@ class BadRequest(Exception):
 # ---- validation (pure) -------------------------------------------------------------------
 
 
-def check_device_id(device_id: str) -> str:
-    """The id if it is 1 to 128 visible ASCII characters, else BadRequest."""
-    if not _DEVICE_ID.fullmatch(device_id):
+def check_device_id(device_id: str, *, new: bool = False) -> str:
+    """The id if it may name a device, else BadRequest.
+
+    A route that addresses a record takes any 1 to 128 visible ASCII characters, so records
+    kept before the data plane's stricter rule stay manageable; a route that may create state
+    for an id never seen (`new`) applies the data plane's rule, as no device could use it.
+    """
+    if device_id_problem(device_id, stored=True) is not None:
         raise BadRequest("Invalid device id: must be 1 to 128 visible ASCII characters")
+    problem = device_id_problem(device_id) if new else None
+    if problem is not None:
+        raise BadRequest(f"Invalid device id: {problem}")
     return device_id
 
 
@@ -145,8 +160,8 @@ def parse_bucket(body: bytes) -> Bucket:
 # ---- handlers ----------------------------------------------------------------------------
 
 
-def _target(request: web.Request) -> tuple[Store, str]:
-    return request.app[STORE_KEY], check_device_id(request.match_info["id"])
+def _target(request: web.Request, *, new: bool = False) -> tuple[Store, str]:
+    return request.app[STORE_KEY], check_device_id(request.match_info["id"], new=new)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -195,7 +210,7 @@ async def rename(request: web.Request) -> web.Response:
 
 async def block(request: web.Request) -> web.Response:
     """Block a device (creating the record for an id never seen)."""
-    store, device_id = _target(request)
+    store, device_id = _target(request, new=True)
     return ok((await store.block(device_id)).to_json())
 
 
@@ -214,7 +229,7 @@ async def delete_device(request: web.Request) -> web.Response:
 
 async def set_rate_limit(request: web.Request) -> web.Response:
     """Set a device's rate-limit override (also for an id never seen)."""
-    store, device_id = _target(request)
+    store, device_id = _target(request, new=True)
     bucket = parse_bucket(await request.read())
     await store.set_rate_limit(device_id, bucket)
     return ok({"rate": bucket.rate, "burst": bucket.burst})
@@ -287,11 +302,25 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 def create_admin_app(
-    store: Store, token: str, metrics: Renderable | None = None
+    store: Store,
+    token: str,
+    metrics: Renderable | None = None,
+    *,
+    listen_host: str = "127.0.0.1",
+    allowed_hosts: Collection[str] = (),
 ) -> web.Application:
-    """The admin application: every route but /healthz and the page needs the bearer token."""
+    """The admin application: every route but /healthz and the page needs the bearer token.
+
+    `listen_host` (where the listener is bound) and `allowed_hosts` (`admin.allowed_hosts`)
+    decide which Host headers it answers, on every route (gateway.admin.hosts).
+    """
     app = web.Application(
-        middlewares=[error_middleware(), auth_middleware(token=token, public=_PUBLIC_ROUTES)],
+        middlewares=[
+            # First: a request for another site's name is refused before anything else.
+            host_middleware(listen_host=listen_host, allowed_hosts=allowed_hosts),
+            error_middleware(),
+            auth_middleware(token=token, public=_PUBLIC_ROUTES),
+        ],
         client_max_size=MAX_BODY_BYTES,  # request.read() raises 413 past it, chunked or not
     )
     app[STORE_KEY] = store
