@@ -38,6 +38,7 @@ __all__ = [
     "IdentityReader",
     "client_ip",
     "device_id_problem",
+    "peer_is_trusted",
 ]
 
 MAX_ID_LENGTH: Final = 128
@@ -225,3 +226,11 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[
                 return hop[1]
             last = hop
     return last[1]
+
+
+def peer_is_trusted(peer: str | None, trusted: Sequence[IPNetwork]) -> bool:
+    """Is the socket peer one of `server.trusted_proxies` (whose forwarding headers count)?"""
+    if peer is None or not trusted:
+        return False
+    parsed = _parse_ip(peer)
+    return parsed is not None and _trusted(parsed[0], trusted)

@@ -24,7 +24,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import orjson
 import pytest
@@ -864,6 +864,68 @@ async def test_blocked_lookalike_answer_is_the_blocked_envelope(
     answer = await exchange(connect, gw, b"GET / HTTP/1.1\r\nHost: gw\r\nX-Device-Id: a:\r\n\r\n")
     assert (answer.status, answer.envelope()) == (403, BLOCKED_REASON)
     assert gw.upstream.started == []
+
+
+# ---------------------------------------------------------------- what the upstream may trust
+
+VOUCHED_SPOOFS: Final = {
+    "Connection names the id header": b"Connection: X-Device-Id\r\nX_Device_Id: blk-1\r\n",
+    "Connection names it in another case, among others": (
+        b"Connection: keep-alive, x-DEVICE-id, X-App-Name\r\nX-Device_Id: blk-1\r\n"
+    ),
+    "an underscore lookalike alone": b"X_DEVICE_ID: blk-1\r\n",
+}
+
+
+@pytest.mark.parametrize("spoof", VOUCHED_SPOOFS.values(), ids=VOUCHED_SPOOFS.keys())
+async def test_the_upstream_receives_the_device_headers_the_gateway_enforced(
+    gw: Gateway, connect: Connect, spoof: bytes
+) -> None:
+    await gw.store.block("blk-1")
+    request = (
+        b"GET /who HTTP/1.1\r\nHost: gw\r\nX-Device-Id: dev-ok\r\nX-App-Name: Shop\r\n"
+        + spoof
+        + b"\r\n"
+    )
+    answer = await exchange(connect, gw, request)
+    assert answer.status == 200
+    (seen,) = gw.upstream.complete
+    names = [name.lower().replace("_", "-") for name in seen.headers]
+    # Exactly one field that any server could read as the device id: the one enforced.
+    assert names.count("x-device-id") == 1
+    assert seen.headers.getall("X-Device-Id") == ["dev-ok"]
+    assert seen.headers.getall("X-App-Name") == ["Shop"]
+    gw.assert_no_tracebacks()
+
+
+async def test_a_comma_list_in_the_id_header_is_refused(gw: Gateway, connect: Connect) -> None:
+    await gw.store.block("blk-1")
+    answer = await exchange(
+        connect, gw, b"GET / HTTP/1.1\r\nHost: gw\r\nX-Device-Id: blk-1,dev-ok\r\n\r\n"
+    )
+    assert (answer.status, answer.envelope()) == (
+        400,
+        "Invalid X-Device-Id header: must not contain commas",
+    )
+    assert gw.upstream.started == []
+
+
+async def test_a_client_cannot_tell_the_upstream_its_address(gw: Gateway, connect: Connect) -> None:
+    # No trusted proxies in this gateway's config: what the client says of earlier hops goes.
+    answer = await exchange(
+        connect,
+        gw,
+        b"GET / HTTP/1.1\r\nHost: gw\r\nX-Device-Id: dev-ok\r\n"
+        b"X-Forwarded-For: 10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\nForwarded: for=10.9.9.9\r\n"
+        b"X-Forwarded-Proto: https\r\nX_Forwarded_For: 10.9.9.9\r\n\r\n",
+    )
+    assert answer.status == 200
+    (seen,) = gw.upstream.complete
+    assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.headers.getall("X-Forwarded-Proto") == ["http"]
+    for gone in ("X-Real-IP", "Forwarded", "X_Forwarded_For"):
+        assert gone not in seen.headers
+    gw.assert_no_tracebacks()
 
 
 # ---------------------------------------------------------------- log injection

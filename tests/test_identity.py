@@ -17,7 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import DeviceHeaders, DeviceSettings
 from gateway.errors import IdentityError
-from gateway.identity import IdentityReader, client_ip, device_id_problem
+from gateway.identity import IdentityReader, client_ip, device_id_problem, peer_is_trusted
 from gateway.model import DEVICE_FIELDS, DeviceIdentity
 
 DEFAULT = IdentityReader(DeviceSettings())
@@ -511,3 +511,20 @@ def test_identity_module_is_pure() -> None:
         [sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+TRUSTED_NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+PEER_TRUST: dict[str, tuple[str | None, bool]] = {
+    "inside a trusted block": ("10.1.2.3", True),
+    "outside": ("198.51.100.9", False),
+    "IPv6 inside": ("fd00::7", True),
+    "IPv4-mapped IPv6 of a trusted address": ("::ffff:10.1.2.3", True),
+    "unknown peer": (None, False),
+    "not an address (a unix socket)": ("/run/gw.sock", False),
+}
+
+
+@pytest.mark.parametrize(("peer", "expected"), PEER_TRUST.values(), ids=PEER_TRUST.keys())
+def test_peer_is_trusted(peer: str | None, expected: bool) -> None:
+    assert peer_is_trusted(peer, TRUSTED_NETS) is expected
+    assert peer_is_trusted(peer, ()) is False  # nothing configured: nobody is trusted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 import httptools
 import orjson
@@ -195,6 +196,7 @@ def request(
     preserve_host: bool = False,
     content_length: int | None = None,
     chunked: bool = False,
+    trusted: bool = False,
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return split_head(
         wire.request_head(
@@ -207,8 +209,15 @@ def request(
             preserve_host=preserve_host,
             content_length=content_length,
             chunked=chunked,
+            trusted=trusted,
+            identity=IDENTITY,
         )
     )
+
+
+# The device headers' names as the data plane passes them (lower-cased, from the config).
+IDENTITY = frozenset({b"x-device-id", b"x-app-name", b"x-app-version", b"x-os-name",
+                      b"x-os-version", b"x-device-manufacturer", b"x-device-model"})  # fmt: skip
 
 
 RAW_TARGETS: dict[str, bytes] = {
@@ -235,35 +244,125 @@ def test_request_line_carries_the_raw_target_untouched(target: bytes) -> None:
     assert first == b"PATCH " + target + b" HTTP/1.1"
 
 
-XFF_CASES: dict[str, tuple[Pairs, bytes, list[bytes]]] = {
-    "no prior X-Forwarded-For: the peer alone": ([], PEER, [PEER]),
-    "prior value: the peer appended": (
+XFF_CASES: dict[str, tuple[Pairs, bytes, bool, list[bytes]]] = {
+    "no prior X-Forwarded-For: the peer alone": ([], PEER, False, [PEER]),
+    "an untrusted client's value is replaced, never extended": (
         [(b"X-Forwarded-For", b"203.0.113.7")],
         PEER,
-        [b"203.0.113.7, " + PEER],
+        False,
+        [PEER],
     ),
-    "prior list kept verbatim, peer appended": (
-        [(b"X-Forwarded-For", b"203.0.113.7,  192.0.2.1")],
-        PEER,
-        [b"203.0.113.7,  192.0.2.1, " + PEER],
-    ),
-    "several prior headers, any case, folded into one in order": (
+    "every untrusted value replaced, any case": (
         [(b"X-Forwarded-For", b"203.0.113.7"), (b"x-forwarded-for", b"192.0.2.1")],
         PEER,
+        False,
+        [PEER],
+    ),
+    "a trusted proxy's value: the peer appended": (
+        [(b"X-Forwarded-For", b"203.0.113.7")],
+        PEER,
+        True,
+        [b"203.0.113.7, " + PEER],
+    ),
+    "a trusted proxy's list kept verbatim, peer appended": (
+        [(b"X-Forwarded-For", b"203.0.113.7,  192.0.2.1")],
+        PEER,
+        True,
+        [b"203.0.113.7,  192.0.2.1, " + PEER],
+    ),
+    "several trusted headers, any case, folded into one in order": (
+        [(b"X-Forwarded-For", b"203.0.113.7"), (b"x-forwarded-for", b"192.0.2.1")],
+        PEER,
+        True,
         [b"203.0.113.7, 192.0.2.1, " + PEER],
     ),
     "IPv6 peer appended as is": (
         [(b"X-Forwarded-For", b"203.0.113.7")],
         b"::1",
+        True,
         [b"203.0.113.7, ::1"],
     ),
 }
 
 
-@pytest.mark.parametrize(("given_", "peer", "expected"), XFF_CASES.values(), ids=XFF_CASES.keys())
-def test_x_forwarded_for(given_: Pairs, peer: bytes, expected: list[bytes]) -> None:
-    _, pairs = request(given_, peer=peer)
+@pytest.mark.parametrize(
+    ("given_", "peer", "trusted", "expected"), XFF_CASES.values(), ids=XFF_CASES.keys()
+)
+def test_x_forwarded_for(given_: Pairs, peer: bytes, trusted: bool, expected: list[bytes]) -> None:
+    _, pairs = request(given_, peer=peer, trusted=trusted)
     assert values(pairs, b"X-Forwarded-For") == expected
+
+
+CLAIMS: Final[Pairs] = [
+    (b"Forwarded", b"for=203.0.113.7;proto=https"),
+    (b"X-Real-IP", b"203.0.113.7"),
+    (b"X-Forwarded-Proto", b"https"),
+    (b"X-Forwarded-Host", b"shop.example"),
+    (b"Host", b"gw.internal"),
+]
+
+
+def test_an_untrusted_client_cannot_say_who_it_is() -> None:
+    _, pairs = request(CLAIMS)
+    assert values(pairs, b"Forwarded") == [] and values(pairs, b"X-Real-IP") == []
+    assert values(pairs, b"X-Forwarded-Proto") == [b"http"]
+    assert values(pairs, b"X-Forwarded-Host") == [b"gw.internal"]
+
+
+def test_a_trusted_proxy_says_it_for_its_client() -> None:
+    _, pairs = request(CLAIMS, trusted=True)
+    assert values(pairs, b"Forwarded") == [b"for=203.0.113.7;proto=https"]
+    assert values(pairs, b"X-Real-IP") == [b"203.0.113.7"]
+    # The proxy terminated TLS and saw the original Host: its words stand, once each.
+    assert values(pairs, b"X-Forwarded-Proto") == [b"https"]
+    assert values(pairs, b"X-Forwarded-Host") == [b"shop.example"]
+
+
+LOOKALIKES: dict[str, bytes] = {
+    "the id with underscores": b"X_Device_Id",
+    "mixed": b"x-device_id",
+    "another identity field": b"X_App_Version",
+    "a forwarding header": b"X_Forwarded_For",
+    "X-Real-IP": b"X_Real_IP",
+}
+
+
+@pytest.mark.parametrize("name", LOOKALIKES.values(), ids=LOOKALIKES.keys())
+@pytest.mark.parametrize("trusted", [False, True])
+def test_lookalikes_of_vouched_headers_never_reach_the_upstream(name: bytes, trusted: bool) -> None:
+    _, pairs = request([(b"X-Device-Id", b"dev-1"), (name, b"blk-1")], trusted=trusted)
+    assert values(pairs, name) == []
+    assert values(pairs, b"X-Device-Id") == [b"dev-1"]
+
+
+def test_an_underscore_elsewhere_is_forwarded() -> None:
+    _, pairs = request([(b"X_Custom_Thing", b"1"), (b"Accept_Language", b"fr")])
+    assert values(pairs, b"X_Custom_Thing") == [b"1"]
+    assert values(pairs, b"Accept_Language") == [b"fr"]
+
+
+CONNECTION_NAMING: dict[str, bytes] = {
+    "the id": b"X-Device-Id",
+    "the id, another case": b"x-DEVICE-id",
+    "an identity field among others": b"keep-alive, X-App-Name, X-Hop",
+}
+
+
+@pytest.mark.parametrize("value", CONNECTION_NAMING.values(), ids=CONNECTION_NAMING.keys())
+def test_a_connection_header_cannot_make_an_identity_header_hop_by_hop(value: bytes) -> None:
+    _, pairs = request(
+        [
+            (b"Connection", value),
+            (b"X-Device-Id", b"blk-1"),
+            (b"X-App-Name", b"Shop"),
+            (b"X-Hop", b"1"),
+            (b"X_Device_Id", b"other"),
+        ]
+    )
+    assert values(pairs, b"X-Device-Id") == [b"blk-1"]
+    assert values(pairs, b"X-App-Name") == [b"Shop"]
+    assert values(pairs, b"X_Device_Id") == []  # the lookalike stays dropped on this path too
+    assert values(pairs, b"X-Hop") == ([] if b"X-Hop" in value else [b"1"])
 
 
 HOST_CASES: dict[str, tuple[Pairs, bool, bytes, bytes | None]] = {
@@ -400,7 +499,8 @@ ANY_NAME = st.one_of(
     HEADER_NAME.map(str.encode),
     st.sampled_from(
         [b"Host", b"Connection", b"Content-Length", b"Transfer-Encoding", b"Expect", b"TE",
-         b"X-Forwarded-For", b"X-Forwarded-Host", b"X-Forwarded-Proto", b"Upgrade"]
+         b"X-Forwarded-For", b"X-Forwarded-Host", b"X-Forwarded-Proto", b"Upgrade",
+         b"Forwarded", b"X-Real-IP", b"X-Device-Id", b"X_Device_Id", b"x_forwarded_for"]
     ),
 )  # fmt: skip
 
@@ -410,9 +510,14 @@ ANY_NAME = st.one_of(
     length=st.one_of(st.none(), st.integers(0, 10**9)),
     chunked=st.booleans(),
     preserve_host=st.booleans(),
+    trusted=st.booleans(),
 )
 def test_request_head_is_always_one_well_formed_message(
-    headers: list[tuple[bytes, bytes]], length: int | None, chunked: bool, preserve_host: bool
+    headers: list[tuple[bytes, bytes]],
+    length: int | None,
+    chunked: bool,
+    preserve_host: bool,
+    trusted: bool,
 ) -> None:
     head = wire.request_head(
         b"PUT",
@@ -424,6 +529,8 @@ def test_request_head_is_always_one_well_formed_message(
         preserve_host=preserve_host,
         content_length=length,
         chunked=chunked,
+        trusted=trusted,
+        identity=IDENTITY,
     )
     seen: list[tuple[bytes, bytes]] = []
 
@@ -434,17 +541,22 @@ def test_request_head_is_always_one_well_formed_message(
     parser = httptools.HttpRequestParser(Collect())
     parser.feed_data(head)  # llhttp accepts it: one head, no conflicting framing
     assert parser.get_method() == b"PUT"
-    for own in (b"Host", b"X-Forwarded-For", b"X-Forwarded-Proto"):
+    for own in (b"Host", b"X-Forwarded-For"):
         assert len(values(seen, own)) == 1, own
-    assert len(values(seen, b"X-Forwarded-Host")) <= 1
+    # A trusted proxy's own X-Forwarded-Proto/-Host are passed on as it sent them.
+    if not trusted:
+        assert len(values(seen, b"X-Forwarded-Proto")) == 1
+        assert len(values(seen, b"X-Forwarded-Host")) <= 1
+        assert values(seen, b"Forwarded") == values(seen, b"X-Real-IP") == []
     assert len(values(seen, b"Content-Length")) + len(values(seen, b"Transfer-Encoding")) <= 1
     named = wire.connection_tokens(headers)
     for name, _ in seen:
         lower = name.lower()
         assert lower not in wire.HOP_BY_HOP or lower == b"transfer-encoding"
         assert lower != b"expect"
+        assert b"_" not in lower or lower.replace(b"_", b"-") not in IDENTITY
         if lower not in {b"host", b"content-length", b"transfer-encoding"} and not (
-            lower.startswith(b"x-forwarded-")
+            lower.startswith(b"x-forwarded-") or lower in IDENTITY
         ):
             assert lower not in named
 

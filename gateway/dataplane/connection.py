@@ -22,7 +22,7 @@ from gateway.dataplane import wire
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.upstream import UpstreamPool
 from gateway.enforce import Decider, Enforcer
-from gateway.identity import FieldValues
+from gateway.identity import FieldValues, peer_is_trusted
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics
 from gateway.store import Store
@@ -68,6 +68,9 @@ class DataPlane:
         self.enforced_headers: dict[bytes, str] = {
             n.lower().encode(): n.lower() for n in [*names, "X-Forwarded-For"]
         }
+        # The device headers go upstream as enforced: never hop-by-hop, no lookalikes.
+        self.identity_names = frozenset(n.lower().encode() for n in names)
+        self.trusted_proxies = settings.server.trusted_proxies
         self.header_timeout = settings.server.header_timeout
         self.keepalive_timeout = settings.server.keepalive_timeout
         self.body_timeout = settings.server.body_timeout
@@ -177,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.peer_bytes = b"unknown"
+        self.peer_trusted = False  # a trusted proxy: its forwarding headers are passed on
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Exchange] = deque()
         self._parsing: Exchange | None = None
@@ -204,10 +208,11 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
+        plane = self.plane
         if peer:
             self.peer = str(peer[0])
             self.peer_bytes = self.peer.encode()
-        plane = self.plane
+            self.peer_trusted = peer_is_trusted(self.peer, plane.trusted_proxies)
         if plane.stopping:
             # Accepted in the instant between the listener's close and this callback: it
             # has sent nothing yet, and the process is going away.

@@ -202,6 +202,8 @@ class Exchange:
             preserve_host=plane.preserve_host,
             content_length=content_length,
             chunked=chunked,
+            trusted=self.conn.peer_trusted,
+            identity=plane.identity_names,
         )
         parts = [head]
         for piece in self._buffer:

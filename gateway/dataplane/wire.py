@@ -34,9 +34,18 @@ HOP_BY_HOP: Final = frozenset(
 # headers are rebuilt; Expect is answered by the gateway (it sends 100 Continue itself).
 _REQUEST_OWN: Final = frozenset(
     {b"content-length", b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
-     b"x-forwarded-host"}
+     b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )  # fmt: skip
 _REQUEST_SKIP: Final = HOP_BY_HOP | _REQUEST_OWN
+# What a client may say about an earlier hop. From a trusted proxy (server.trusted_proxies)
+# they are passed on (its X-Forwarded-For is extended); from anyone else they are replaced
+# by what the gateway saw, or dropped, so that no client can tell the upstream who it is.
+_FORWARDING: Final = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
+_PASSED_WHEN_TRUSTED: Final = frozenset(
+    {b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
 # The gateway re-frames every answer: the upstream's length goes, with the hop-by-hop ones.
 _RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 # Connection tokens that name nothing more to drop than HOP_BY_HOP does already.
@@ -91,12 +100,22 @@ def request_head(
     preserve_host: bool,
     content_length: int | None,
     chunked: bool,
+    trusted: bool = False,
+    identity: frozenset[bytes] = frozenset(),
 ) -> bytes:
-    """The request head sent upstream: method, raw target, end-to-end headers, our own."""
+    """The request head sent upstream: method, raw target, end-to-end headers, our own.
+
+    `identity` (lower-cased names of the device headers the request was enforced by) are
+    never hop-by-hop, whatever a Connection header says; their lookalikes (the same name
+    with `_` for `-`, which CGI-style servers read as the same header) are dropped, as are
+    the forwarding headers'. `trusted`: the peer is a trusted proxy, whose forwarding
+    headers are passed on; anyone else's are replaced (X-Forwarded-*) or dropped.
+    """
     # One pass over the headers: the forwarding ones are read, the rest forwarded unless
-    # hop-by-hop or rebuilt here.
+    # hop-by-hop, rebuilt here, or a lookalike.
     client_host = b""
     forwarded: list[bytes] = []
+    passed: frozenset[bytes] = frozenset()  # forwarding headers a trusted proxy set
     lines = [method + b" " + target + b" HTTP/1.1", b""]
     named: frozenset[bytes] | None = None
     for header in headers:
@@ -105,21 +124,34 @@ def request_head(
             if lower == b"host":
                 client_host = header[1]
             elif lower == b"x-forwarded-for":
-                forwarded.append(header[1])
+                if trusted:
+                    forwarded.append(header[1])
             elif lower == b"connection":
                 named = _named(header[1], named)
+            elif trusted and lower in _PASSED_WHEN_TRUSTED:
+                lines.append(b": ".join(header))
+                passed = passed | {lower}
+            continue
+        if b"_" in lower and _lookalike(lower, identity):
             continue
         lines.append(b": ".join(header))  # one join costs less than two concatenations
     if named:
+        named = named - identity
+    if named:
         # Rare: a Connection header naming other headers, which are hop-by-hop too.
-        dropped = _REQUEST_SKIP | named
         del lines[2:]
-        lines.extend(b": ".join(h) for h in headers if h[0].lower() not in dropped)
+        for header in headers:
+            lower = header[0].lower()
+            if lower in named or (b"_" in lower and _lookalike(lower, identity)):
+                continue
+            if lower not in _REQUEST_SKIP or (trusted and lower in _PASSED_WHEN_TRUSTED):
+                lines.append(b": ".join(header))
     lines[1] = b"Host: " + (client_host if preserve_host and client_host else host)
     forwarded.append(peer)
     lines.append(b"X-Forwarded-For: " + b", ".join(forwarded))
-    lines.append(b"X-Forwarded-Proto: " + scheme)
-    if client_host:
+    if b"x-forwarded-proto" not in passed:
+        lines.append(b"X-Forwarded-Proto: " + scheme)
+    if client_host and b"x-forwarded-host" not in passed:
         lines.append(b"X-Forwarded-Host: " + client_host)
     if content_length is not None:
         lines.append(b"Content-Length: %d" % content_length)
@@ -128,6 +160,12 @@ def request_head(
     lines.append(b"")
     lines.append(b"")
     return CRLF.join(lines)
+
+
+def _lookalike(lower: bytes, identity: frozenset[bytes]) -> bool:
+    """`X_Device_Id` for `x-device-id`: a name only an underscore keeps from one we vouch for."""
+    dashed = lower.replace(b"_", b"-")
+    return dashed in identity or dashed in _FORWARDING
 
 
 def response_head(
