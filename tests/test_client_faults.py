@@ -347,6 +347,71 @@ async def test_client_leaving_mid_upload_aborts_the_upstream_request(
     await gw.stop()
 
 
+# ---------------------------------------------------------------- half-closed clients
+
+
+async def half_closed(port: int, data: bytes) -> bytes:
+    """Send `data`, shut the sending side (SHUT_WR, as `printf ... | socat` does), then read
+    until the gateway closes (bounded)."""
+    sock = await connect_raw(port)
+    try:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, data)
+        sock.shutdown(socket.SHUT_WR)
+        return await read_until_closed(sock)
+    finally:
+        sock.close()
+
+
+def answers_in(data: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each Content-Length answer in `data`, in order."""
+    found = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+        assert match is not None, head
+        length = int(match.group(1))
+        found.append((int(head.split(b" ", 2)[1]), rest[:length]))
+        data = rest[length:]
+    return found
+
+
+async def test_a_half_closed_client_gets_its_answers_then_the_close(
+    start_gateway: StartGateway, upstream: CountingUpstream
+) -> None:
+    gw = await start_gateway(upstream.url)
+    one = await half_closed(gw.port, b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert [status for status, _ in answers_in(one)] == [200]
+    assert orjson.loads(answers_in(one)[0][1])["path"] == "/one"
+    body = b"x" * 100_000
+    posted = await half_closed(
+        gw.port, b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n" + body
+    )
+    assert [status for status, _ in answers_in(posted)] == [200]
+    assert upstream.seen[-1].complete and upstream.seen[-1].body_size == len(body)
+    pipelined = await half_closed(
+        gw.port, b"".join(b"GET /p%d HTTP/1.1\r\nHost: gw\r\n\r\n" % i for i in range(3))
+    )
+    assert [orjson.loads(b)["path"] for _, b in answers_in(pipelined)] == ["/p0", "/p1", "/p2"]
+    await gw.stop()
+
+
+async def test_a_request_cut_short_by_a_half_close_is_refused_and_never_forwarded_whole(
+    start_gateway: StartGateway, upstream: CountingUpstream
+) -> None:
+    gw = await start_gateway(upstream.url)
+    head_only = await half_closed(gw.port, b"GET /never HTTP/1.1\r\nHost: g")
+    assert answers_in(head_only)[0][0] == 400
+    part = await half_closed(
+        gw.port, b"POST /cut HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    ((status, body),) = answers_in(part)
+    assert (status, orjson.loads(body)["result"]) == (400, "Request body incomplete")
+    assert all(s.complete is False for s in upstream.seen if s.raw_path == "/cut")
+    assert (await get(gw.port)).status == 200
+    await gw.stop()
+
+
 # ---------------------------------------------------------------- 2. leaving mid-download
 
 # 100 MB in 64 KiB chunks, 10 ms apart: the stream would run for about 16 s.

@@ -162,3 +162,45 @@ async def test_a_refusal_keeps_its_status_whatever_exception_surrounds_the_loop(
     assert (transport.status(), transport.envelope()) == (case.status, case.reason)
     assert transport.closed
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+class HalfClose(NamedTuple):
+    sent: bytes
+    status: int | None  # None: nothing is answered
+    reason: str = ""
+
+
+HALF_CLOSES = {
+    "nothing sent": HalfClose(b"", None),
+    "half a request line": HalfClose(b"GET /x HT", 400, "Request head incomplete"),
+    "a head without its blank line": HalfClose(
+        b"GET /x HTTP/1.1\r\nHost: gw\r\n", 400, "Request head incomplete"
+    ),
+    "a body cut short": HalfClose(
+        _head(b"POST /x HTTP/1.1", b"Host: gw", b"Content-Length: 10") + b"abc",
+        400,
+        "Request body incomplete",
+    ),
+    "a chunked body cut short": HalfClose(
+        _head(b"POST /x HTTP/1.1", b"Host: gw", b"Transfer-Encoding: chunked") + b"3\r\nabc\r\n",
+        400,
+        "Request body incomplete",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HALF_CLOSES.values(), ids=HALF_CLOSES.keys())
+async def test_a_half_close_cutting_a_request_short_is_answered_then_closed(
+    plane: DataPlane, case: HalfClose
+) -> None:
+    conn, transport = connect(plane)
+    if case.sent:
+        conn.data_received(case.sent)
+    assert conn.eof_received() is True  # the transport stays open for the answer
+    await asyncio.sleep(0)  # let an exchange that was started run its first step
+    if case.status is None:
+        assert transport.written == b""
+    else:
+        assert (transport.status(), transport.envelope()) == (case.status, case.reason)
+        assert b"Connection: close" in transport.written
+    assert transport.closed

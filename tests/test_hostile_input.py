@@ -866,6 +866,29 @@ async def test_blocked_lookalike_answer_is_the_blocked_envelope(
     assert gw.upstream.started == []
 
 
+# ---------------------------------------------------------------- answers stay in order
+
+
+async def test_a_pipelined_request_that_breaks_is_answered_after_those_before_it(
+    gw: Gateway, connect: Connect
+) -> None:
+    # One write: the first request is still being decided when the second one's body
+    # breaks. Its 400 must come after the first answer, never inside it.
+    client = await connect(gw)
+    await client.send(
+        b"GET /first HTTP/1.1\r\nHost: gw\r\n\r\n"
+        + CHUNKED.replace(b"/smuggle", b"/second")
+        + b"zz\r\nnot a chunk\r\n"
+    )
+    first = await client.read_answer()
+    assert first.status == 200
+    second = await client.read_answer()
+    assert (second.status, second.envelope()) == (400, LLHTTP + "Invalid character in chunk size")
+    assert await client.closed()
+    assert gw.upstream.started == ["/first"]
+    gw.assert_no_tracebacks()
+
+
 # ---------------------------------------------------------------- what the upstream may trust
 
 VOUCHED_SPOOFS: Final = {

@@ -39,17 +39,26 @@ async def pipeline(own_redis: RedisServer) -> AsyncIterator[ScriptPipeline]:
     await p.close()
 
 
+class _CountingTransport:
+    """Stands in for the pipeline's transport and counts its writes (uvloop's transports
+    take no new attributes, so the transport is wrapped rather than patched)."""
+
+    def __init__(self, inner: Any, writes: list[int]) -> None:
+        self._inner = inner
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(len(data))
+        self._inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def count_writes(p: ScriptPipeline) -> list[int]:
-    """Wrap the open transport's write to count socket writes."""
+    """Wrap the open transport to count socket writes."""
     writes: list[int] = []
-    transport: Any = p._transport
-    original = transport.write
-
-    def write(data: bytes) -> None:
-        writes.append(len(data))
-        original(data)
-
-    transport.write = write
+    p._transport = _CountingTransport(p._transport, writes)  # type: ignore[assignment]
     return writes
 
 

@@ -113,10 +113,20 @@ async def test_two_workers_share_the_port_the_counters_and_the_store(
                 async with aiohttp.ClientSession() as one:
                     async with one.get(f"http://127.0.0.1:{public}/x", headers=device) as r:
                         assert r.status == 403
-            async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
-                text = await r.text()
-            assert 'devicegate_requests_total{decision="allow"} 21\n' in text
-            assert 'devicegate_requests_total{decision="blocked"} 6\n' in text
+            # A request is counted right after its answer is written: a worker preempted
+            # between the two counts it a moment after the client has read the answer.
+            wanted = (
+                'devicegate_requests_total{decision="allow"} 21\n',
+                'devicegate_requests_total{decision="blocked"} 6\n',
+            )
+            deadline = time.monotonic() + WAIT
+            while True:
+                async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
+                    text = await r.text()
+                if all(line in text for line in wanted) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert all(line in text for line in wanted), text
             # The supervisor's admin listener checks Host (bound to loopback).
             rebound = {**auth, "Host": "rebound.example"}
             async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=rebound) as r:

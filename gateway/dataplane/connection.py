@@ -187,6 +187,9 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: wire.RawHeaders = []
         self._closing = False
+        # No request follows those queued (the client half-closed, or the request being
+        # read broke): the queue is answered in order, then the connection closes.
+        self._no_more = False
         self._rejected: _Reject | None = None  # set by a callback that refuses the request
         self._in_head = False
         self._line_bytes = 0  # bytes of the head line still being received
@@ -201,7 +204,7 @@ class ClientConnection(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         """True once the connection will close after the answer in progress."""
-        return self._closing
+        return self._closing or (self._no_more and len(self._queue) <= 1)
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -229,7 +232,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_deadline = self.loop.time() + self.plane.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        if self._closing and not self.linger_until:
+        if (self._closing or self._no_more) and not self.linger_until:
             return
         self.idle_since = 0.0
         self.last_read = self.loop.time()
@@ -283,6 +286,23 @@ class ClientConnection(asyncio.Protocol):
         """Record a refusal (data_received reads it back after llhttp stops) and return it."""
         self._rejected = _Reject(status, reason)
         return self._rejected
+
+    def eof_received(self) -> bool:
+        """The client shut its sending side (SHUT_WR): answer what it sent, then close.
+
+        Complete requests are still answered, in order (`printf ... | socat` half-closes
+        right after its request); a request whose head or body was cut short never
+        completes: 400, or dropped when answers to earlier requests are still due.
+        """
+        self._no_more = True
+        parsing = self._parsing
+        if parsing is not None and not parsing.body_done:
+            parsing.body_broken(400, "Request body incomplete")
+        elif self._in_head and not self._queue:
+            self._refuse(400, "Request head incomplete")
+        if not self._queue and self.transport is not None:
+            self.transport.close()  # nothing left to answer
+        return True  # keep the transport: exchange_done closes it after the last answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -438,6 +458,8 @@ class ClientConnection(asyncio.Protocol):
             self._start(self._queue[0])
             if len(self._queue) <= MAX_QUEUED:
                 self.resume_reading()
+        elif self._no_more:
+            transport.close()  # the half-closed client has every answer it asked for
         else:
             self._mark_idle()
 
@@ -472,12 +494,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse(self, status: int, reason: str) -> None:
         """A request that cannot be parsed: answer it in the envelope and close."""
-        self._closing = True
         if self._parsing is not None:
             # Broken after its head (a bad chunk, say): the exchange gives the body up (the
-            # upstream never sees it complete) and answers, or cuts an answer in progress.
+            # upstream never sees it complete) and answers in its turn, or cuts an answer
+            # in progress. Nothing more is read; the requests before it are answered first.
+            self._no_more = True
             self._parsing.body_broken(status, reason)
             return
+        self._closing = True
         if self._queue:
             return  # the answer in progress goes out first; then the connection closes
         try:

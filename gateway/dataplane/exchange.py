@@ -54,6 +54,7 @@ class Exchange:
         "_out",
         "_out_chunked",
         "_retried",
+        "_refusal",
         "_reused",
         "_sent_body",
         "_settled",
@@ -113,6 +114,7 @@ class Exchange:
         self._settled = False  # the current upstream attempt ended (answered, failed, cut)
         self._reused = False
         self._retried = False
+        self._refusal: tuple[int, str] | None = None  # given up before its turn came
         self._sent_body = False
         self._out: list[bytes] = []
         self._out_chunked = False
@@ -138,6 +140,9 @@ class Exchange:
         answer to the client and end the exchange, with no task waiting for them.
         """
         try:
+            if self._refusal is not None:
+                self.answer(*self._refusal)  # its body broke while it waited its turn
+                return
             if not retry:
                 verdict = await self.conn.plane.enforcer.check(
                     self.method.decode("latin-1"),
@@ -268,6 +273,11 @@ class Exchange:
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.abort()
+        if self.task is None and not self.finished:
+            # A pipelined request whose turn has not come: answered when it does, so the
+            # answers before it are not interleaved with this one.
+            self._refusal = (status, reason)
+            return
         if not self.head_started:
             self.answer(status, reason, self.verdict_headers)
         else:
