@@ -39,7 +39,8 @@ class Verdict:
     """What to do with one request: forward it (status 0) or answer `status` with `reason`.
 
     `headers` are the rate-limit headers (for a forwarded request, added to the upstream's
-    answer); `decision` names the outcome for the access log and the metrics.
+    answer); `decision` names the outcome for the access log and the metrics; `client` is the
+    client address the request is accounted to (the one anonymous limits key on).
     """
 
     status: int
@@ -47,6 +48,7 @@ class Verdict:
     headers: dict[str, str] | None
     decision: str
     device_id: str | None
+    client: str
 
     def __init__(
         self,
@@ -55,12 +57,14 @@ class Verdict:
         headers: dict[str, str] | None,
         decision: str,
         device_id: str | None = None,
+        client: str = "",
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.decision = decision
         self.device_id = device_id
+        self.client = client
 
 
 class Decider(Protocol):
@@ -130,7 +134,7 @@ class Enforcer:
                 return Verdict(
                     503, UNAVAILABLE_REASON, {"Retry-After": "1"}, "store_down_closed", device_id
                 )
-            return Verdict(FORWARD, "", None, "store_down_open", device_id)
+            return Verdict(FORWARD, "", None, "store_down_open", device_id, ip)
 
         if decision.outcome is Outcome.BLOCKED:
             return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
@@ -140,4 +144,4 @@ class Enforcer:
             if decision.policy == "registration":
                 return Verdict(429, REGISTRATION_REASON, rate_headers, "unregistered", device_id)
             return Verdict(429, LIMITED_REASON, rate_headers, "limited", device_id)
-        return Verdict(FORWARD, "", rate_headers, "allow", device_id)
+        return Verdict(FORWARD, "", rate_headers, "allow", device_id, ip)

@@ -24,6 +24,7 @@ DECISIONS: Final = (
     "method",
     "store_down_open",
     "store_down_closed",
+    "client_busy",
     "-",
 )
 _DECISION_SLOT: Final = {name: 1 + i for i, name in enumerate(DECISIONS)}
