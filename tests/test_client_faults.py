@@ -137,13 +137,14 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     """A factory: start a gateway process in front of `upstream_url`; killed at teardown."""
     started: list[Gateway] = []
 
-    async def start(upstream_url: str, *, server: str = "") -> Gateway:
+    async def start(upstream_url: str, *, server: str = "", limits: str = "") -> Gateway:
         port, admin = free_port(), free_port()
         config = tmp_path / f"gateway-{len(started)}.yaml"
         config.write_text(
             f"server: {{listen: '127.0.0.1:{port}', shutdown_timeout: 2, {server}}}\n"
             f"admin: {{listen: '127.0.0.1:{admin}', token: '{TOKEN}'}}\n"
             f"upstream: {{url: '{upstream_url}'}}\n"
+            f"limits: {{{limits}}}\n"
             "redis: {url: 'memory://'}\n" + BASE_YAML
         )
         log_path = tmp_path / f"gateway-{len(started)}.log"
@@ -313,9 +314,10 @@ def leave(writer: asyncio.StreamWriter, close: str) -> float:
 async def test_client_leaving_mid_upload_aborts_the_upstream_request(
     start_gateway: StartGateway, upstream: CountingUpstream, close: str
 ) -> None:
-    """Half of a Content-Length body, then the client goes: the upstream's request is cut
-    within 1 s and never complete, and the gateway holds no socket for it 2 s later."""
-    gw = await start_gateway(upstream.url)
+    """Streamed (request buffering off): half of a Content-Length body, then the client
+    goes: the upstream's request is cut within 1 s and never complete, and the gateway
+    holds no socket for it 2 s later."""
+    gw = await start_gateway(upstream.url, limits="request_buffering: false")
     baseline = gw.fds()
     _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
@@ -344,6 +346,38 @@ async def test_client_leaving_mid_upload_aborts_the_upstream_request(
     assert await gw.wait_fds(baseline, within=2.0) <= baseline, os.listdir(f"/proc/{gw.pid}/fd")
     assert (await get(gw.port)).status == 200
     assert len(upstream.seen) == 2 and upstream.seen[1].complete
+    await gw.stop()
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
+    start_gateway: StartGateway, upstream: CountingUpstream, close: str, tmp_path: Path
+) -> None:
+    """Buffered (the default), past the memory part into a file: the client goes, the
+    upstream never hears of the request, the file and the socket are gone."""
+    spill = tmp_path / "bodies"
+    spill.mkdir()
+    gw = await start_gateway(
+        upstream.url, limits=f"buffer_memory_bytes: 65536, buffer_dir: '{spill}'"
+    )
+    baseline = gw.fds()
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        head = f"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {UPLOAD_SIZE}\r\n\r\n"
+        writer.write(head.encode() + b"u" * (UPLOAD_SIZE // 2))
+        await asyncio.wait_for(writer.drain(), WAIT)
+        # The half is past the memory part: the gateway holds it in a (deleted) file.
+        async with asyncio.timeout(WAIT):
+            while gw.fds() < baseline + 2:  # the client's socket and the file
+                await asyncio.sleep(0.01)
+        leave(writer, close)
+    finally:
+        writer.close()
+    assert await gw.wait_fds(baseline, within=2.0) <= baseline, os.listdir(f"/proc/{gw.pid}/fd")
+    assert upstream.arrived == 0
+    assert list(spill.iterdir()) == []  # the file never had a name to leave behind
+    assert (await get(gw.port)).status == 200
+    assert [s.raw_path for s in upstream.seen] == ["/ok"]
     await gw.stop()
 
 

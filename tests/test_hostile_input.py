@@ -183,10 +183,11 @@ async def start_gateway(upstream: CountingUpstream) -> AsyncIterator[StartGatewa
         upstream_timeout: float = 5.0,
         wrap: Callable[[Callable[[], ClientConnection]], Callable[[], asyncio.Protocol]]
         | None = None,
+        request_buffering: bool = True,
     ) -> Gateway:
         config = {
             "upstream": {"url": upstream.url, "timeout": upstream_timeout},
-            "limits": {"max_body_bytes": LIMIT},
+            "limits": {"max_body_bytes": LIMIT, "request_buffering": request_buffering},
             "rate_limits": {"device": GENEROUS, "anonymous": GENEROUS},
             "devices": {"registration_limit": GENEROUS},
             "log": {"access": True},
@@ -657,36 +658,48 @@ def chunked(parts: list[bytes]) -> bytes:
     return b"".join(b"%x\r\n" % len(p) + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
 
 
+@pytest.mark.parametrize("buffering", [True, False], ids=["buffered", "streamed"])
 async def test_chunked_body_at_the_limit_is_forwarded_byte_identical(
-    gw: Gateway, connect: Connect
+    start_gateway: StartGateway, connect: Connect, buffering: bool
 ) -> None:
+    gw = await start_gateway(request_buffering=buffering)
     parts = [os.urandom(n) for n in (1, LIMIT // 2, LIMIT // 2 - 2, 1)]
     assert sum(map(len, parts)) == LIMIT
     answer = await exchange(connect, gw, CHUNKED + chunked(parts))
     assert answer.status == 200
     [seen] = gw.upstream.complete
     assert (seen.size, seen.sha256) == (LIMIT, hashlib.sha256(b"".join(parts)).hexdigest())
-    assert seen.headers["Transfer-Encoding"] == "chunked"
+    if buffering:  # read whole first, then sent with its length
+        assert seen.headers["Content-Length"] == str(LIMIT)
+        assert "Transfer-Encoding" not in seen.headers
+    else:
+        assert seen.headers["Transfer-Encoding"] == "chunked"
     gw.assert_no_tracebacks()
 
 
+@pytest.mark.parametrize("buffering", [True, False], ids=["buffered", "streamed"])
 async def test_chunked_body_one_byte_past_the_limit_never_reaches_the_upstream_whole(
-    gw: Gateway, connect: Connect
+    start_gateway: StartGateway, connect: Connect, buffering: bool
 ) -> None:
+    gw = await start_gateway(request_buffering=buffering)
     client = await connect(gw)
     await client.send(CHUNKED + b"%x\r\n" % LIMIT + b"c" * LIMIT + b"\r\n")
-    # The upstream is receiving the request when the byte past the limit arrives.
-    async with asyncio.timeout(WAIT):
-        while not gw.upstream.started:
-            await asyncio.sleep(0.01)
+    if not buffering:
+        # The upstream is receiving the request when the byte past the limit arrives.
+        async with asyncio.timeout(WAIT):
+            while not gw.upstream.started:
+                await asyncio.sleep(0.01)
     await client.send(b"1\r\nc\r\n0\r\n\r\n")
     answer = await client.read_answer()
     assert (answer.status, answer.envelope()) == (413, "Request body too large")
     assert await client.closed()
     await gw.upstream.settled()
     assert gw.upstream.complete == []
-    [(_, size)] = gw.upstream.broken
-    assert size <= LIMIT
+    if buffering:
+        assert gw.upstream.started == []  # nothing of it ever left the gateway
+    else:
+        [(_, size)] = gw.upstream.broken
+        assert size <= LIMIT
     gw.assert_no_tracebacks()
 
 

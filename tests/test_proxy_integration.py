@@ -17,7 +17,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Final, Literal
 
 import aiohttp
 import orjson
@@ -165,9 +166,11 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
         connect_timeout: float = 2.0,
         timeout: float = WAIT,
         max_connections: int = 10,
+        max_connections_per_client: int | None = None,
         extra_headers: Mapping[str, str] | None = None,
         enforcer: Literal["stub", "real"] = "stub",
         server: Mapping[str, float] | None = None,
+        limits: Mapping[str, object] | None = None,
     ) -> Gateway:
         config: dict[str, object] = {
             "upstream": {
@@ -176,8 +179,9 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
                 "connect_timeout": min(connect_timeout, timeout),
                 "timeout": timeout,
                 "max_connections": max_connections,
+                "max_connections_per_client": max_connections_per_client,
             },
-            "limits": {"max_body_bytes": max_body_bytes},
+            "limits": {"max_body_bytes": max_body_bytes, **(limits or {})},
             "server": dict(server or {}),
         }
         settings = parse_config(orjson.dumps(config).decode(), "test")  # JSON is YAML
@@ -334,10 +338,15 @@ async def test_5_mib_streamed_download_arrives_byte_identical(
     assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
 
 
+# The tests below that follow a body on its way upstream run with request buffering off
+# (streaming, `limits.request_buffering: false`); the buffered default has its own below.
+STREAMING: Final = {"request_buffering": False}
+
+
 async def test_chunked_upload_is_forwarded_chunked_and_intact(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(echo), limits=STREAMING)
     parts = [os.urandom(100_000) for _ in range(5)]
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -359,7 +368,9 @@ async def test_chunked_body_over_the_limit_is_cut_and_answered_413(
 ) -> None:
     limit = 64 * 1024
     upstream = BodyRecorder()
-    gw = await start_gateway(await start_upstream(upstream.handle), max_body_bytes=limit)
+    gw = await start_gateway(
+        await start_upstream(upstream.handle), max_body_bytes=limit, limits=STREAMING
+    )
 
     async def chunks() -> AsyncIterator[bytes]:
         yield b"a" * 16 * 1024
@@ -402,7 +413,9 @@ async def test_declared_body_over_the_limit_that_a_verdict_let_through_is_still_
 ) -> None:
     # Defence in depth: the byte count while streaming holds even when the verdict forwards.
     upstream = BodyRecorder()
-    gw = await start_gateway(await start_upstream(upstream.handle), max_body_bytes=1024)
+    gw = await start_gateway(
+        await start_upstream(upstream.handle), max_body_bytes=1024, limits=STREAMING
+    )
     client = await connect(gw)
     await client.send(b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 1025\r\n\r\n")
     await client.send(b"x" * 1000)
@@ -461,7 +474,7 @@ async def test_client_abandoning_its_upload_never_yields_a_complete_upstream_req
     start_upstream: StartUpstream, start_gateway: StartGateway, start: bytes
 ) -> None:
     upstream = BodyRecorder()
-    gw = await start_gateway(await start_upstream(upstream.handle))
+    gw = await start_gateway(await start_upstream(upstream.handle), limits=STREAMING)
     async with asyncio.timeout(WAIT):
         _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(b"POST /upload HTTP/1.1\r\nHost: gw\r\n" + start)
@@ -489,7 +502,9 @@ async def test_upstream_answering_before_reading_the_upload_leaves_no_stuck_conn
         await writer.drain()
         await asyncio.sleep(WAIT)  # keep the connection open, body unread
 
-    gw = await start_gateway(await start_raw_upstream(early), max_body_bytes=64 * MiB)
+    gw = await start_gateway(
+        await start_raw_upstream(early), max_body_bytes=64 * MiB, limits=STREAMING
+    )
     client = await connect(gw)
     size = 32 * MiB
     client.writer.write(b"PUT /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
@@ -1588,3 +1603,224 @@ async def test_client_stalling_mid_head_is_closed(
         answer = await stalled.reader.read()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b'{"status":false,"result":"Request head timeout"}')
+
+
+# ------------------------------------------------------------- request buffering (default)
+
+
+async def test_slow_uploads_hold_no_upstream_connection(
+    start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
+) -> None:
+    # The probe's case: four clients trickle POST bodies in front of a pool of four. Streamed,
+    # they held every upstream connection and every other client got 503; buffered, the
+    # pool is untouched until a body is complete.
+    upstream = Counted()
+    gw = await start_gateway(
+        await start_upstream(upstream.handle), max_connections=4, max_connections_per_client=4
+    )
+    trickling = []
+    for i in range(4):
+        client = await connect(gw)
+        await client.send(b"POST /slow-%d HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\nab" % i)
+        trickling.append(client)
+    for _ in range(6):
+        async with gw.http.get("/other") as resp:
+            assert (resp.status, await resp.text()) == (200, "ok")
+    assert gw.plane.pool.open_connections <= 1  # the GETs shared one; no upload holds any
+    assert upstream.calls == 6
+    for client in trickling:
+        await client.send(b"cdefghij")
+        answer = await read_answer(client.reader)
+        assert (answer.status, answer.body) == (200, b"ok")
+    assert upstream.calls == 10
+
+
+async def test_a_body_past_the_memory_part_goes_through_a_file_and_arrives_intact(
+    start_upstream: StartUpstream, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    # The upstream reads slowly: the file is sent only as fast as its socket takes it.
+    async def slow_echo(request: web.Request) -> web.Response:
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+            await asyncio.sleep(0.001)
+        return web.json_response(
+            {"sha256": digest.hexdigest(), "size": size, "headers": list(request.headers.items())}
+        )
+
+    gw = await start_gateway(
+        await start_upstream(slow_echo),
+        limits={"buffer_memory_bytes": 64 * 1024, "buffer_dir": str(tmp_path)},
+    )
+    body = os.urandom(6 * MiB)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 512 * 1024):
+            yield body[start : start + 512 * 1024]
+
+    async with gw.http.put("/big", data=chunks()) as resp:  # chunked from the client
+        assert resp.status == 200
+        report = await resp.json()
+    assert (report["size"], report["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    headers = seen_headers(report)
+    assert headers["Content-Length"] == str(len(body))  # re-framed with its length
+    assert "Transfer-Encoding" not in headers
+    assert list(tmp_path.iterdir()) == []  # the temporary file never had a name
+
+
+async def test_a_body_that_cannot_be_buffered_is_a_503_and_never_forwarded(
+    start_upstream: StartUpstream, start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    upstream = Counted()
+    gw = await start_gateway(
+        await start_upstream(upstream.handle),
+        limits={"buffer_memory_bytes": 1024, "buffer_dir": str(tmp_path / "missing")},
+    )
+    async with gw.http.post("/up", data=b"x" * 4096) as resp:
+        assert resp.status == 503
+        assert await resp.json() == envelope("Cannot buffer the request body")
+    assert upstream.calls == 0
+    async with gw.http.post("/small", data=b"x" * 100) as resp:  # memory needs no file
+        assert resp.status == 200
+
+
+async def test_expect_continue_is_answered_by_the_gateway_once_it_decided(
+    start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
+) -> None:
+    gw = await start_gateway(await start_upstream(echo))
+    client = await connect(gw)
+    await client.send(
+        b"PUT /e HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    async with asyncio.timeout(WAIT):
+        assert await client.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    await client.send(b"hello")
+    answer = await read_answer(client.reader)
+    assert answer.status == 200
+    report = orjson.loads(answer.body)
+    assert report["size"] == 5
+    assert "Expect" not in seen_headers(report)
+
+
+async def test_a_keyed_upload_on_a_stale_pooled_connection_is_sent_again_whole(
+    start_raw_upstream: StartRawUpstream, start_gateway: StartGateway
+) -> None:
+    # Buffered, the body is still at hand: a request the client marked idempotent may go
+    # again when the reused connection closed before a byte of answer.
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = True
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readexactly(int(head_fields(head).get("Content-Length", "0")))
+            seen.append((head.split(b"\r\n", 1)[0], body))
+            if not first:
+                writer.transport.abort()
+                return
+            first = False
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    gw = await start_gateway(await start_raw_upstream(serve))
+    async with gw.http.get("/warm") as resp:
+        assert resp.status == 200
+    async with gw.http.put("/keyed", data=b"payload", headers={"Idempotency-Key": "k"}) as resp:
+        assert (resp.status, await resp.text()) == (200, "ok")
+    assert seen[1:] == [(b"PUT /keyed HTTP/1.1", b"payload")] * 2
+
+
+# ------------------------------------------------------------- one client's share of the pool
+
+
+async def test_one_address_holds_at_most_its_share_of_the_pool(
+    start_upstream: StartUpstream, start_gateway: StartGateway
+) -> None:
+    started = 0
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal started
+        if request.raw_path.startswith("/slow"):
+            started += 1
+            await release.wait()
+        return web.Response(text="ok")
+
+    # A pool of 4, two per address (the real Enforcer: it says which address a request is
+    # from); 127.0.0.2 is another client on loopback.
+    gw = await start_gateway(
+        await start_upstream(handler),
+        max_connections=4,
+        max_connections_per_client=2,
+        enforcer="real",
+    )
+    slow = [asyncio.ensure_future(gw.http.get(f"/slow{i}")) for i in range(2)]
+    other = aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{gw.port}",
+        connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)),
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            while started < 2:
+                await asyncio.sleep(0.01)
+        async with gw.http.get("/third") as resp:
+            assert resp.status == 429
+            assert await resp.json() == envelope("Too many concurrent requests from this address")
+            assert resp.headers["Retry-After"] == "1"
+        async with other.get("/elsewhere") as resp:  # another address still has room
+            assert (resp.status, await resp.text()) == (200, "ok")
+        assert gw.plane.pool.held_by("127.0.0.1") == 2
+    finally:
+        release.set()
+        for response in await asyncio.gather(*slow, return_exceptions=True):
+            if isinstance(response, aiohttp.ClientResponse):
+                response.release()
+        await other.close()
+    # Every way a request ends gives its share back.
+    async with asyncio.timeout(WAIT):
+        while gw.plane.pool.held_by("127.0.0.1") or gw.plane.pool.held_by("127.0.0.2"):
+            await asyncio.sleep(0.01)
+    async with gw.http.get("/after") as resp:
+        assert resp.status == 200
+    assert gw.plane.metrics.decisions["client_busy"] == 1
+
+
+async def test_an_address_share_is_given_back_however_the_request_ends(
+    start_raw_upstream: StartRawUpstream, start_gateway: StartGateway, connect: Connect
+) -> None:
+    # Answered, reset by the upstream, garbled, the client leaving: never a leaked share.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1]
+            if path == b"/reset":
+                writer.transport.abort()
+                return
+            if path == b"/garbled":
+                writer.write(b"HTTP/1.1 2x0 nonsense\r\n\r\n")
+            elif path == b"/hang":
+                await asyncio.sleep(WAIT)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    gw = await start_gateway(
+        await start_raw_upstream(serve),
+        max_connections=2,
+        max_connections_per_client=1,
+        enforcer="real",
+    )
+    for path in ("/ok", "/reset", "/garbled", "/ok"):
+        async with gw.http.get(path) as resp:
+            assert resp.status in (200, 502)
+        assert gw.plane.pool.held_by("127.0.0.1") == 0, path
+    client = await connect(gw)
+    await client.send(b"GET /hang HTTP/1.1\r\nHost: gw\r\n\r\n")
+    async with asyncio.timeout(WAIT):
+        while not gw.plane.pool.held_by("127.0.0.1"):
+            await asyncio.sleep(0.01)
+    client.writer.transport.abort()
+    async with asyncio.timeout(WAIT):
+        while gw.plane.pool.held_by("127.0.0.1"):
+            await asyncio.sleep(0.01)

@@ -615,8 +615,14 @@ async def test_an_exhausted_pool_answers_a_fast_503_and_leaks_no_connection(
     pool, timeout, hold = 2, 5.0, 1.5
     upstream.behave(Slow(hold), path="/r/slow")
     proxy = await proxies(port_of(upstream.url))  # the upstream's view of the connections
+    # One client address takes the whole pool here (the per-client share is its own test).
     settings = settings_for(
-        upstream, real_redis.url, proxy_url(proxy), timeout=timeout, max_connections=pool
+        upstream,
+        real_redis.url,
+        proxy_url(proxy),
+        timeout=timeout,
+        max_connections=pool,
+        max_connections_per_client=pool,
     )
     gw = await start_gateway(settings)
     slow = [asyncio.create_task(send(http, gw.url, "slow")) for _ in range(pool)]

@@ -61,6 +61,9 @@ class DataPlane:
         self.pool = UpstreamPool(settings.upstream)
         self.timeout = settings.upstream.timeout
         self.max_body = settings.limits.max_body_bytes
+        self.request_buffering = settings.limits.request_buffering
+        self.buffer_memory_bytes = settings.limits.buffer_memory_bytes
+        self.buffer_dir = settings.limits.buffer_dir
         self.preserve_host = settings.upstream.preserve_host
         # The only request headers the Enforcer reads: decoded per request, the rest never.
         names = [getattr(settings.devices.headers, f) for f in DeviceHeaders.__slots__]

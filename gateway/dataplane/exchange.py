@@ -15,7 +15,8 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from gateway.dataplane import wire
-from gateway.dataplane.upstream import NO_BODY, PoolExhausted, UpstreamConnection
+from gateway.dataplane.body import BodyBuffer
+from gateway.dataplane.upstream import NO_BODY, ClientBusy, PoolExhausted, UpstreamConnection
 from gateway.enforce import FORWARD, Verdict
 from gateway.errors import UpstreamError, UpstreamUnreachable
 from gateway.identity import FieldValues
@@ -30,6 +31,8 @@ REASON_UNREACHABLE: Final = "Upstream unreachable"
 REASON_TIMED_OUT: Final = "Upstream timed out"
 REASON_BAD_RESPONSE: Final = "Invalid upstream response"
 REASON_BUSY: Final = "Upstream connection limit reached"
+REASON_CLIENT_BUSY: Final = "Too many concurrent requests from this address"
+REASON_NO_BUFFER: Final = "Cannot buffer the request body"
 REASON_INTERNAL: Final = "Internal error"
 REASON_BODY_TIMEOUT: Final = "Request body timeout"
 
@@ -40,27 +43,33 @@ REASON_BODY_TIMEOUT: Final = "Request body timeout"
 SAFE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 IDEMPOTENCY_KEYS: Final = frozenset({b"idempotency-key", b"x-idempotency-key"})
 BUFFER_LIMIT: Final = 1 << 20  # request body held while the verdict is pending; then pause
+NOT_SENDING: Final = -1
 
 
 class Exchange:
     """One request from head to the end of its answer."""
 
     __slots__ = (
+        "_body",
         "_body_bytes",
         "_buffer",
         "_buffered",
         "_deadline",
+        "_decided",
         "_last_io",
         "_out",
         "_out_chunked",
         "_refusal",
         "_retried",
         "_reused",
+        "_send_offset",
         "_sent_body",
         "_settled",
+        "_upload_paused",
         "_upstream",
         "body_done",
         "chunked",
+        "client",
         "conn",
         "content_length",
         "decision",
@@ -107,6 +116,17 @@ class Exchange:
         self.chunked = chunked
         self.expect_continue = expect_continue
         self.body_done = content_length in (None, 0) and not chunked
+        plane = conn.plane
+        # With request buffering the body is read whole before an upstream is taken.
+        self._body: BodyBuffer | None = (
+            BodyBuffer(plane.buffer_memory_bytes, plane.buffer_dir)
+            if plane.request_buffering and not self.body_done
+            else None
+        )
+        self._send_offset = NOT_SENDING  # where the buffered body's file is being sent from
+        self._upload_paused = False
+        self._decided = False  # the verdict said forward
+        self.client = ""
         self._body_bytes = 0
         self._buffer: list[bytes] = []
         self._buffered = 0
@@ -158,6 +178,15 @@ class Exchange:
                     self._answer_verdict(verdict)
                     return
                 self.verdict_headers = verdict.headers
+                self.client = verdict.client
+                self._decided = True
+                if self._body is not None and not self.body_done:
+                    # Buffered: the rest of the body first; request_end() sends it on.
+                    if self.expect_continue:
+                        self.expect_continue = False
+                        self.conn.write(wire.CONTINUE)
+                    self.conn.resume_reading()
+                    return
                 self.upstream_started = time.perf_counter()
             await self._forward()
         except asyncio.CancelledError:
@@ -178,7 +207,11 @@ class Exchange:
         """One upstream attempt: a connection, then the request head and what body is here."""
         plane = self.conn.plane
         try:
-            upstream, self._reused = await plane.pool.acquire()
+            upstream, self._reused = await plane.pool.acquire(self.client)
+        except ClientBusy:
+            self.decision = "client_busy"
+            self.answer(429, REASON_CLIENT_BUSY, self.verdict_headers, retry_after=True)
+            return
         except PoolExhausted:
             self.answer(503, REASON_BUSY, self.verdict_headers, retry_after=True)
             return
@@ -193,7 +226,8 @@ class Exchange:
         self._settled = False
         self._upstream = upstream
         upstream.begin(self, head_request=self.method == b"HEAD")
-        content_length = self.content_length
+        body = self._body
+        content_length = self.content_length if body is None else body.size
         chunked = self.chunked and content_length is None
         if content_length is None and not chunked and self.method in _BODY_METHODS:
             content_length = 0  # many origins answer 411 to a POST without a length
@@ -210,6 +244,19 @@ class Exchange:
             trusted=self.conn.peer_trusted,
             identity=plane.identity_names,
         )
+        self._last_io = loop.time()
+        self._deadline = loop.call_at(self._last_io + plane.timeout, self._on_deadline)
+        if body is not None:
+            # Buffered: a Content-Length (a chunked upload is re-framed), then the body.
+            self._sent_body = body.size > 0
+            if body.in_memory:
+                upstream.write(head + body.memory())
+            else:
+                upstream.write(head)
+                self._send_offset = 0
+                self._upload_paused = False
+                self._pump()
+            return
         parts = [head]
         for piece in self._buffer:
             parts.append(wire.chunk(piece) if chunked else piece)
@@ -223,8 +270,25 @@ class Exchange:
             self.expect_continue = False
             self.conn.write(wire.CONTINUE)
         self.conn.resume_reading()
-        self._last_io = loop.time()
-        self._deadline = loop.call_at(self._last_io + plane.timeout, self._on_deadline)
+
+    def _pump(self) -> None:
+        """Send the buffered body's file on while the upstream's socket takes it."""
+        body, upstream = self._body, self._upstream
+        if body is None or upstream is None:
+            return
+        while self._send_offset != NOT_SENDING and not self._upload_paused:
+            try:
+                data = body.read(self._send_offset)
+            except OSError as exc:
+                log.error("request body buffer unreadable: %r", exc)
+                self._give_up_body(500, REASON_INTERNAL)
+                return
+            if not data:
+                self._send_offset = NOT_SENDING
+                return
+            self._send_offset += len(data)
+            upstream.write(data)  # may call pause_upload() before it returns
+            self._last_io = self.conn.loop.time()
 
     # -- client events -------------------------------------------------------------------
 
@@ -235,6 +299,17 @@ class Exchange:
         self._body_bytes += len(data)
         if self._body_bytes > self.conn.plane.max_body:
             self._body_over_limit()
+            return
+        body = self._body
+        if body is not None:
+            try:
+                body.append(data)
+            except OSError as exc:  # the temporary file's disk is full, say
+                log.error("cannot buffer a request body: %r", exc)
+                self._give_up_body(503, REASON_NO_BUFFER)
+                return
+            if not self._decided and body.size > BUFFER_LIMIT:
+                self.conn.pause_reading()  # the verdict may still refuse it
             return
         upstream = self._upstream
         if upstream is not None:
@@ -250,6 +325,11 @@ class Exchange:
     def request_end(self) -> None:
         """The request body is complete."""
         self.body_done = True
+        if self._body is not None:
+            if self._decided and not self.finished and self._upstream is None:
+                self.upstream_started = time.perf_counter()
+                self.task = self.conn.loop.create_task(self.run(retry=True))
+            return
         upstream = self._upstream
         if upstream is not None and self.chunked and self.content_length is None:
             upstream.write(wire.LAST_CHUNK)
@@ -387,20 +467,29 @@ class Exchange:
                     self.verdict_headers)  # fmt: skip
 
     def _replayable(self) -> bool:
-        """May this request be sent a second time? Safe (or keyed) and without a body."""
-        if self._sent_body or not self.body_done:
+        """May this request be sent a second time? Safe (or keyed), and its body, if any,
+        still at hand (buffered)."""
+        if not self.body_done or (self._sent_body and self._body is None):
             return False
         if self.method in SAFE:
             return True
         return any(name.lower() in IDEMPOTENCY_KEYS for name, _ in self.headers)
 
     def pause_upload(self) -> None:
-        """The upstream's socket is full: stop reading the client."""
-        self.conn.pause_reading()
+        """The upstream's socket is full: stop sending the buffered body, or reading the
+        client's."""
+        if self._body is not None:
+            self._upload_paused = True
+        else:
+            self.conn.pause_reading()
 
     def resume_upload(self) -> None:
         """The upstream's socket drained."""
-        self.conn.resume_reading()
+        if self._body is not None:
+            self._upload_paused = False
+            self._pump()
+        else:
+            self.conn.resume_reading()
 
     def pause_download(self) -> None:
         """The client's socket is full: stop reading the upstream."""
@@ -486,6 +575,8 @@ class Exchange:
             return
         self.finished = True
         self._cancel_deadline()
+        if self._body is not None:
+            self._body.close()
         # The task's coroutine holds this exchange: drop the task, or the pair is a cycle
         # that only the cyclic collector frees (refcounting frees it now).
         self.task = None

@@ -35,6 +35,12 @@ class PoolExhausted(UpstreamError):
     status = 503
 
 
+class ClientBusy(UpstreamError):
+    """One client address holds as many upstream connections as it may."""
+
+    status = 429
+
+
 class ResponseSink(Protocol):
     """What an exchange does with the events of its upstream response."""
 
@@ -71,10 +77,10 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream origin."""
 
     __slots__ = ("_head_request", "_headers", "_in_head", "_informational", "_line_bytes",
-                 "_parser", "_pool", "_reason", "_received", "_until_close", "idle_since",
-                 "sink", "transport")  # fmt: skip
+                 "_parser", "_pool", "_reason", "_received", "_until_close", "client",
+                 "idle_since", "sink", "transport")  # fmt: skip
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, client: str | None = None) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
@@ -87,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = False
         self._line_bytes = 0  # bytes of the head line still being received
         self._received = False  # a byte of the current exchange's answer arrived
+        self.client = client  # the address whose request holds it, while it does
         self.idle_since = 0.0
 
     # -- driven by the exchange ----------------------------------------------------------
@@ -246,16 +253,29 @@ class UpstreamPool:
         )
         self._connect_timeout = settings.connect_timeout
         self._max = settings.max_connections
+        self._per_client = settings.per_client_limit
         self._idle: list[UpstreamConnection] = []
         self._open = 0
+        self._held: dict[str, int] = {}  # connections each client address holds now
 
     @property
     def open_connections(self) -> int:
         """Connections open or being opened."""
         return self._open
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused; raises PoolExhausted or UpstreamUnreachable."""
+    def held_by(self, client: str) -> int:
+        """Connections the requests of `client` hold now (being opened included)."""
+        return self._held.get(client, 0)
+
+    async def acquire(self, client: str = "") -> tuple[UpstreamConnection, bool]:
+        """A connection for a request of `client` and whether it was reused; raises
+        ClientBusy, PoolExhausted or UpstreamUnreachable."""
+        if not self._idle and self._open >= self._max:
+            raise PoolExhausted("Upstream connection limit reached")
+        held = self._held.get(client, 0)
+        if held >= self._per_client:
+            # The pool has room, but this address holds its share of it already.
+            raise ClientBusy("Too many concurrent requests from this address")
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -265,32 +285,54 @@ class UpstreamPool:
             if now - conn.idle_since > IDLE_TIMEOUT:
                 transport.close()
                 continue
+            self._hold(conn, client)
             return conn, True
         if self._open >= self._max:
             raise PoolExhausted("Upstream connection limit reached")
         self._open += 1
+        self._held[client] = held + 1  # counted while it connects, too
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
+                # Made holding its client: lost at once, it still gives the count back.
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port, ssl=self._ssl
+                    lambda: UpstreamConnection(self, client), self.host, self.port, ssl=self._ssl
                 )
-        except (OSError, TimeoutError) as exc:
+        except BaseException as exc:
             self._open -= 1
-            raise UpstreamUnreachable(f"cannot connect to the upstream: {exc!r}") from exc
-        except BaseException:
-            self._open -= 1
+            self._unhold(client)
+            if isinstance(exc, OSError | TimeoutError):
+                raise UpstreamUnreachable(f"cannot connect to the upstream: {exc!r}") from exc
             raise
         return conn, False
 
+    def _hold(self, conn: UpstreamConnection, client: str) -> None:
+        conn.client = client
+        self._held[client] = self._held.get(client, 0) + 1
+
+    def _unhold(self, client: str) -> None:
+        left = self._held[client] - 1
+        if left:
+            self._held[client] = left
+        else:
+            del self._held[client]
+
+    def _free(self, conn: UpstreamConnection) -> None:
+        """The connection's request is over: its client holds one connection fewer."""
+        client, conn.client = conn.client, None
+        if client is not None:
+            self._unhold(client)
+
     def release(self, conn: UpstreamConnection) -> None:
         """Give back a connection whose exchange finished cleanly."""
+        self._free(conn)
         if conn.transport is not None and not conn.transport.is_closing():
             conn.sink = None
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
 
     def _lost(self, conn: UpstreamConnection) -> None:
+        self._free(conn)
         self._open -= 1
         if conn in self._idle:
             self._idle.remove(conn)
