@@ -21,8 +21,12 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels 'devicegate[speed]==0.1.0' \
     && rm -rf /wheels
 COPY config.yaml /etc/devicegate/config.yaml
+# State kept between runs (the blocked-ids snapshot, a generated admin token): a volume, so
+# a restarted container still refuses blocked devices while Redis is unreachable.
+RUN mkdir -p /var/lib/devicegate && chown 10001 /var/lib/devicegate && chmod 700 /var/lib/devicegate
+VOLUME ["/var/lib/devicegate"]
 USER 10001
-ENV PYTHONUNBUFFERED=1
+ENV PYTHONUNBUFFERED=1 GATEWAY_STATE_DIR=/var/lib/devicegate
 EXPOSE 8080 8081
 # The admin listener (127.0.0.1:8081 by default) answers /healthz without touching Redis.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
