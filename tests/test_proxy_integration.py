@@ -1824,3 +1824,39 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
     async with asyncio.timeout(WAIT):
         while gw.plane.pool.held_by("127.0.0.1"):
             await asyncio.sleep(0.01)
+
+
+async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused(
+    start_raw_upstream: StartRawUpstream, start_gateway: StartGateway, connect: Connect
+) -> None:
+    # The body goes from its file as fast as the upstream takes it; this upstream answers
+    # at once and reads none of it. The connection must not go back to the pool with the
+    # rest of the body unsent: the next request would be read as the body's tail.
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if first:
+                writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
+                await writer.drain()
+                await asyncio.sleep(WAIT)  # keeps the connection open, the body unread
+                return
+            length = int(head_fields(head).get("Content-Length", "0"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    gw = await start_gateway(await start_raw_upstream(serve), max_body_bytes=64 * MiB, timeout=3.0)
+    client = await connect(gw)
+    size = 16 * MiB  # past the 1 MiB memory part: sent from its file
+    await client.send(b"PUT /up HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+    await client.send(b"u" * size)
+    answer = await read_answer(client.reader)
+    assert (answer.status, answer.body) == (401, b"nope")
+    async with gw.http.get("/next") as resp:
+        assert (resp.status, await resp.text()) == (200, "ok")
+    assert connections == 2

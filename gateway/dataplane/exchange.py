@@ -426,10 +426,13 @@ class Exchange:
             self._out.append(wire.LAST_CHUNK)
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
-            if reusable and self.body_done:
+            # Reused only once the whole request went out: an upstream that answered
+            # before taking the rest of a body would read the next request as its tail.
+            if reusable and self.body_done and self._send_offset == NOT_SENDING:
                 self.conn.plane.pool.release(upstream)
             else:
                 upstream.abort()
+        self._send_offset = NOT_SENDING
         self._settle()
 
     def on_upstream_flush(self) -> None:
