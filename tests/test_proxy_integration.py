@@ -35,6 +35,7 @@ from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
 from gateway.store import Store
 from tests.conftest import free_port
+from tests.faults import rst
 from tests.raw_http import head_fields, read_answer
 
 pytestmark = pytest.mark.integration
@@ -1790,6 +1791,8 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
     start_raw_upstream: StartRawUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
     # Answered, reset by the upstream, garbled, the client leaving: never a leaked share.
+    answer_hang = asyncio.Event()
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -1799,9 +1802,9 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
                 return
             if path == b"/garbled":
                 writer.write(b"HTTP/1.1 2x0 nonsense\r\n\r\n")
-            elif path == b"/hang":
-                await asyncio.sleep(WAIT)
             else:
+                if path == b"/hang":
+                    await answer_hang.wait()
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
 
@@ -1811,18 +1814,34 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
         max_connections_per_client=1,
         enforcer="real",
     )
+    pool = gw.plane.pool
     for path in ("/ok", "/reset", "/garbled", "/ok"):
         async with gw.http.get(path) as resp:
             assert resp.status in (200, 502)
-        assert gw.plane.pool.held_by("127.0.0.1") == 0, path
-    client = await connect(gw)
-    await client.send(b"GET /hang HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert pool.held_by("127.0.0.1") == 0, path
+
+    async def waiting_client() -> Client:
+        client = await connect(gw)
+        await client.send(b"GET /hang HTTP/1.1\r\nHost: gw\r\n\r\n")
+        async with asyncio.timeout(WAIT):
+            while not pool.held_by("127.0.0.1"):
+                await asyncio.sleep(0.01)
+        return client
+
+    # A reset: the client is gone for sure; its request is dropped at once.
+    rst((await waiting_client()).writer.transport)
     async with asyncio.timeout(WAIT):
-        while not gw.plane.pool.held_by("127.0.0.1"):
+        while pool.held_by("127.0.0.1"):
             await asyncio.sleep(0.01)
-    client.writer.transport.abort()
+    # A FIN after a complete request reads as a half-close: the answer is still due, so
+    # the share is held until the upstream answers, then given back.
+    (await waiting_client()).writer.transport.abort()
+    for _ in range(10):
+        await asyncio.sleep(0.01)
+        assert pool.held_by("127.0.0.1") == 1
+    answer_hang.set()
     async with asyncio.timeout(WAIT):
-        while gw.plane.pool.held_by("127.0.0.1"):
+        while pool.held_by("127.0.0.1"):
             await asyncio.sleep(0.01)
 
 
