@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.admin import create_admin_app
 from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, render
 from gateway.store import Store
 from tests.conftest import free_port
 
@@ -29,6 +29,34 @@ def test_render_is_prometheus_text() -> None:
     assert 'devicegate_responses_total{status="403"} 1\n' in text
     assert "devicegate_store_failures_total 3\n" in text
     assert "# TYPE devicegate_requests_total counter\n" in text
+
+
+def test_each_process_shows_its_hold_on_the_blocked_ids() -> None:
+    worker, unknowing, supervisor = Metrics(), Metrics(), Metrics()
+    worker.show_blocked("supervisor", 3, 0, 0)
+    supervisor.show_blocked("redis", 3, 1, 3)
+    supervisor.show_snapshot(1_000, 2)
+    text = render(
+        [worker, unknowing, supervisor], ["worker-0", "worker-1", "supervisor"], now_ms=3_500
+    )
+    for line in (
+        "# TYPE devicegate_blocked_ids_known gauge",
+        'devicegate_blocked_ids_known{process="worker-0",source="supervisor"} 1',
+        'devicegate_blocked_ids_known{process="worker-1",source="none"} 0',  # it shows
+        'devicegate_blocked_ids_known{process="supervisor",source="redis"} 1',
+        'devicegate_blocked_ids{process="worker-0"} 3',
+        'devicegate_blocked_ids{process="worker-1"} 0',
+        "# TYPE devicegate_store_resets_total counter",
+        'devicegate_store_resets_total{process="supervisor"} 1',
+        'devicegate_blocks_restored_total{process="supervisor"} 3',
+        'devicegate_blocked_snapshot_age_seconds{process="supervisor"} 2.500',
+        'devicegate_blocked_snapshot_write_failures_total{process="supervisor"} 2',
+    ):
+        assert f"{line}\n" in text, line
+    # Only the process that writes the snapshot reports it.
+    assert 'snapshot_age_seconds{process="worker-0"}' not in text
+    # One process: named "main".
+    assert 'devicegate_blocked_ids_known{process="main",source="none"} 0\n' in Metrics().render()
 
 
 async def test_open_mode_counts_store_failures_and_admin_shows_them(aiohttp_client: Any) -> None:
