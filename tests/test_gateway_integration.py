@@ -164,7 +164,10 @@ async def start_gateway(
                 settings.redis, history_size=settings.devices.history_size, clock=clock
             )
             own.append(store)
-            await store.start()
+            # As every data-plane process does: follow the blocked ids, and know them
+            # before serving (else a Redis outage is answered 503 whatever on_error says).
+            await store.start(follow_blocked=True)
+            await asyncio.wait_for(store.blocked.synced.wait(), WAIT)
         plane = DataPlane(settings, store)
         server = await start_public(plane, "127.0.0.1", 0)
         planes.append((plane, server))

@@ -12,6 +12,7 @@ from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.metrics import Metrics, render
 from gateway.store import Store
+from gateway.store.blocked import BlockedSeed
 from tests.conftest import free_port
 
 TOKEN = "metrics-test-token-0123456789"
@@ -77,15 +78,24 @@ async def test_open_mode_counts_store_failures_and_admin_shows_them(aiohttp_clie
     plane = DataPlane(settings, down, metrics)
     server = await start_public(plane, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with aiohttp.ClientSession() as http:
-        for _ in range(2):
+    try:
+        async with aiohttp.ClientSession() as http:
+            # Nothing tells this process the blocked ids: 503, whatever on_error says.
             async with http.get(f"http://127.0.0.1:{port}/", headers={"X-Device-Id": "d1"}) as r:
-                assert r.status == 200
-    server.close()
-    await plane.shutdown(1.0)
-    await server.wait_closed()
-    await down.close()
-    assert metrics.store_failures == 2
+                assert r.status == 503
+            down.blocked.seed(BlockedSeed(frozenset(), "e1", "snapshot", 0))
+            for _ in range(2):
+                async with http.get(
+                    f"http://127.0.0.1:{port}/", headers={"X-Device-Id": "d1"}
+                ) as r:
+                    assert r.status == 200
+    finally:
+        server.close()
+        await plane.shutdown(1.0)
+        await server.wait_closed()
+        await down.close()
+    assert metrics.store_failures == 3
+    assert metrics.decisions["store_down_unknown"] == 1
     assert metrics.decisions["store_down_open"] == 2
 
     admin = await aiohttp_client(create_admin_app(store, TOKEN, metrics))
@@ -93,6 +103,7 @@ async def test_open_mode_counts_store_failures_and_admin_shows_them(aiohttp_clie
     resp = await admin.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status == 200
     text = await resp.text()
-    assert "devicegate_store_failures_total 2\n" in text
+    assert "devicegate_store_failures_total 3\n" in text
     assert 'devicegate_responses_total{status="200"} 2\n' in text
+    assert 'devicegate_requests_total{decision="store_down_unknown"} 1\n' in text
     await store.close()

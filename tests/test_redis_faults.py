@@ -32,7 +32,7 @@ from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
 from tests.conftest import RedisServer, calls, command_stats, free_port, reset_stats, until
-from tests.counting_upstream import CountingUpstream
+from tests.counting_upstream import MARK, CountingUpstream
 from tests.faults import FaultProxy, rst
 from tests.gateway_rig import (
     TIMEOUT,
@@ -553,11 +553,18 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
         running = ready.result()
         health_task = asyncio.create_task(check_health())
 
-        for _ in range(5):  # down: not ready, every time, and the data plane still serves
+        # Down: not ready, every time. No snapshot and no supervisor told this process the
+        # blocked ids: any device could be a blocked one, so each gets 503 (on_error: open
+        # notwithstanding); a request without a device id is no device's and is forwarded.
+        for _ in range(5):
             assert await readyz() == (503, {"status": False, "result": "Store unavailable"})
             down = await send(http, running.public_url, "early")
             assert_envelope(down)
-            assert (down.status, down.from_upstream, down.enforced) == (200, True, False)
+            assert (down.status, down.json()) == (503, UNAVAILABLE)
+            assert down.headers["Retry-After"] == "1"
+            assert upstream.count(device_id="early") == 0
+            async with http.get(f"{running.public_url}/anonymous") as r:
+                assert (r.status, MARK in r.headers) == (200, True)
             await asyncio.sleep(0.05)
         assert (await readyz(None))[0] == 401  # readiness needs the admin token
 
