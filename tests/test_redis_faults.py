@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -31,6 +32,7 @@ from gateway.logs import ACCESS_LOGGER
 from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
+from gateway.store.snapshot import snapshot_name
 from tests.conftest import RedisServer, calls, command_stats, free_port, reset_stats, until
 from tests.counting_upstream import MARK, CountingUpstream
 from tests.faults import FaultProxy, rst
@@ -510,14 +512,23 @@ async def test_redis_out_of_memory_follows_on_error_and_a_blocked_device_stays_b
 # ---------------------------------------------------------------- started before Redis
 
 
+SNAPSHOTS_AT_START = {"no snapshot": None, "a corrupt snapshot": b'{"format": 1, "ids": ["'}
+
+
+@pytest.mark.parametrize("left", SNAPSHOTS_AT_START.values(), ids=SNAPSHOTS_AT_START.keys())
 async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_when_it_is_up(
     upstream: CountingUpstream,
     redis_servers: Callable[..., RedisServer],
     http: aiohttp.ClientSession,
     gateway_log: pytest.LogCaptureFixture,
+    state_home: Path,
+    left: bytes | None,
 ) -> None:
     server = redis_servers()
     server.kill()  # its port now refuses; start() brings it back on the same one
+    if left is not None:
+        snapshot_file(state_home, server).parent.mkdir(parents=True)
+        snapshot_file(state_home, server).write_bytes(left)
     public_port, admin_port = free_port(), free_port()
     settings = make_settings(
         upstream,
@@ -560,8 +571,11 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
             assert await readyz() == (503, {"status": False, "result": "Store unavailable"})
             down = await send(http, running.public_url, "early")
             assert_envelope(down)
-            assert (down.status, down.json()) == (503, UNAVAILABLE)
-            assert down.headers["Retry-After"] == "1"
+            assert (down.status, down.json(), down.headers["Retry-After"]) == (
+                503,
+                UNAVAILABLE,
+                "1",
+            )
             assert upstream.count(device_id="early") == 0
             async with http.get(f"{running.public_url}/anonymous") as r:
                 assert (r.status, MARK in r.headers) == (200, True)
@@ -592,7 +606,23 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
     assert enforced_after < 2.0, enforced_after
     assert len(health) >= 10
     assert all(check == (200, {"status": True, "result": "ok"}) for check in health), health
+    ignored = [r.getMessage() for r in gateway_log.records if "ignoring the blocked-ids" in r.msg]
+    if left is None:
+        assert ignored == []
+    else:  # a warning naming the file and why, never a traceback, never a crash
+        assert ignored == [
+            f"ignoring the blocked-ids snapshot {snapshot_file(state_home, server)}: not JSON "
+            "(unexpected end of data: line 1 column 24 (char 23))"
+        ]
     assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- knowing the blocked ids
+
+
+def snapshot_file(state_home: Path, server: RedisServer) -> Path:
+    """Where `gateway run` keeps the blocked-ids snapshot for this server (prefix dg)."""
+    return state_home / "devicegate" / snapshot_name("dg", server.url)
 
 
 # ---------------------------------------------------------------- clients that hang up
