@@ -127,6 +127,7 @@ async def serve(
         metrics,
         listen_host=settings.admin.listen.host,
         allowed_hosts=settings.admin.allowed_hosts,
+        snapshot=keeper.writer,
     )
     admin_runner = web.AppRunner(admin_app, access_log=None)
     stop = stop or asyncio.Event()

@@ -121,6 +121,7 @@ async def supervise(
             SupervisedMetrics(counters, own),
             listen_host=settings.admin.listen.host,
             allowed_hosts=settings.admin.allowed_hosts,
+            snapshot=keeper.writer,
         ),
         access_log=None,
     )
