@@ -17,12 +17,14 @@ from aiohttp import web
 
 from gateway.admin import create_admin_app
 from gateway.admin.hosts import is_loopback
+from gateway.blocked_ids import follow_blocked
 from gateway.config import Settings
 from gateway.dataplane import DataPlane, start_public
 from gateway.errors import AdminTokenError
 from gateway.metrics import Metrics
 from gateway.state import admin_token_file, write_atomic
 from gateway.store import Store
+from gateway.store.blocked import BlockedSeed
 
 log = logging.getLogger("gateway")
 
@@ -100,18 +102,24 @@ async def serve(
     admin: bool = True,
     reuse_port: bool = False,
     metrics: Metrics | None = None,
+    blocked_seed: BlockedSeed | None = None,
+    keep_snapshot: bool = True,
 ) -> None:
     """Run the listeners until SIGINT/SIGTERM (or `stop` is set), then shut down cleanly.
 
     `admin=False` runs the data plane alone (a worker process of `gateway run --workers`,
-    whose supervisor serves the admin API).
+    whose supervisor serves the admin API). The blocked ids are known before the first
+    request is served when they can be: from `blocked_seed` (a worker's supervisor), else
+    from the snapshot file, which this process keeps unless `keep_snapshot` is false.
     """
     # Before anything opens: a refusal (AdminTokenError) leaves nothing to clean up.
     token = admin_token(settings) if admin else ""
     own_store = store is None
     store = store or Store.from_settings(settings.redis, history_size=settings.devices.history_size)
-    await store.start(follow_blocked=True)
     metrics = metrics or Metrics()
+    keeper = await follow_blocked(
+        store, settings, metrics, seed=blocked_seed, keep_snapshot=keep_snapshot
+    )
     plane = DataPlane(settings, store, metrics)
     admin_app = create_admin_app(
         store,
@@ -119,6 +127,7 @@ async def serve(
         metrics,
         listen_host=settings.admin.listen.host,
         allowed_hosts=settings.admin.allowed_hosts,
+        snapshot=keeper.writer,
     )
     admin_runner = web.AppRunner(admin_app, access_log=None)
     stop = stop or asyncio.Event()
@@ -162,6 +171,7 @@ async def serve(
         if public is not None:
             await public.wait_closed()
         await admin_runner.cleanup()
+        await keeper.close()
         if own_store:
             await store.close()
 

@@ -1,9 +1,15 @@
 """Enforcement: identity -> declared body size -> store decision -> a verdict.
 
 Order of checks: identity validation (400) -> declared body size (413) -> blocked (403, no
-token taken) -> token bucket (429) -> forward. When the store cannot be asked, `on_error`
-decides: `open` forwards without rate-limit headers (they are never invented), `closed`
-answers 503 with Retry-After. Transport-free: the data plane passes what it parsed.
+token taken) -> token bucket (429) -> forward. While Redis answers, Redis decides, but for
+one case: a record Redis has just made for an id this process knows blocked means Redis lost
+the gateway's data, and the request is 403. When the store cannot be asked, an id this
+process knows blocked is still 403; then, while the process does not know the blocked ids
+at all (started while Redis was unreachable, with neither a snapshot nor a supervisor to
+tell it), a device's request is answered 503 with Retry-After whatever `on_error` says, as
+it could be a blocked device's; otherwise `on_error` decides: `open` forwards without
+rate-limit headers (they are never invented), `closed` answers 503 with Retry-After.
+Transport-free: the data plane passes what it parsed.
 """
 
 from __future__ import annotations
@@ -126,10 +132,19 @@ class Enforcer:
             )
         except StoreUnavailable as exc:
             self._metrics.store_failures += 1
-            log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
-            if device_id is not None and device_id in self._store.blocked:
+            blocked = self._store.blocked
+            if device_id is not None and device_id in blocked:
+                log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
                 # Redis cannot decide: this process's copy of the blocked ids still does.
                 return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
+            if device_id is not None and not blocked.known:
+                # Any device could be a blocked one: forwarding it would undo its block. An
+                # anonymous request is no device's, so on_error still decides for it.
+                log.warning("store unavailable and the blocked ids not known yet: %s", exc)
+                return Verdict(
+                    503, UNAVAILABLE_REASON, {"Retry-After": "1"}, "store_down_unknown", device_id
+                )
+            log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
             if self._on_error == "closed":
                 return Verdict(
                     503, UNAVAILABLE_REASON, {"Retry-After": "1"}, "store_down_closed", device_id
@@ -137,6 +152,12 @@ class Enforcer:
             return Verdict(FORWARD, "", None, "store_down_open", device_id, ip)
 
         if decision.outcome is Outcome.BLOCKED:
+            return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
+        if decision.new_device and device_id is not None and device_id in self._store.blocked:
+            # Redis made a record for an id this process knows blocked (a blocked id always
+            # has one): Redis lost the gateway's data. Refuse it, and have the loss found
+            # and the blocks restored now rather than at the next poll.
+            self._store.blocked.suspect_reset()
             return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
         rate_headers = rate_limit_headers(decision)
         if decision.outcome is Outcome.LIMITED:

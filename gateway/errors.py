@@ -5,6 +5,8 @@
     ├── IdentityError          a device identification header is invalid (-> 400)
     ├── StoreError             anything that went wrong talking to the store
     │   └── StoreUnavailable   the store could not be asked (down, slow, refused) -> on_error
+    ├── SnapshotError          a blocked-ids snapshot file cannot be used (ignored, with a
+    │                          warning saying why)
     ├── UpstreamError          the upstream could not give an answer
     │   ├── UpstreamUnreachable  refused, reset, connect timeout (-> 502)
     │   └── UpstreamTimeout      the whole request took too long (-> 504)
@@ -49,6 +51,11 @@ class StoreError(GatewayError):
 
 class StoreUnavailable(StoreError):
     """The store could not be asked in time; raised only in gateway.store."""
+
+
+class SnapshotError(GatewayError):
+    """A blocked-ids snapshot file is unreadable, corrupt, or of another Redis, prefix or
+    format; the message says which."""
 
 
 class UpstreamError(GatewayError):

@@ -2,13 +2,17 @@
 
 One process keeps its counters in a plain array; `gateway run --workers N` maps one file
 into every worker (`SharedCounters`), each worker writing its own block of slots, and the
-admin listener adds the blocks up. Rendered in the Prometheus text format.
+admin listener adds the blocks up. Rendered in the Prometheus text format. Besides the
+request counters, each block shows its process's hold on the blocked ids (known or not, from
+where, how many, store resets seen, ids restored, the snapshot's state): those are rendered
+per process (`process="worker-0"`), so a worker that does not know the blocked ids shows.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Protocol
@@ -24,13 +28,25 @@ DECISIONS: Final = (
     "method",
     "store_down_open",
     "store_down_closed",
+    "store_down_unknown",
     "client_busy",
     "-",
 )
 _DECISION_SLOT: Final = {name: 1 + i for i, name in enumerate(DECISIONS)}
 _STATUS_BASE: Final = 1 + len(DECISIONS)
 _STATUSES: Final = 600  # status codes 0..599 (0: no answer was sent)
-SLOTS: Final = _STATUS_BASE + _STATUSES
+# Per-process gauges and counters of the blocked ids, after the statuses.
+_BLOCKED_SOURCE: Final = _STATUS_BASE + _STATUSES  # index into BLOCKED_SOURCES
+_BLOCKED_IDS: Final = _BLOCKED_SOURCE + 1
+_STORE_RESETS: Final = _BLOCKED_SOURCE + 2
+_BLOCKS_RESTORED: Final = _BLOCKED_SOURCE + 3
+_SNAPSHOT_KEPT: Final = _BLOCKED_SOURCE + 4  # 1: this process writes the snapshot
+_SNAPSHOT_WRITTEN_MS: Final = _BLOCKED_SOURCE + 5  # epoch ms of the file on disk, 0: none
+_SNAPSHOT_FAILURES: Final = _BLOCKED_SOURCE + 6
+SLOTS: Final = _BLOCKED_SOURCE + 7
+
+# Where a process's blocked ids came from; "none": it does not know them.
+BLOCKED_SOURCES: Final = ("none", "redis", "supervisor", "snapshot")
 
 
 class Metrics:
@@ -56,6 +72,50 @@ class Metrics:
     def store_failures(self, value: int) -> None:
         self._slots[0] = value
 
+    def show_blocked(self, source: str, count: int, resets: int, restored: int) -> None:
+        """This process's hold on the blocked ids (`source` one of BLOCKED_SOURCES)."""
+        slots = self._slots
+        slots[_BLOCKED_SOURCE] = BLOCKED_SOURCES.index(source)
+        slots[_BLOCKED_IDS] = count
+        slots[_STORE_RESETS] = resets
+        slots[_BLOCKS_RESTORED] = restored
+
+    def show_snapshot(self, written_ms: int | None, failures: int) -> None:
+        """This process writes the snapshot: when the file on disk was written, failed writes."""
+        slots = self._slots
+        slots[_SNAPSHOT_KEPT] = 1
+        slots[_SNAPSHOT_WRITTEN_MS] = written_ms or 0
+        slots[_SNAPSHOT_FAILURES] = failures
+
+    @property
+    def blocked_source(self) -> str:
+        """Where this process's blocked ids came from ("none": it does not know them)."""
+        code = int(self._slots[_BLOCKED_SOURCE])
+        return BLOCKED_SOURCES[code] if 0 <= code < len(BLOCKED_SOURCES) else "none"
+
+    @property
+    def blocked_ids(self) -> int:
+        """Blocked ids this process holds."""
+        return int(self._slots[_BLOCKED_IDS])
+
+    @property
+    def store_resets(self) -> int:
+        """Times this process found Redis without the gateway's data."""
+        return int(self._slots[_STORE_RESETS])
+
+    @property
+    def blocks_restored(self) -> int:
+        """Blocked ids this process blocked again after a reset."""
+        return int(self._slots[_BLOCKS_RESTORED])
+
+    @property
+    def snapshot(self) -> tuple[int, int] | None:
+        """(written epoch ms or 0, failed writes) when this process writes the snapshot."""
+        slots = self._slots
+        if not slots[_SNAPSHOT_KEPT]:
+            return None
+        return int(slots[_SNAPSHOT_WRITTEN_MS]), int(slots[_SNAPSHOT_FAILURES])
+
     @property
     def decisions(self) -> dict[str, int]:
         """Requests by decision."""
@@ -67,13 +127,71 @@ class Metrics:
         base = _STATUS_BASE
         return {s: int(self._slots[base + s]) for s in range(_STATUSES) if self._slots[base + s]}
 
+    def processes(self) -> list[tuple[str, Metrics]]:
+        """This one process, named."""
+        return [("main", self)]
+
     def render(self) -> str:
         """These counters in the Prometheus text exposition format."""
-        return render([self])
+        return render([self], ["main"])
 
 
-def render(blocks: Sequence[Metrics]) -> str:
-    """The sum of several processes' counters in the Prometheus text exposition format."""
+# The per-process series: name, type, help.
+_PROCESS_SERIES: Final = (
+    ("devicegate_blocked_ids_known", "gauge",
+     "Whether the process knows the blocked ids (1) or not (0), and from where "
+     "(redis, supervisor, snapshot; none)."),
+    ("devicegate_blocked_ids", "gauge",
+     "Blocked ids the process holds for when Redis cannot answer."),
+    ("devicegate_store_resets_total", "counter",
+     "Times the process found that Redis had lost the gateway's data."),
+    ("devicegate_blocks_restored_total", "counter",
+     "Blocked ids the process blocked again in Redis after a reset."),
+    ("devicegate_blocked_snapshot_age_seconds", "gauge",
+     "Seconds since the blocked-ids snapshot on disk was written."),
+    ("devicegate_blocked_snapshot_write_failures_total", "counter",
+     "Failed writes of the blocked-ids snapshot."),
+)  # fmt: skip
+
+
+def _per_process(named: Sequence[tuple[str, Metrics]], now_ms: int) -> list[str]:
+    """The blocked-ids series, one sample per process labelled by its name."""
+    samples: dict[str, list[str]] = {metric: [] for metric, _, _ in _PROCESS_SERIES}
+    for name, block in named:
+        label = f'process="{name}"'
+        source = block.blocked_source
+        known = int(source != "none")
+        samples["devicegate_blocked_ids_known"].append(f'{{{label},source="{source}"}} {known}')
+        samples["devicegate_blocked_ids"].append(f"{{{label}}} {block.blocked_ids}")
+        samples["devicegate_store_resets_total"].append(f"{{{label}}} {block.store_resets}")
+        samples["devicegate_blocks_restored_total"].append(f"{{{label}}} {block.blocks_restored}")
+        snapshot = block.snapshot
+        if snapshot is not None:  # only the process that writes it
+            written_ms, failures = snapshot
+            if written_ms:
+                age = max(0, now_ms - written_ms) / 1000
+                samples["devicegate_blocked_snapshot_age_seconds"].append(f"{{{label}}} {age:.3f}")
+            samples["devicegate_blocked_snapshot_write_failures_total"].append(
+                f"{{{label}}} {failures}"
+            )
+    lines: list[str] = []
+    for metric, kind, text in _PROCESS_SERIES:
+        if samples[metric]:
+            lines.append(f"# HELP {metric} {text}")
+            lines.append(f"# TYPE {metric} {kind}")
+            lines.extend(f"{metric}{sample}" for sample in samples[metric])
+    return lines
+
+
+def render(
+    blocks: Sequence[Metrics], names: Sequence[str] | None = None, *, now_ms: int | None = None
+) -> str:
+    """Several processes' counters in the Prometheus text exposition format: request counters
+    added up, the blocked-ids series per process (`names`, default their index)."""
+    if names is None:
+        names = [str(i) for i in range(len(blocks))]
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
     decisions = {name: sum(b.decisions[name] for b in blocks) for name in DECISIONS}
     statuses: dict[int, int] = {}
     for block in blocks:
@@ -86,6 +204,7 @@ def render(blocks: Sequence[Metrics]) -> str:
         "# HELP devicegate_responses_total Responses on the public listener by status.",
         "# TYPE devicegate_responses_total counter",
         *(f'devicegate_responses_total{{status="{s}"}} {n}' for s, n in sorted(statuses.items())),
+        *_per_process(list(zip(names, blocks, strict=True)), now_ms),
         "# HELP devicegate_store_failures_total Store calls that failed or timed out.",
         "# TYPE devicegate_store_failures_total counter",
         f"devicegate_store_failures_total {sum(b.store_failures for b in blocks)}",
@@ -98,6 +217,9 @@ class Renderable(Protocol):
 
     def render(self) -> str:
         """Prometheus text."""
+
+    def processes(self) -> list[tuple[str, Metrics]]:
+        """Each process's counters, by name (for /readyz?verbose=1)."""
 
 
 class SharedCounters:
@@ -125,9 +247,14 @@ class SharedCounters:
         """Every worker's counters."""
         return [self.block(i) for i in range(self.workers)]
 
+    def processes(self) -> list[tuple[str, Metrics]]:
+        """Every worker's counters, named `worker-<i>`."""
+        return [(f"worker-{i}", block) for i, block in enumerate(self.blocks())]
+
     def render(self) -> str:
         """Every worker's counters added up, in the Prometheus text format."""
-        return render(self.blocks())
+        named = self.processes()
+        return render([m for _, m in named], [n for n, _ in named])
 
     def close(self) -> None:
         """Unmap the file (the creator also removes it)."""

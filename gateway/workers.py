@@ -3,9 +3,12 @@
 Each worker binds the public port with SO_REUSEPORT (the kernel spreads connections), runs
 its own store connections and upstream pool, and counts into its block of a shared mapped
 file that the supervisor's /metrics adds up. Workers get their settings from the supervisor
-over a pipe (so CLI overrides and the demo upstream apply to them too) and say "ready" on
-stdout. A worker that dies is started again; one that dies at the first start (a port in
-use, say) stops the whole run. SIGTERM/SIGINT stops the workers gracefully, then the rest.
+over a pipe (so CLI overrides and the demo upstream apply to them too), with the blocked ids
+the supervisor knows at that moment (so a worker started while Redis cannot answer still
+refuses blocked devices), and say "ready" on stdout. The supervisor follows the blocked ids
+itself and is the one process that keeps their snapshot file. A worker that dies is started
+again; one that dies at the first start (a port in use, say) stops the whole run.
+SIGTERM/SIGINT stops the workers gracefully, then the rest.
 """
 
 from __future__ import annotations
@@ -32,16 +35,35 @@ from gateway.app import (
     serve,
     url_of,
 )
+from gateway.blocked_ids import follow_blocked
 from gateway.config import Settings
 from gateway.errors import WorkerFailed
-from gateway.metrics import SharedCounters
+from gateway.metrics import Metrics, SharedCounters, render
 from gateway.store import Store
+from gateway.store.blocked import BlockedSeed
 
 log = logging.getLogger("gateway")
 
 READY: Final = b"ready\n"
 START_TIMEOUT: Final = 15.0
 RESTART_DELAY: Final = 1.0
+
+
+class SupervisedMetrics:
+    """What the supervisor's /metrics shows: every worker's block and its own."""
+
+    def __init__(self, counters: SharedCounters, own: Metrics) -> None:
+        self._counters = counters
+        self._own = own
+
+    def processes(self) -> list[tuple[str, Metrics]]:
+        """The workers' counters, then the supervisor's."""
+        return [*self._counters.processes(), ("supervisor", self._own)]
+
+    def render(self) -> str:
+        """Every process's counters in the Prometheus text format."""
+        named = self.processes()
+        return render([m for _, m in named], [n for n, _ in named])
 
 
 class _Worker:
@@ -89,15 +111,17 @@ async def supervise(
     counters_path = directory / f"devicegate-{os.getpid()}.metrics"
     counters = SharedCounters(counters_path, workers, create=True)
     store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
-    await store.start()
+    own = Metrics()
+    keeper = await follow_blocked(store, settings, own, keep_snapshot=True)
     token = admin_token(settings)
     admin = web.AppRunner(
         create_admin_app(
             store,
             token,
-            counters,
+            SupervisedMetrics(counters, own),
             listen_host=settings.admin.listen.host,
             allowed_hosts=settings.admin.allowed_hosts,
+            snapshot=keeper.writer,
         ),
         access_log=None,
     )
@@ -107,7 +131,12 @@ async def supervise(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     pool = [_Worker(i) for i in range(workers)]
-    payloads = [pickle.dumps((settings, i, workers, str(counters_path))) for i in range(workers)]
+
+    def payload(index: int) -> bytes:
+        # Built at each start: a worker begins with what the supervisor knows right now.
+        return pickle.dumps(
+            (settings, index, workers, str(counters_path), store.blocked.handover())
+        )
 
     async def keep_alive(worker: _Worker) -> None:
         while True:
@@ -118,13 +147,13 @@ async def supervise(
             log.error("worker %d exited with %s; starting it again", worker.index, code)
             await asyncio.sleep(RESTART_DELAY)
             try:
-                await _spawn(worker, payloads[worker.index])
+                await _spawn(worker, payload(worker.index))
             except WorkerFailed as exc:
                 log.error("%s", exc)
 
     watchers: list[asyncio.Task[None]] = []
     try:
-        await asyncio.gather(*(_spawn(w, payloads[w.index]) for w in pool))
+        await asyncio.gather(*(_spawn(w, payload(w.index)) for w in pool))
         watchers = [asyncio.create_task(keep_alive(w)) for w in pool]
         await admin.setup()
         site = web.TCPSite(admin, settings.admin.listen.host, settings.admin.listen.port)
@@ -149,6 +178,7 @@ async def supervise(
         for task in watchers:
             task.cancel()
         await admin.cleanup()
+        await keeper.close()
         await store.close()
         counters.close()
         counters_path.unlink(missing_ok=True)
@@ -169,7 +199,9 @@ async def _stop_workers(pool: list[_Worker], shutdown_timeout: float) -> None:
         await asyncio.gather(*(p.wait() for p in running))
 
 
-async def _worker(settings: Settings, index: int, workers: int, counters_path: str) -> None:
+async def _worker(
+    settings: Settings, index: int, workers: int, counters_path: str, seed: BlockedSeed | None
+) -> None:
     counters = SharedCounters(Path(counters_path), workers, create=False)
 
     def ready(_running: Running) -> None:
@@ -183,6 +215,8 @@ async def _worker(settings: Settings, index: int, workers: int, counters_path: s
             reuse_port=True,
             metrics=counters.block(index),
             on_ready=ready,
+            blocked_seed=seed,
+            keep_snapshot=False,  # the supervisor's file: one writer
         )
     finally:
         counters.close()
@@ -193,10 +227,10 @@ def worker_main() -> int:
     from gateway import loops
     from gateway.logs import setup_logging
 
-    settings, index, workers, counters_path = pickle.loads(sys.stdin.buffer.read())
+    settings, index, workers, counters_path, seed = pickle.loads(sys.stdin.buffer.read())
     setup_logging(settings.log.level)
     try:
-        loops.run(_worker(settings, index, workers, counters_path))
+        loops.run(_worker(settings, index, workers, counters_path, seed))
     except OSError as exc:
         log.error("worker %d cannot start: %s", index, exc)
         return 1

@@ -34,6 +34,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.get("XDG_STATE_HOME", ""), ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def state_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test's gateways (in-process, or children that inherit the environment) keep
+    their state files in a directory of the test's own: a blocked-ids snapshot left by an
+    earlier test on the same redis-server would seed the next one's gateway."""
+    path = Path(tempfile.mkdtemp(prefix="devicegate-state-"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # 2026-11-03T23:24:19.787Z, the seed document's timestamp.
 EPOCH_US = 1_793_748_259_787_000
 

@@ -129,6 +129,10 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
     async def start(settings: Settings) -> Gateway:
         store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
         await store.start(follow_blocked=True)
+        # Known before serving, as a process that read its snapshot (or its supervisor) at
+        # start would: a fault injected right away then meets on_error, not the 503 of a
+        # process that does not know the blocked ids yet.
+        await asyncio.wait_for(store.blocked.synced.wait(), WAIT)
         plane = DataPlane(settings, store)
         server = await start_public(plane, "127.0.0.1", 0)
         gw = Gateway(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", store, plane)

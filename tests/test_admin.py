@@ -17,6 +17,7 @@ from gateway.admin import create_admin_app
 from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, Outcome
 from gateway.store import Store
+from gateway.store.blocked import BlockedSeed
 
 if TYPE_CHECKING:
     from tests.conftest import FakeClock
@@ -218,6 +219,49 @@ async def test_readyz_follows_the_store(
     await expect(resp, 503, "Store unavailable")
     assert resp.headers["Retry-After"] == "1"
     assert stub.calls == ["ping"]
+
+
+async def test_readyz_verbose_shows_the_checks(api: AdminTestClient, mem_store: Store) -> None:
+    result = await expect(await api.get("/readyz?verbose=1"), 200)
+    assert result["store"] == {"reachable": True}
+    # This store does not follow the blocked ids: nothing told it them.
+    assert result["blocked_ids"]["known"] is False
+    assert (result["snapshot"], result["resets"], result["last_reset"]) == (None, 0, None)
+    mem_store.blocked.seed(BlockedSeed(frozenset({"a"}), "e1", "snapshot", 0))
+    result = await expect(await api.get("/readyz?verbose=true"), 200)
+    assert result["blocked_ids"]["source"] == "snapshot" and result["blocked_ids"]["count"] == 1
+    await expect(await api.get("/readyz?verbose=0"), 200, "ready")
+
+
+READYZ_REFUSED = {
+    "an unknown parameter": ("/readyz?full=1", "Unknown query parameter: full"),
+    "a bad flag": ("/readyz?verbose=yes", "verbose: must be 0 or 1"),
+    "a repeated flag": ("/readyz?verbose=1&verbose=1", "Repeated query parameter: verbose"),
+}
+
+
+@pytest.mark.parametrize(("path", "reason"), READYZ_REFUSED.values(), ids=READYZ_REFUSED)
+async def test_readyz_refuses_unknown_query_parameters(
+    api: AdminTestClient, path: str, reason: str
+) -> None:
+    await expect(await api.get(path), 400, reason)
+
+
+async def test_readyz_verbose_while_the_store_is_down_is_503_with_the_checks(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    down = Store.memory()
+    down.ping = _never  # type: ignore[method-assign]
+    client = await aiohttp_client(create_admin_app(down, TOKEN), headers=AUTH)
+    resp = await client.get("/readyz?verbose=1")
+    data = await body(resp)
+    assert (resp.status, data["status"], resp.headers["Retry-After"]) == (503, False, "1")
+    assert data["result"]["store"] == {"reachable": False}
+    await down.close()
+
+
+async def _never() -> bool:
+    return False
 
 
 async def test_an_unexpected_error_is_a_logged_500_without_details(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Literal
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal, cast
 
 import aiohttp
 import pytest
@@ -14,7 +15,16 @@ from aiohttp import web
 
 from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
+from gateway.errors import StoreUnavailable
 from gateway.store import Store
+from gateway.store.blocked import (
+    RESTORE_CHUNK,
+    BlockedSeed,
+    BlockedSet,
+    BlockedStatus,
+    StoreReset,
+)
+from gateway.store.keys import KeySchema
 from tests.conftest import RedisServer, until
 
 pytestmark = pytest.mark.integration
@@ -134,7 +144,8 @@ async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_sec
         "test",
     )
     store = Store.from_settings(settings.redis)
-    await store.start()
+    await store.start(follow_blocked=True)  # known blocked ids: on_error decides in the outage
+    await asyncio.wait_for(store.blocked.synced.wait(), WAIT)
     plane = DataPlane(settings, store)
     server = await start_public(plane, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
@@ -169,3 +180,164 @@ async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_sec
         await plane.shutdown(1.0)
         await server.wait_closed()
         await store.close()
+
+
+# ---------------------------------------------------------------- knowing the ids, resets
+
+
+class Wall:
+    """An injected wall clock in epoch ms."""
+
+    def __init__(self) -> None:
+        self.now = 1_793_748_259_787
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+async def shared() -> AsyncIterator[tuple[Store, Any]]:
+    """An embedded store, and a raw client of the same fakeredis server (to flush it)."""
+    import fakeredis
+
+    server = fakeredis.FakeServer()
+    store = Store.memory(server=server)
+    raw = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    yield store, raw
+    await store.close()
+    await raw.aclose()
+
+
+def follower(store: Store, *, restore: bool = True) -> BlockedSet:
+    """A BlockedSet over the store's Redis that is polled by hand (never started)."""
+    return BlockedSet(
+        store._admin, store.keys, restore=store._block_again if restore else None, clock=Wall()
+    )
+
+
+def test_unknown_until_seeded_then_known_from_the_seed() -> None:
+    blocked = BlockedSet(cast(Any, None), KeySchema("dg"), clock=Wall())
+    changes: list[BlockedStatus] = []
+    blocked.watch(lambda: changes.append(blocked.status()))
+    assert not blocked.known and blocked.handover() is None
+    blocked.seed(BlockedSeed(frozenset({"a", "b"}), "e1", "snapshot", 1000))
+    assert blocked.status().known and "a" in blocked and len(blocked) == 2
+    assert [(c.source, c.count, c.epoch) for c in changes] == [("snapshot", 2, "e1")]
+    assert blocked.handover() == BlockedSeed(frozenset({"a", "b"}), "e1", "supervisor", 1000)
+
+
+async def test_the_first_poll_of_a_new_redis_sets_the_epoch_and_knows_the_ids(
+    shared: tuple[Store, Any],
+) -> None:
+    store, raw = shared
+    await store.block("b1")
+    blocked = follower(store)
+    await blocked.poll()
+    status = blocked.status()
+    assert (status.source, status.count, status.resets) == ("redis", 1, 0)
+    assert status.epoch is not None and status.epoch == await raw.get(store.keys.epoch)
+    other = follower(store)
+    await other.poll()
+    assert other.epoch == blocked.epoch  # a second process adopts the first one's marker
+    blocked.seed(BlockedSeed(frozenset(), None, "snapshot", 0))
+    assert blocked.status().source == "redis" and "b1" in blocked  # Redis outranks a seed
+
+
+RESETS = {
+    "flushed: the marker is gone": None,
+    "another process already restored and set a new marker": "someone-else",
+}
+
+
+@pytest.mark.parametrize("new_marker", RESETS.values(), ids=RESETS.keys())
+async def test_a_reset_is_reported_once_the_ids_kept_and_blocked_again(
+    shared: tuple[Store, Any], caplog: pytest.LogCaptureFixture, new_marker: str | None
+) -> None:
+    store, raw = shared
+    for device_id in ("b1", "b2", "b3"):
+        await store.block(device_id)
+    blocked = follower(store)
+    await blocked.poll()
+    before = blocked.epoch
+    await raw.flushall()
+    if new_marker is not None:
+        await raw.set(store.keys.epoch, new_marker)
+    with caplog.at_level(logging.INFO, logger="gateway.store.blocked"):
+        await blocked.poll()
+        await blocked.poll()  # the next poll reads the restored indexes: no new detection
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "3 blocked ids known here" in errors[0].getMessage()
+    status = blocked.status()
+    assert (status.resets, status.restored, status.count) == (1, 3, 3)
+    assert status.last_reset == StoreReset(Wall().now, before or "", new_marker, 3, True, 3, True)
+    assert status.epoch == (new_marker or await raw.get(store.keys.epoch)) != before
+    for device_id in ("b1", "b2", "b3"):
+        device = await store.get_device(device_id)
+        assert device is not None and device.blocked
+
+
+async def test_without_restore_blocks_a_reset_is_only_reported(
+    shared: tuple[Store, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, raw = shared
+    await store.block("b1")
+    blocked = follower(store, restore=False)
+    await blocked.poll()
+    await raw.flushall()
+    with caplog.at_level(logging.ERROR, logger="gateway.store.blocked"):
+        await blocked.poll()
+    assert "not restored (redis.restore_blocks is false)" in caplog.records[0].getMessage()
+    assert await store.get_device("b1") is None
+    status = blocked.status()
+    assert (status.resets, status.restored) == (1, 0)
+    assert status.last_reset is not None and status.last_reset.done
+    await blocked.poll()  # the new dataset is followed: Redis holds no block any more
+    assert blocked.status().count == 0 and blocked.status().resets == 1
+
+
+async def test_a_restore_that_fails_is_retried_without_a_second_report(
+    shared: tuple[Store, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, raw = shared
+    ids = [f"b{i}" for i in range(RESTORE_CHUNK + 5)]  # two chunks
+    for device_id in ids:
+        await store.block(device_id)
+    failures = [StoreUnavailable("Redis did not answer within 5 s")]
+
+    async def flaky(chunk: Sequence[str]) -> None:
+        if len(chunk) < RESTORE_CHUNK and failures:  # the second chunk fails once
+            raise failures.pop()
+        await store._block_again(chunk)
+
+    blocked = BlockedSet(store._admin, store.keys, restore=flaky, clock=Wall())
+    await blocked.poll()
+    await raw.flushall()
+    with caplog.at_level(logging.WARNING, logger="gateway.store.blocked"):
+        with pytest.raises(StoreUnavailable):
+            await blocked.poll()
+        reset = blocked.status().last_reset
+        assert reset is not None and (reset.restored, reset.done) == (RESTORE_CHUNK, False)
+        await blocked.poll()
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING", "WARNING"]
+    assert "retrying" in caplog.records[1].getMessage()
+    status = blocked.status()
+    assert (status.resets, status.restored, status.count) == (1, len(ids), len(ids))
+    assert status.last_reset is not None and status.last_reset.done
+    assert len(await raw.zrange(store.keys.device("b0").blocked, 0, -1)) >= 1
+
+
+async def test_a_suspected_reset_is_looked_for_at_once(shared: tuple[Store, Any]) -> None:
+    store, raw = shared
+    await store.block("b1")
+    blocked = BlockedSet(
+        store._admin, store.keys, restore=store._block_again, poll_interval=30.0, clock=Wall()
+    )
+    blocked.start()
+    try:
+        await asyncio.wait_for(blocked.synced.wait(), WAIT)
+        await raw.flushall()
+        blocked.suspect_reset()  # the data plane saw a new record for "b1"
+        await until(lambda: blocked.status().resets == 1, "the reset found", timeout=WAIT)
+        await until(lambda: blocked.status().restored == 1, "the block restored", timeout=WAIT)
+    finally:
+        await blocked.close()

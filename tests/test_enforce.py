@@ -13,6 +13,7 @@ from gateway.config import Settings, parse_config
 from gateway.enforce import FORWARD, Enforcer, Verdict
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
+from gateway.model import Bucket, Decision, Outcome
 from gateway.store import Store
 from tests.conftest import FakeClock
 
@@ -160,35 +161,113 @@ async def test_connect_is_405(enforcer: Enforcer) -> None:
     assert verdict.headers is not None and "GET" in verdict.headers["Allow"]
 
 
-class DownStore:
-    """A store whose Redis is gone (and that has no device blocked)."""
+class LocalBlocked:
+    """Stands in for a BlockedSet: the ids this process holds, and whether it knows them."""
 
-    blocked: frozenset[str] = frozenset()
+    def __init__(self, ids: frozenset[str], known: bool) -> None:
+        self.ids = ids
+        self.known = known
+        self.suspected = 0
+
+    def __contains__(self, device_id: str) -> bool:
+        return device_id in self.ids
+
+    def suspect_reset(self) -> None:
+        self.suspected += 1
+
+
+class DownStore:
+    """A store whose Redis is gone; "stolen" is the one id seen blocked."""
+
+    def __init__(self, known: bool) -> None:
+        self.blocked = LocalBlocked(frozenset({"stolen"}), known)
 
     async def enforce(self, *args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("Redis failed: connection refused")
 
 
+STOLEN = {"X-Device-Id": "stolen"}
+NOBODY: dict[str, str] = {}
+STORE_DOWN: dict[str, tuple[Literal["open", "closed"], bool, dict[str, str], int, str]] = {
+    "open, ids known": ("open", True, DEVICE, FORWARD, "store_down_open"),
+    "closed, ids known": ("closed", True, DEVICE, 503, "store_down_closed"),
+    "open, a known blocked id": ("open", True, STOLEN, 403, "blocked"),
+    "closed, a known blocked id": ("closed", True, STOLEN, 403, "blocked"),
+    # Started while Redis was unreachable, told by nobody: any device could be a blocked one.
+    "open, ids unknown": ("open", False, DEVICE, 503, "store_down_unknown"),
+    "closed, ids unknown": ("closed", False, DEVICE, 503, "store_down_unknown"),
+    "open, ids unknown, an id already seen blocked": ("open", False, STOLEN, 403, "blocked"),
+    # No device id: no block could apply, so on_error decides as ever.
+    "open, ids unknown, anonymous": ("open", False, NOBODY, FORWARD, "store_down_open"),
+    "closed, ids unknown, anonymous": ("closed", False, NOBODY, 503, "store_down_closed"),
+}
+
+
 @pytest.mark.parametrize(
-    ("on_error", "status", "decision"),
-    [("open", FORWARD, "store_down_open"), ("closed", 503, "store_down_closed")],
+    ("on_error", "known", "headers", "status", "decision"),
+    STORE_DOWN.values(),
+    ids=STORE_DOWN.keys(),
 )
 async def test_store_down(
-    settings: Settings, on_error: Literal["open", "closed"], status: int, decision: str
+    settings: Settings,
+    on_error: Literal["open", "closed"],
+    known: bool,
+    headers: dict[str, str],
+    status: int,
+    decision: str,
 ) -> None:
     mode = dataclasses.replace(
         settings, redis=dataclasses.replace(settings.redis, on_error=on_error)
     )
     metrics = Metrics()
-    enforcer = Enforcer(mode, DownStore(), metrics)  # type: ignore[arg-type]
-    verdict = await check(enforcer, DEVICE)
+    enforcer = Enforcer(mode, DownStore(known), metrics)  # type: ignore[arg-type]
+    verdict = await check(enforcer, headers)
     assert (verdict.status, verdict.decision) == (status, decision)
     assert metrics.store_failures == 1
     if status == 503:
+        assert verdict.reason == "Service temporarily unavailable"
         assert verdict.headers == {"Retry-After": "1"}
+    elif status == 403:
+        assert verdict.reason == "Access denied: device is blocked"
     else:
         # Rate-limit headers are left out rather than invented when Redis could not be asked.
         assert verdict.headers is None
+
+
+class AnsweringStore:
+    """A store whose Redis allows every request, saying whether it made a new record."""
+
+    def __init__(self, new_device: bool) -> None:
+        self.blocked = LocalBlocked(frozenset({"stolen"}), True)
+        self.new_device = new_device
+
+    async def enforce(self, *args: Any, **kwargs: Any) -> Decision:
+        bucket = Bucket(rate=1, burst=2)
+        return Decision(Outcome.ALLOW, 1, 0, 0, bucket, "device", self.new_device)
+
+
+REDIS_ANSWERS: dict[str, tuple[bool, dict[str, str], int, int]] = {
+    # A blocked id always has a record: a new one means Redis lost the gateway's data.
+    "a new record for an id blocked here": (True, STOLEN, 403, 1),
+    "a new record for another id": (True, DEVICE, FORWARD, 0),
+    # Redis keeps the record and says allow: an unblock this process has not heard of yet.
+    "a known record for an id blocked here": (False, STOLEN, FORWARD, 0),
+}
+
+
+@pytest.mark.parametrize(
+    ("new_device", "headers", "status", "suspected"),
+    REDIS_ANSWERS.values(),
+    ids=REDIS_ANSWERS.keys(),
+)
+async def test_redis_decides_unless_it_forgot_a_blocked_device(
+    settings: Settings, new_device: bool, headers: dict[str, str], status: int, suspected: int
+) -> None:
+    store = AnsweringStore(new_device)
+    verdict = await check(Enforcer(settings, store), headers)  # type: ignore[arg-type]
+    assert verdict.status == status
+    assert verdict.decision == ("blocked" if status == 403 else "allow")
+    assert store.blocked.suspected == suspected  # the loss is looked for at once
 
 
 async def test_new_devices_beyond_the_address_budget_are_429(store: Store) -> None:

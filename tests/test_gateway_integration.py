@@ -33,6 +33,7 @@ from gateway.dataplane import DataPlane, start_public
 from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.model import Device, HistoryEntry
 from gateway.store import Store
+from gateway.store.keys import KeySchema
 from tests.conftest import FakeClock, RedisServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -163,7 +164,10 @@ async def start_gateway(
                 settings.redis, history_size=settings.devices.history_size, clock=clock
             )
             own.append(store)
-            await store.start()
+            # As every data-plane process does: follow the blocked ids, and know them
+            # before serving (else a Redis outage is answered 503 whatever on_error says).
+            await store.start(follow_blocked=True)
+            await asyncio.wait_for(store.blocked.synced.wait(), WAIT)
         plane = DataPlane(settings, store)
         server = await start_public(plane, "127.0.0.1", 0)
         planes.append((plane, server))
@@ -222,10 +226,12 @@ def rate_headers(answer: Answer) -> dict[str, str]:
 
 
 async def redis_keys(url: str) -> list[bytes]:
-    """Every key in the Redis at `url`."""
+    """Every key in the Redis at `url` but the epoch marker (set by the processes that follow
+    the blocked ids, never by a request)."""
     client = aioredis.from_url(url, socket_timeout=2)
     try:
-        return sorted(k if isinstance(k, bytes) else k.encode() for k in await client.keys("*"))
+        found = (k if isinstance(k, bytes) else k.encode() for k in await client.keys("*"))
+        return sorted(k for k in found if k != KeySchema("dg").epoch.encode())
     finally:
         await client.aclose()
 

@@ -11,12 +11,16 @@ gateway logged no traceback and that every answer it made itself is the JSON env
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import random
+import re
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -26,13 +30,14 @@ import redis
 from multidict import CIMultiDict
 
 from gateway.app import Running, serve
-from gateway.config import RedisSettings
+from gateway.config import RedisSettings, Settings
 from gateway.logs import ACCESS_LOGGER
 from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
+from gateway.store.snapshot import snapshot_name
 from tests.conftest import RedisServer, calls, command_stats, free_port, reset_stats, until
-from tests.counting_upstream import CountingUpstream
+from tests.counting_upstream import MARK, CountingUpstream
 from tests.faults import FaultProxy, rst
 from tests.gateway_rig import (
     TIMEOUT,
@@ -510,14 +515,23 @@ async def test_redis_out_of_memory_follows_on_error_and_a_blocked_device_stays_b
 # ---------------------------------------------------------------- started before Redis
 
 
+SNAPSHOTS_AT_START = {"no snapshot": None, "a corrupt snapshot": b'{"format": 1, "ids": ["'}
+
+
+@pytest.mark.parametrize("left", SNAPSHOTS_AT_START.values(), ids=SNAPSHOTS_AT_START.keys())
 async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_when_it_is_up(
     upstream: CountingUpstream,
     redis_servers: Callable[..., RedisServer],
     http: aiohttp.ClientSession,
     gateway_log: pytest.LogCaptureFixture,
+    state_home: Path,
+    left: bytes | None,
 ) -> None:
     server = redis_servers()
     server.kill()  # its port now refuses; start() brings it back on the same one
+    if left is not None:
+        snapshot_file(state_home, server).parent.mkdir(parents=True)
+        snapshot_file(state_home, server).write_bytes(left)
     public_port, admin_port = free_port(), free_port()
     settings = make_settings(
         upstream,
@@ -553,11 +567,21 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
         running = ready.result()
         health_task = asyncio.create_task(check_health())
 
-        for _ in range(5):  # down: not ready, every time, and the data plane still serves
+        # Down: not ready, every time. No snapshot and no supervisor told this process the
+        # blocked ids: any device could be a blocked one, so each gets 503 (on_error: open
+        # notwithstanding); a request without a device id is no device's and is forwarded.
+        for _ in range(5):
             assert await readyz() == (503, {"status": False, "result": "Store unavailable"})
             down = await send(http, running.public_url, "early")
             assert_envelope(down)
-            assert (down.status, down.from_upstream, down.enforced) == (200, True, False)
+            assert (down.status, down.json(), down.headers["Retry-After"]) == (
+                503,
+                UNAVAILABLE,
+                "1",
+            )
+            assert upstream.count(device_id="early") == 0
+            async with http.get(f"{running.public_url}/anonymous") as r:
+                assert (r.status, MARK in r.headers) == (200, True)
             await asyncio.sleep(0.05)
         assert (await readyz(None))[0] == 401  # readiness needs the admin token
 
@@ -585,6 +609,175 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
     assert enforced_after < 2.0, enforced_after
     assert len(health) >= 10
     assert all(check == (200, {"status": True, "result": "ok"}) for check in health), health
+    ignored = [r.getMessage() for r in gateway_log.records if "ignoring the blocked-ids" in r.msg]
+    if left is None:
+        assert ignored == []
+    else:  # a warning naming the file and why, never a traceback, never a crash
+        assert ignored == [
+            f"ignoring the blocked-ids snapshot {snapshot_file(state_home, server)}: not JSON "
+            "(unexpected end of data: line 1 column 24 (char 23))"
+        ]
+    assert_no_traceback(gateway_log)
+
+
+# ---------------------------------------------------------------- knowing the blocked ids
+
+
+def snapshot_file(state_home: Path, server: RedisServer) -> Path:
+    """Where `gateway run` keeps the blocked-ids snapshot for this server (prefix dg)."""
+    return state_home / "devicegate" / snapshot_name("dg", server.url)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Running]:
+    """`serve(settings)` in this process (what `gateway run` runs), until the block ends."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, stop=stop, on_ready=ready.set_result))
+    try:
+        waiters: set[asyncio.Future[Any]] = {task, ready}
+        await asyncio.wait(waiters, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what stopped it
+        assert ready.done(), f"the listeners were not up within {WAIT} s"
+        yield ready.result()
+    finally:
+        stop.set()
+        await bounded(task, "serve() to return")
+
+
+async def admin(
+    http: aiohttp.ClientSession, running: Running, method: str, path: str
+) -> tuple[int, Any]:
+    """One admin API call: (status, the decoded envelope)."""
+    async with http.request(method, f"{running.admin_url}{path}", headers=AUTH) as r:
+        return r.status, orjson.loads(await r.read())
+
+
+async def admin_until(
+    http: aiohttp.ClientSession,
+    running: Running,
+    path: str,
+    done: Callable[[Any], bool],
+    what: str,
+) -> tuple[int, Any]:
+    """GET an admin path until `done(envelope)` (a bounded poll); returns the last answer."""
+    started = time.monotonic()
+    while True:
+        status, body = await admin(http, running, "GET", path)
+        if done(body):
+            return status, body
+        assert time.monotonic() - started < WAIT, f"timed out waiting for {what}: {body}"
+        await asyncio.sleep(0.02)
+
+
+async def metrics_text(http: aiohttp.ClientSession, running: Running) -> str:
+    async with http.get(f"{running.admin_url}/metrics", headers=AUTH) as r:
+        return await r.text()
+
+
+ADMIN_ANY_PORT = "server: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}\n"
+
+
+async def test_a_gateway_started_while_redis_is_down_refuses_the_blocked_ids_of_its_snapshot(
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    gateway_log: pytest.LogCaptureFixture,
+    state_home: Path,
+) -> None:
+    server = redis_servers()
+    settings = make_settings(upstream, server.url, "open", extra=ADMIN_ANY_PORT)
+    snapshot = snapshot_file(state_home, server)
+    async with serving(settings) as running:
+        assert (await admin(http, running, "POST", "/devices/stolen/block"))[0] == 200
+        await until(
+            lambda: snapshot.is_file() and b'"stolen"' in snapshot.read_bytes(), "the snapshot"
+        )
+    await asyncio.to_thread(server.kill)
+
+    # Restarted while Redis is down: the snapshot says who is blocked.
+    async with serving(settings) as running:
+        stolen = [await send(http, running.public_url, "stolen") for _ in range(10)]
+        honest = await send(http, running.public_url, "honest")
+        _, checks = await admin(http, running, "GET", "/readyz?verbose=1")
+        metrics = await metrics_text(http, running)
+    assert [(a.status, a.json()) for a in stolen] == [(403, BLOCKED)] * 10
+    assert upstream.count(device_id="stolen") == 0  # none of them reached the upstream
+    assert (honest.status, honest.from_upstream, honest.enforced) == (200, True, False)
+    assert checks["status"] is False
+    assert checks["result"]["store"] == {"reachable": False}
+    blocked = checks["result"]["blocked_ids"]
+    assert (blocked["known"], blocked["source"], blocked["count"]) == (True, "snapshot", 1)
+    assert checks["result"]["snapshot"]["path"] == str(snapshot)
+    assert 'devicegate_blocked_ids_known{process="main",source="snapshot"} 1\n' in metrics
+    assert 'devicegate_blocked_ids{process="main"} 1\n' in metrics
+    loaded = [r.getMessage() for r in gateway_log.records if "from the snapshot" in r.msg]
+    assert len(loaded) == 1 and loaded[0].startswith("blocked ids from the snapshot: 1 ids")
+    assert_no_traceback(gateway_log)
+
+
+EMPTIED = ("flushall", "restart")
+
+
+@pytest.mark.parametrize("how", EMPTIED)
+async def test_redis_back_empty_is_reported_and_the_blocks_restored(
+    how: str,
+    upstream: CountingUpstream,
+    redis_servers: Callable[..., RedisServer],
+    http: aiohttp.ClientSession,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    server = redis_servers()
+    settings = make_settings(upstream, server.url, "open", extra=ADMIN_ANY_PORT)
+    lost = ("stolen", "lost-2")
+    async with serving(settings) as running:
+        assert (await send(http, running.public_url, "honest")).enforced
+        for device_id in lost:
+            assert (await admin(http, running, "POST", f"/devices/{device_id}/block"))[0] == 200
+
+        await admin_until(
+            http,
+            running,
+            "/readyz?verbose=1",
+            lambda body: body["result"]["blocked_ids"]["count"] == len(lost),
+            "the local copy",
+        )
+        ready = await admin(http, running, "GET", "/readyz")
+        assert ready == (200, {"status": True, "result": "ready"})
+        _, before = await admin(http, running, "GET", "/devices/stolen")
+
+        await asyncio.to_thread(server.flush if how == "flushall" else server.restart)
+        status, ready = await admin_until(
+            http,
+            running,
+            "/readyz",
+            lambda body: body["result"] != "ready" and not body["result"].endswith("so far"),
+            "the loss noticed and the blocks restored",
+        )
+        assert status == 200 and ready["status"] is True
+        assert re.fullmatch(
+            r"ready; Redis lost its data at \S+Z: 2 blocked ids restored", ready["result"]
+        ), ready
+        for device_id in lost:
+            status, device = await admin(http, running, "GET", f"/devices/{device_id}")
+            assert status == 200 and device["result"]["blocked"] is True
+        _, after = await admin(http, running, "GET", "/devices/stolen")
+        assert after["result"]["blocked_at"] >= before["result"]["blocked_at"]  # a new one
+        answer = await send(http, running.public_url, "stolen")
+        metrics = await metrics_text(http, running)
+        _, checks = await admin(http, running, "GET", "/readyz?verbose=1")
+    assert (answer.status, answer.json()) == (403, BLOCKED)
+    assert upstream.count(device_id="stolen") == 0
+    assert 'devicegate_store_resets_total{process="main"} 1\n' in metrics
+    assert 'devicegate_blocks_restored_total{process="main"} 2\n' in metrics
+    reset = checks["result"]["last_reset"]
+    assert (reset["blocked_ids_known"], reset["restored"], reset["done"]) == (2, 2, True)
+    errors = [r for r in gateway_log.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "Redis lost the gateway's data (restarted without persistence, or flushed): "
+        "2 blocked ids known here, blocking them again"
+    ]
     assert_no_traceback(gateway_log)
 
 

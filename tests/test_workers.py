@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,3 +178,115 @@ def test_memory_store_runs_one_worker(tmp_path: Path) -> None:
     stderr = (tmp_path / "stderr").read_text()
     assert code == 0
     assert "memory:// store: running 1 worker" in stderr
+
+
+@pytest.fixture
+async def recording_upstream() -> AsyncIterator[tuple[str, list[str]]]:
+    """An upstream that records the device id of every request it sees."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Device-Id", "-"))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    await runner.cleanup()
+
+
+LISTENING = b'"message":"listening"'
+
+
+async def test_a_worker_respawned_while_redis_is_frozen_still_refuses_a_blocked_device(
+    tmp_path: Path, own_redis: RedisServer, recording_upstream: tuple[str, list[str]]
+) -> None:
+    origin, seen = recording_upstream
+    public, admin = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"server: {{listen: '127.0.0.1:{public}'}}\n"
+        f"admin: {{listen: '127.0.0.1:{admin}', token: '{TOKEN}'}}\n"
+        f"upstream: {{url: '{origin}'}}\n"
+        f"redis: {{url: '{own_redis.url}', on_error: open}}\n"
+        "log: {access: false, level: info}\n"
+    )
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("wb") as err:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config), "--workers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    base = f"http://127.0.0.1:{public}/x"
+    stolen = {"X-Device-Id": "stolen"}
+    frozen = False
+    try:
+        await wait_for(f"http://127.0.0.1:{admin}/healthz")
+        await wait_for(f"http://127.0.0.1:{public}/")
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"http://127.0.0.1:{admin}/devices/stolen/block", headers=auth
+            ) as r:
+                assert r.status == 200
+            for _ in range(6):  # while Redis answers, Redis decides
+                async with aiohttp.ClientSession() as one:
+                    async with one.get(base, headers=stolen) as r:
+                        assert r.status == 403
+            # Every process has the block in its copy (pub/sub, within a poll at most).
+            wanted = [f'devicegate_blocked_ids{{process="{p}"}} 1\n'
+                      for p in ("worker-0", "worker-1", "supervisor")]  # fmt: skip
+            deadline = time.monotonic() + WAIT
+            while True:
+                async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
+                    text = await r.text()
+                if all(line in text for line in wanted):
+                    break
+                assert time.monotonic() < deadline, text
+                await asyncio.sleep(0.05)
+
+            own_redis.freeze()
+            frozen = True
+            listening = stderr_path.read_bytes().count(LISTENING)
+            os.kill(workers[0], signal.SIGKILL)
+            # Respawned: a new process, and its listener up (it logs "listening" once ready).
+            deadline = time.monotonic() + WAIT
+            while (
+                len(set(children(proc.pid)) - {workers[0]}) < 2
+                or stderr_path.read_bytes().count(LISTENING) <= listening
+            ):
+                assert time.monotonic() < deadline, "the worker was not replaced"
+                await asyncio.sleep(0.05)
+
+            statuses = []
+            for _ in range(30):  # fresh connections: the kernel spreads them over both
+                async with aiohttp.ClientSession() as one:
+                    async with one.get(base, headers=stolen) as r:
+                        statuses.append(r.status)
+            async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
+                text = await r.text()
+        assert statuses == [403] * 30
+        assert "stolen" not in seen  # none reached the upstream
+        # The respawned worker knew the block from its supervisor, Redis frozen meanwhile.
+        assert re.search(
+            r'devicegate_blocked_ids_known\{process="worker-\d",source="supervisor"\} 1\n', text
+        ), text
+    finally:
+        if frozen:
+            own_redis.thaw()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(proc.wait, WAIT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = stderr_path.read_text()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr

@@ -16,18 +16,22 @@ from multidict import MultiMapping
 
 from gateway.admin.auth import auth_middleware
 from gateway.admin.hosts import host_middleware
+from gateway.admin.readiness import SnapshotState, checks, ready_text
 from gateway.config import MAX_BURST, MAX_RATE
 from gateway.errors import StoreUnavailable
 from gateway.identity import device_id_problem
 from gateway.metrics import Metrics, Renderable
 from gateway.model import Bucket
-from gateway.responses import error, ok
+from gateway.responses import JSON_CONTENT_TYPE, envelope, error, ok
 from gateway.store import Store
+from gateway.store.blocked import wall_ms
+from gateway.store.snapshot import SnapshotWriter
 
 logger = logging.getLogger("gateway.admin")
 
 STORE_KEY: Final = web.AppKey("admin_store", Store)
 METRICS_KEY: Final = web.AppKey("admin_metrics", Renderable)
+SNAPSHOT_KEY: Final = web.AppKey("admin_snapshot", SnapshotWriter)
 
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_NAME_CHARS: Final = 256
@@ -40,6 +44,8 @@ DEVICE_NOT_FOUND: Final = "Device not found"
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _BLOCKED_VALUES: Final = ("all", "hide", "only")
 _LIST_PARAMS: Final = ("name", "blocked", "page", "amount")
+_READYZ_PARAMS: Final = ("verbose",)
+_FLAGS: Final = {"0": False, "1": True, "false": False, "true": True}
 _RETRY_AFTER: Final = {"Retry-After": "1"}
 _PUBLIC_ROUTES: Final = ("healthz", "page", "asset")
 _PAGE: Final = {"index.html": "text/html"}
@@ -99,15 +105,19 @@ def _int_param(raw: str, what: str, low: int, high: int) -> int:
     return value
 
 
+def _check_params(query: MultiMapping[str], allowed: tuple[str, ...]) -> None:
+    for key in query:
+        if key not in allowed:
+            raise BadRequest(f"Unknown query parameter: {key}")
+        if len(query.getall(key)) > 1:
+            raise BadRequest(f"Repeated query parameter: {key}")
+
+
 def parse_list_query(
     query: MultiMapping[str],
 ) -> tuple[str | None, Literal["all", "hide", "only"], int, int]:
     """`GET /devices` parameters -> (name, blocked, page, amount); unknown ones are refused."""
-    for key in query:
-        if key not in _LIST_PARAMS:
-            raise BadRequest(f"Unknown query parameter: {key}")
-        if len(query.getall(key)) > 1:
-            raise BadRequest(f"Repeated query parameter: {key}")
+    _check_params(query, _LIST_PARAMS)
     name = check_name(query.get("name", ""), "name") or None
     blocked = query.get("blocked", "all")
     if blocked not in _BLOCKED_VALUES:
@@ -115,6 +125,15 @@ def parse_list_query(
     page = _int_param(query.get("page", "1"), "page", 1, MAX_PAGE)
     amount = _int_param(query.get("amount", "20"), "amount", 1, MAX_AMOUNT)
     return name, cast(Literal["all", "hide", "only"], blocked), page, amount
+
+
+def parse_readyz_query(query: MultiMapping[str]) -> bool:
+    """`GET /readyz` parameters -> verbose; unknown ones are refused."""
+    _check_params(query, _READYZ_PARAMS)
+    verbose = _FLAGS.get(query.get("verbose", "0"))
+    if verbose is None:
+        raise BadRequest("verbose: must be 0 or 1")
+    return verbose
 
 
 def parse_object(body: bytes, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -170,10 +189,37 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the store answers a ping."""
-    if await request.app[STORE_KEY].ping():
-        return ok("ready")
-    return error(503, "Store unavailable", headers=_RETRY_AFTER)
+    """Readiness: the store answers a ping; what else an operator must know is added, and
+    `?verbose=1` shows every check."""
+    verbose = parse_readyz_query(request.query)
+    store = request.app[STORE_KEY]
+    reachable = await store.ping()
+    if not reachable and not verbose:
+        return error(503, "Store unavailable", headers=_RETRY_AFTER)
+    blocked = store.blocked.status()
+    writer = request.app.get(SNAPSHOT_KEY)
+    snapshot = None
+    if writer is not None:
+        snapshot = SnapshotState(
+            str(writer.path), writer.written_ms, writer.failures, writer.last_error
+        )
+    if not verbose:
+        return ok(ready_text(blocked, snapshot))
+    result = checks(
+        reachable=reachable,
+        blocked=blocked,
+        processes=request.app[METRICS_KEY].processes(),
+        snapshot=snapshot,
+        now_ms=wall_ms(),
+    )
+    if reachable:
+        return ok(result)
+    return web.Response(
+        body=envelope(False, result),
+        status=503,
+        content_type=JSON_CONTENT_TYPE,
+        headers=_RETRY_AFTER,
+    )
 
 
 async def list_devices(request: web.Request) -> web.Response:
@@ -308,11 +354,13 @@ def create_admin_app(
     *,
     listen_host: str = "127.0.0.1",
     allowed_hosts: Collection[str] = (),
+    snapshot: SnapshotWriter | None = None,
 ) -> web.Application:
     """The admin application: every route but /healthz and the page needs the bearer token.
 
     `listen_host` (where the listener is bound) and `allowed_hosts` (`admin.allowed_hosts`)
-    decide which Host headers it answers, on every route (gateway.admin.hosts).
+    decide which Host headers it answers, on every route (gateway.admin.hosts). `snapshot`,
+    the blocked-ids snapshot this process writes, is reported by /readyz.
     """
     app = web.Application(
         middlewares=[
@@ -325,6 +373,8 @@ def create_admin_app(
     )
     app[STORE_KEY] = store
     app[METRICS_KEY] = metrics or Metrics()
+    if snapshot is not None:
+        app[SNAPSHOT_KEY] = snapshot
     device = "/devices/{id:[^/]+}"  # `/` inside an id travels as %2F; aiohttp decodes it here
     r = app.router
     r.add_get("/", _asset_handler(_load_assets(_PAGE), "index.html"), name="page")

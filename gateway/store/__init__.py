@@ -98,12 +98,15 @@ class Store:
         clock: Clock | None = None,
         pipeline: ScriptPipeline | None = None,
         breaker: CircuitBreaker | None = None,
+        restore_blocks: bool = True,
     ) -> None:
         self._hot = hot
         self._pipeline = pipeline
         self._admin = admin
         self._keys = KeySchema(key_prefix)
-        self.blocked = BlockedSet(admin, self._keys)
+        self.blocked = BlockedSet(
+            admin, self._keys, restore=self._block_again if restore_blocks else None
+        )
         self._timeout = timeout
         self._admin_timeout = admin_timeout
         self._enforce = hot.register_script(_script("enforce.lua"))
@@ -140,6 +143,7 @@ class Store:
             history_size=history_size,
             clock=clock,
             pipeline=ScriptPipeline(settings.url, _script("enforce.lua"), timeout=settings.timeout),
+            restore_blocks=settings.restore_blocks,
         )
 
     @classmethod
@@ -258,6 +262,18 @@ class Store:
         device = _from_flat(device_id, flat)
         assert device is not None  # block.lua always returns the record
         return device
+
+    async def _block_again(self, device_ids: Sequence[str]) -> None:
+        """Block a chunk of ids in one bounded round trip (after Redis lost its data)."""
+        async with self._admin.pipeline(transaction=False) as pipe:
+            for device_id in device_ids:
+                k = self._keys.device(device_id)
+                await self._block(
+                    (k.record, k.active, k.blocked, k.blocked_version),
+                    (self._hot_path.now(), device_id, self._keys.blocked_channel),
+                    client=pipe,
+                )
+            await self._admin_call(pipe.execute())
 
     async def unblock(self, device_id: str) -> Device | None:
         """Unblock the device (idempotent); None when there is no record."""

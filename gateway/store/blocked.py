@@ -7,42 +7,131 @@ both `on_error` modes. The copy follows Redis two ways:
 - pub/sub: block.lua, unblock.lua and delete.lua publish "b <id>" / "u <id>" on
   `<prefix>:blocked` (immediate, but a message sent while this process was disconnected is
   lost), and
-- a poll every second of the per-shard version counters `<prefix>:{dNNN}:bver` (bumped by
-  the same scripts); a shard whose version moved has its `blocked` index read again. The
-  first poll reads every shard.
+- a poll every second of the epoch marker and the per-shard version counters
+  `<prefix>:{dNNN}:bver` (bumped by the same scripts); a shard whose version moved has its
+  `blocked` index read again. The first poll reads every shard.
+
+The set *knows* the blocked ids once it holds them whole: from a complete poll ("redis"),
+or before Redis ever answered, from the supervisor of a worker ("supervisor") or a snapshot
+file ("snapshot", gateway.store.snapshot). Until then the data plane must not forward a
+request unenforced (gateway.enforce). When the epoch marker says Redis lost the gateway's
+data (gateway.store.epoch), the set is kept, not emptied by that poll, and, with
+`redis.restore_blocks`, every id in it is blocked again through block.lua.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from typing import Any, Final
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.errors import StoreError
+from gateway.store.epoch import EpochCheck, check_epoch, new_epoch
 from gateway.store.keys import SHARDS, KeySchema, shard_of
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL: Final = 1.0
+MIN_POLL_GAP: Final = 0.05  # seconds between two polls, however often one is asked for
 CALL_TIMEOUT: Final = 2.0
+RESTORE_CHUNK: Final = 64  # ids blocked again per bounded call after a reset
+
+Source = Literal["redis", "supervisor", "snapshot"]
+SOURCES: Final[tuple[Source, ...]] = ("redis", "supervisor", "snapshot")
+# Blocks one chunk of ids again (block.lua, idempotent); bounded in time, raises StoreError.
+Restore = Callable[[Sequence[str]], Awaitable[None]]
+
+_FOLLOW_ERRORS: Final = (RedisError, OSError, TimeoutError, StoreError)
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch milliseconds (what snapshots and resets are stamped with)."""
+    return time.time_ns() // 1_000_000
+
+
+def _text(value: Any) -> str | None:
+    return value if value is None or isinstance(value, str) else bytes(value).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedSeed:
+    """The blocked ids a process starts with, before Redis has answered it."""
+
+    ids: frozenset[str]
+    epoch: str | None
+    source: Source
+    as_of_ms: int  # when they were last read from Redis (epoch ms), as far as the giver knows
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReset:
+    """One detected loss of the gateway's data in Redis, and how far restoring went."""
+
+    at_ms: int
+    expected: str
+    found: str | None
+    known: int  # blocked ids this process knew when it noticed
+    restore: bool  # redis.restore_blocks: they are to be blocked again
+    restored: int  # of them blocked again in Redis so far
+    done: bool  # restoring finished (or was not asked for) and a new epoch is adopted
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedStatus:
+    """What this process knows of the blocked ids, for /readyz and /metrics."""
+
+    source: Source | None
+    count: int
+    as_of_ms: int | None
+    epoch: str | None
+    resets: int
+    restored: int
+    last_reset: StoreReset | None
+
+    @property
+    def known(self) -> bool:
+        """Whether the process holds the blocked ids whole."""
+        return self.source is not None
 
 
 class BlockedSet:
     """The blocked ids of every shard, kept in memory and refreshed in the background."""
 
     def __init__(
-        self, client: aioredis.Redis, keys: KeySchema, *, poll_interval: float = POLL_INTERVAL
+        self,
+        client: aioredis.Redis,
+        keys: KeySchema,
+        *,
+        poll_interval: float = POLL_INTERVAL,
+        restore: Restore | None = None,
+        clock: Callable[[], int] = wall_ms,
     ) -> None:
         self._client = client
         self._keys = keys
         self._poll_interval = poll_interval
+        self._restore = restore
+        self._clock = clock
         self._shards: list[frozenset[str]] = [frozenset()] * SHARDS
         self._versions: list[Any] = [object()] * SHARDS  # matches nothing: first poll reads all
+        self._source: Source | None = None
+        self._as_of_ms: int | None = None
+        self._epoch: str | None = None
+        self._resets = 0
+        self._restored = 0
+        self._last_reset: StoreReset | None = None
+        self._pending: list[str] | None = None  # ids still to block again after a reset
+        self._watchers: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._wake = asyncio.Event()
         self.synced = asyncio.Event()  # set after the first complete poll
 
     def __contains__(self, device_id: str) -> bool:
@@ -50,6 +139,64 @@ class BlockedSet:
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._shards)
+
+    @property
+    def known(self) -> bool:
+        """Whether the blocked ids are known whole (from Redis, the supervisor or a snapshot)."""
+        return self._source is not None
+
+    @property
+    def epoch(self) -> str | None:
+        """The epoch marker this process last saw in Redis (or was given)."""
+        return self._epoch
+
+    def ids(self) -> frozenset[str]:
+        """Every blocked id held."""
+        return frozenset().union(*self._shards)
+
+    def status(self) -> BlockedStatus:
+        """A consistent view of what this process knows."""
+        return BlockedStatus(
+            source=self._source,
+            count=len(self),
+            as_of_ms=self._as_of_ms,
+            epoch=self._epoch,
+            resets=self._resets,
+            restored=self._restored,
+            last_reset=self._last_reset,
+        )
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every change of the ids, the epoch, the source or a reset."""
+        self._watchers.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._watchers:
+            callback()
+
+    def seed(self, seed: BlockedSeed) -> None:
+        """Start from ids known elsewhere; ignored once Redis itself has been read."""
+        if self._source == "redis":
+            return
+        shards: list[set[str]] = [set() for _ in range(SHARDS)]
+        for device_id in seed.ids:
+            shards[shard_of(device_id)].add(device_id)
+        self._shards = [frozenset(s) for s in shards]
+        self._epoch = seed.epoch
+        self._source = seed.source
+        self._as_of_ms = seed.as_of_ms
+        self._changed()
+
+    def handover(self) -> BlockedSeed | None:
+        """What a worker started now should begin with; None while this process knows nothing."""
+        if self._source is None:
+            return None
+        return BlockedSeed(self.ids(), self._epoch, "supervisor", self._as_of_ms or self._clock())
+
+    def suspect_reset(self) -> None:
+        """Poll now rather than at the next interval: Redis answered as if it had lost the
+        gateway's data (no record for an id this process knows blocked)."""
+        self._wake.set()
 
     def start(self) -> None:
         """Start following Redis in the background."""
@@ -87,34 +234,135 @@ class BlockedSet:
             ids.add(device_id)
         else:
             ids.discard(device_id)
-        self._shards[shard] = frozenset(ids)
+        if ids != self._shards[shard]:
+            self._shards[shard] = frozenset(ids)
+            self._changed()
 
     async def poll(self) -> None:
-        """Read the shard versions; read again the blocked index of every shard that moved."""
+        """Read the epoch marker and the shard versions; read again every shard that moved."""
+        keys = self._keys
         async with asyncio.timeout(CALL_TIMEOUT):
             async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(keys.epoch)
                 for i in range(SHARDS):
-                    pipe.get(self._keys.shard(i).blocked_version)
-                versions = await pipe.execute()
-            moved = [i for i in range(SHARDS) if versions[i] != self._versions[i]]
-            if not moved:
-                return
+                    pipe.get(keys.shard(i).blocked_version)
+                replies = await pipe.execute()
+        read, versions = _text(replies[0]), replies[1:]
+        check = check_epoch(self._epoch, read)
+        if check is EpochCheck.LOST:
+            # The indexes this poll would read are empty or rebuilt: the set stays as it is.
+            await self._recover(read)
+            return
+        if check is EpochCheck.FIRST:
+            read = await self._claim_epoch()
+        changed = read != self._epoch
+        self._epoch = read
+        moved = [i for i in range(SHARDS) if versions[i] != self._versions[i]]
+        if moved:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for i in moved:
+                        pipe.zrange(keys.shard(i).blocked, 0, -1)
+                    pipe.get(keys.epoch)  # after the reads: were they of the same dataset?
+                    *members, again = await pipe.execute()
+            if _text(again) != self._epoch:
+                return  # flushed meanwhile: the next poll notices, with the set untouched
+            for i, raw in zip(moved, members, strict=True):
+                ids = frozenset(m if isinstance(m, str) else m.decode() for m in raw)
+                if ids != self._shards[i]:
+                    self._shards[i] = ids
+                    changed = True
+                self._versions[i] = versions[i]
+        if self._source != "redis":
+            self._source = "redis"
+            changed = True
+        self._as_of_ms = self._clock()
+        if changed:
+            self._changed()
+
+    async def _claim_epoch(self) -> str | None:
+        """Set a new epoch marker unless one exists (SET NX), and return the one Redis holds."""
+        async with asyncio.timeout(CALL_TIMEOUT):
             async with self._client.pipeline(transaction=False) as pipe:
-                for i in moved:
-                    pipe.zrange(self._keys.shard(i).blocked, 0, -1)
-                members = await pipe.execute()
-        for i, ids in zip(moved, members, strict=True):
-            self._shards[i] = frozenset(m if isinstance(m, str) else m.decode() for m in ids)
-            self._versions[i] = versions[i]
+                pipe.set(self._keys.epoch, new_epoch(), nx=True)
+                pipe.get(self._keys.epoch)
+                _, held = await pipe.execute()
+        return _text(held)
+
+    async def _recover(self, found: str | None) -> None:
+        """Redis lost the gateway's data: report it once, block the known ids again, move on.
+
+        Every process that follows the blocked ids notices the same loss and restores what it
+        knows: block.lua is idempotent (an id blocked twice keeps the first blocked_at of
+        this dataset), so the duplicates cost a little Redis time and nothing else.
+        """
+        if self._pending is None:
+            assert self._epoch is not None  # LOST means a remembered epoch
+            ids = sorted(self.ids())
+            self._resets += 1
+            restore = self._restore is not None
+            self._last_reset = StoreReset(
+                self._clock(), self._epoch, found, len(ids), restore, 0, False
+            )
+            self._pending = ids if restore else []
+            log.error(
+                "Redis lost the gateway's data (restarted without persistence, or flushed): "
+                "%d blocked ids known here, %s",
+                len(ids),
+                "blocking them again" if self._restore is not None
+                else "not restored (redis.restore_blocks is false)",
+                extra={"fields": {"epoch_expected": self._epoch, "epoch_found": found,
+                                  "blocked_known": len(ids)}},
+            )  # fmt: skip
+            self._changed()
+        try:
+            while self._pending:
+                assert self._restore is not None
+                chunk = self._pending[:RESTORE_CHUNK]
+                await self._restore(chunk)
+                del self._pending[: len(chunk)]
+                self._record_restored(len(chunk))
+            epoch = await self._claim_epoch()
+        except _FOLLOW_ERRORS as exc:
+            log.warning(
+                "restoring the blocked ids after the Redis reset failed, %d left; retrying: %s",
+                len(self._pending),
+                exc,
+            )
+            raise
+        reset = self._last_reset
+        assert reset is not None
+        self._pending = None
+        self._epoch = epoch
+        self._versions = [object()] * SHARDS  # read every shard again at the next poll
+        self._last_reset = dataclasses.replace(reset, done=True)
+        if self._restore is not None:
+            log.warning(
+                "blocked %d ids again after the Redis reset",
+                reset.restored,
+                extra={"fields": {"epoch": epoch}},
+            )
+        self._changed()
+
+    def _record_restored(self, count: int) -> None:
+        reset = self._last_reset
+        assert reset is not None
+        self._restored += count
+        self._last_reset = dataclasses.replace(reset, restored=reset.restored + count)
+        self._changed()
 
     async def _poll_forever(self) -> None:
         while not self._closing:
             try:
                 await self.poll()
                 self.synced.set()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _FOLLOW_ERRORS as exc:
                 log.debug("blocked-set poll failed: %r", exc)
-            await asyncio.sleep(self._poll_interval)
+            await asyncio.sleep(MIN_POLL_GAP)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval - MIN_POLL_GAP):
+                    await self._wake.wait()
+            self._wake.clear()
 
     async def _listen_forever(self) -> None:
         channel = self._keys.blocked_channel

@@ -16,6 +16,8 @@ they only ever come after the tag, and only the first `{...}` of a key is its ta
     <p>:{dNNN}:names        hash    id -> custom name (renamed devices only), for the name search
     <p>:{dNNN}:bver         string  version of the shard's blocked index, bumped by every change
     <p>:blocked             channel "b <id>" / "u <id>" on every block / unblock
+    <p>:epoch               string  a random token set once per Redis dataset: gone or changed,
+                                    Redis lost the gateway's data (gateway.store.epoch)
     <p>:{aNNN}:ip:<ip>      string  token bucket of an anonymous client address
     <p>:{aNNN}:reg:<ip>     string  budget of new devices of a client address
 """
@@ -110,6 +112,11 @@ class KeySchema:
             names=f"{tag}names",
             blocked_version=f"{tag}bver",
         )
+
+    @property
+    def epoch(self) -> str:
+        """The epoch marker: a random token that lives as long as the gateway's data in Redis."""
+        return f"{self.prefix}:epoch"
 
     @property
     def blocked_channel(self) -> str:
