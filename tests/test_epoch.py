@@ -14,7 +14,7 @@ CASES: dict[str, tuple[str | None, str | None, EpochCheck]] = {
     "another marker (lost, and another process already set a new one)": (
         "e1",
         "e2",
-        EpochCheck.LOST,
+        EpochCheck.REPLACED,
     ),
 }
 

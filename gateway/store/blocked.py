@@ -14,9 +14,10 @@ both `on_error` modes. The copy follows Redis two ways:
 The set *knows* the blocked ids once it holds them whole: from a complete poll ("redis"),
 or before Redis ever answered, from the supervisor of a worker ("supervisor") or a snapshot
 file ("snapshot", gateway.store.snapshot). Until then the data plane must not forward a
-request unenforced (gateway.enforce). When the epoch marker says Redis lost the gateway's
-data (gateway.store.epoch), the set is kept, not emptied by that poll, and, with
-`redis.restore_blocks`, every id in it is blocked again through block.lua.
+request unenforced (gateway.enforce). When the epoch marker is gone, Redis lost the
+gateway's data (gateway.store.epoch): the set is kept, not emptied by that poll, and, with
+`redis.restore_blocks`, every id in it is blocked again through block.lua. When it is
+another marker, another process handled the loss: the set follows Redis.
 """
 
 from __future__ import annotations
@@ -253,6 +254,8 @@ class BlockedSet:
             # The indexes this poll would read are empty or rebuilt: the set stays as it is.
             await self._recover(read)
             return
+        if check is EpochCheck.REPLACED:
+            self._replaced(read)
         if check is EpochCheck.FIRST:
             read = await self._claim_epoch()
         changed = read != self._epoch
@@ -279,6 +282,20 @@ class BlockedSet:
         self._as_of_ms = self._clock()
         if changed:
             self._changed()
+
+    def _replaced(self, found: str | None) -> None:
+        """Another process saw the loss first and marked the new dataset (and restored what
+        it knew): follow Redis, never what this process remembers, which may be old."""
+        assert self._epoch is not None  # REPLACED means a remembered epoch
+        self._resets += 1
+        self._last_reset = StoreReset(self._clock(), self._epoch, found, len(self), False, 0, True)
+        log.warning(
+            "Redis holds another dataset than this process remembers (lost and marked anew "
+            "by another process, or a different Redis): following it",
+            extra={"fields": {"epoch_expected": self._epoch, "epoch_found": found}},
+        )
+        self._versions = [object()] * SHARDS  # every shard is read again, below
+        self._changed()
 
     async def _claim_epoch(self) -> str | None:
         """Set a new epoch marker unless one exists (SET NX), and return the one Redis holds."""
