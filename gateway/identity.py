@@ -50,7 +50,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The data plane's rule in one pattern (the per-request fast path): visible ASCII but the
 # comma, and not exactly "." or "..". The admin API's rule for ids already stored is the
 # older one, any visible ASCII, so records made before the stricter rule stay manageable.
-_ID_OK: Final = re.compile(rf"(?!\.\.?\Z)[\x21-\x2b\x2d-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
+_ID_OK: Final = re.compile(rf"[\x21-\x2b\x2d-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
+_DOT_IDS: Final = frozenset({".", ".."})
 _ID_STORED: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
 # C0, DEL, C1, the Unicode line/paragraph separators (they break log lines just like \n),
 # and lone surrogates: aiohttp decodes header bytes with "surrogateescape", so invalid UTF-8
@@ -110,9 +111,9 @@ class IdentityReader:
         if len(ids) > 1:
             raise IdentityError(self._id_name, _REPEATED)
         device_id = ids[0]
-        problem = device_id_problem(device_id)
-        if problem is not None:
-            raise IdentityError(self._id_name, problem)
+        # The rule inline (a pattern and a set lookup): a call here costs every request.
+        if _ID_OK(device_id) is None or device_id in _DOT_IDS:
+            raise IdentityError(self._id_name, device_id_problem(device_id) or _ID_CHARS)
         values: list[str | None] = []
         for name, key in self._fields:
             found = headers.getall(key, _NONE)
@@ -142,7 +143,10 @@ def device_id_problem(device_id: str, *, stored: bool = False) -> str | None:
     The data plane's rule by default; `stored=True` is the older, wider rule (any 1 to 128
     visible ASCII characters) by which the admin API still addresses records already kept.
     """
-    if (_ID_STORED if stored else _ID_OK)(device_id) is not None:
+    if stored:
+        if _ID_STORED(device_id) is not None:
+            return None
+    elif _ID_OK(device_id) is not None and device_id not in _DOT_IDS:
         return None
     # The slow path, for the message only.
     if not device_id:

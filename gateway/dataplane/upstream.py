@@ -208,7 +208,9 @@ class UpstreamConnection(asyncio.Protocol):
                     break
             else:
                 chunked = any(
-                    n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
+                    # find(), not `in`: bytes.__contains__ first tries its argument as an
+                    # integer, raising and clearing a TypeError every time.
+                    n.lower() == b"transfer-encoding" and v.lower().find(b"chunked") >= 0
                     for n, v in self._headers
                 )
                 self._until_close = not chunked
@@ -285,7 +287,8 @@ class UpstreamPool:
             if now - conn.idle_since > IDLE_TIMEOUT:
                 transport.close()
                 continue
-            self._hold(conn, client)
+            conn.client = client
+            self._held[client] = held + 1
             return conn, True
         if self._open >= self._max:
             raise PoolExhausted("Upstream connection limit reached")
@@ -305,10 +308,6 @@ class UpstreamPool:
                 raise UpstreamUnreachable(f"cannot connect to the upstream: {exc!r}") from exc
             raise
         return conn, False
-
-    def _hold(self, conn: UpstreamConnection, client: str) -> None:
-        conn.client = client
-        self._held[client] = self._held.get(client, 0) + 1
 
     def _unhold(self, client: str) -> None:
         left = self._held[client] - 1

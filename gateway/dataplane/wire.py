@@ -43,6 +43,9 @@ _REQUEST_SKIP: Final = HOP_BY_HOP | _REQUEST_OWN
 _FORWARDING: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )
+# `95 in name` (the byte "_") is a memchr: `b"_" in name` first tries the argument as an
+# integer and raises and clears a TypeError inside bytes.__contains__ (1,800 instructions).
+_UNDERSCORE: Final = 95
 _PASSED_WHEN_TRUSTED: Final = frozenset(
     {b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )
@@ -132,7 +135,7 @@ def request_head(
                 lines.append(b": ".join(header))
                 passed = passed | {lower}
             continue
-        if b"_" in lower and _lookalike(lower, identity):
+        if _UNDERSCORE in lower and _lookalike(lower, identity):
             continue
         lines.append(b": ".join(header))  # one join costs less than two concatenations
     if named:
@@ -142,7 +145,7 @@ def request_head(
         del lines[2:]
         for header in headers:
             lower = header[0].lower()
-            if lower in named or (b"_" in lower and _lookalike(lower, identity)):
+            if lower in named or (_UNDERSCORE in lower and _lookalike(lower, identity)):
                 continue
             if lower not in _REQUEST_SKIP or (trusted and lower in _PASSED_WHEN_TRUSTED):
                 lines.append(b": ".join(header))
