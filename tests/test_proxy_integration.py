@@ -30,6 +30,7 @@ from yarl import URL
 
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
+from gateway.dataplane.upstream import PRUNE_AT, UpstreamPool
 from gateway.enforce import FORWARD, Verdict
 from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
@@ -1879,3 +1880,25 @@ async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused
     async with gw.http.get("/next") as resp:
         assert (resp.status, await resp.text()) == (200, "ok")
     assert connections == 2
+
+
+async def test_the_per_address_counts_stay_bounded(
+    start_raw_upstream: StartRawUpstream,
+) -> None:
+    # Every address ever seen would otherwise keep an entry: those holding nothing are
+    # dropped once PRUNE_AT addresses are counted.
+    async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    origin = await start_raw_upstream(idle)
+    pool = UpstreamPool(parse_config(f"upstream: {{url: '{origin}'}}", "test").upstream)
+    conn, reused = await pool.acquire("198.51.100.1")
+    assert not reused
+    pool.release(conn)
+    for i in range(3 * PRUNE_AT):
+        conn, reused = await pool.acquire(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        assert reused
+        pool.release(conn)
+    assert len(pool._held) <= PRUNE_AT + 1
+    assert pool.held_by("10.0.0.1") == 0
+    pool.close()

@@ -23,6 +23,7 @@ from gateway.errors import UpstreamError, UpstreamUnreachable
 IDLE_TIMEOUT: Final = 30.0  # seconds a pooled connection may sit unused before it is closed
 MAX_FIELD: Final = 8190  # one response header line, as for requests
 MAX_HEADERS: Final = 128
+PRUNE_AT: Final = 4096  # client addresses counted before those holding nothing are dropped
 
 
 class HeadTooLarge(Exception):
@@ -258,7 +259,9 @@ class UpstreamPool:
         self._per_client = settings.per_client_limit
         self._idle: list[UpstreamConnection] = []
         self._open = 0
-        self._held: dict[str, int] = {}  # connections each client address holds now
+        # Connections each client address holds now. An address's count stays at 0 when it
+        # holds none (no delete and insert per request); the zeros are dropped in bulk.
+        self._held: dict[str, int] = {}
 
     @property
     def open_connections(self) -> int:
@@ -275,6 +278,8 @@ class UpstreamPool:
         if not self._idle and self._open >= self._max:
             raise PoolExhausted("Upstream connection limit reached")
         held = self._held.get(client, 0)
+        if not held and len(self._held) >= PRUNE_AT:
+            self._held = {c: n for c, n in self._held.items() if n}
         if held >= self._per_client:
             # The pool has room, but this address holds its share of it already.
             raise ClientBusy("Too many concurrent requests from this address")
@@ -303,24 +308,17 @@ class UpstreamPool:
                 )
         except BaseException as exc:
             self._open -= 1
-            self._unhold(client)
+            self._held[client] -= 1
             if isinstance(exc, OSError | TimeoutError):
                 raise UpstreamUnreachable(f"cannot connect to the upstream: {exc!r}") from exc
             raise
         return conn, False
 
-    def _unhold(self, client: str) -> None:
-        left = self._held[client] - 1
-        if left:
-            self._held[client] = left
-        else:
-            del self._held[client]
-
     def _free(self, conn: UpstreamConnection) -> None:
         """The connection's request is over: its client holds one connection fewer."""
         client, conn.client = conn.client, None
         if client is not None:
-            self._unhold(client)
+            self._held[client] -= 1
 
     def release(self, conn: UpstreamConnection) -> None:
         """Give back a connection whose exchange finished cleanly."""
