@@ -112,7 +112,7 @@ class IdentityReader:
             raise IdentityError(self._id_name, _REPEATED)
         device_id = ids[0]
         # The rule inline (a pattern and a set lookup): a call here costs every request.
-        if _ID_OK(device_id) is None or device_id in _DOT_IDS:
+        if _ID_OK(device_id) is None or (len(device_id) <= 2 and device_id in _DOT_IDS):
             raise IdentityError(self._id_name, device_id_problem(device_id) or _ID_CHARS)
         values: list[str | None] = []
         for name, key in self._fields:
