@@ -73,7 +73,7 @@ class Verdict:
         self.client = client
 
 
-class Decider(Protocol):
+class Enforcement(Protocol):
     """What the data plane asks of every request (the Enforcer, or a test's stand-in)."""
 
     async def check(

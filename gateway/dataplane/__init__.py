@@ -15,7 +15,7 @@ import os
 import socket
 from typing import Final
 
-from gateway.dataplane.connection import DataPlane
+from gateway.dataplane.plane import DataPlane
 
 __all__ = ["DataPlane", "start_public"]
 

@@ -1,10 +1,17 @@
-"""One request's life: verdict, upstream attempt(s), both bodies streamed, its log line.
+"""One request's life: verdict, upstream attempt(s), both bodies moved, its report.
+
+An exchange sees two things only: `Forwarding`, what every exchange of the process shares
+(the verdicts, the upstream pool, the limits, the loop), and its `ClientSide`, the client
+connection it answers on. It reports back by calling `ClientSide.exchange_done` with
+itself, whose result fields (status, decision, device id, timings, whether the connection
+may go on) the connection logs and acts on.
 
 Events come from two protocols: the client connection (request body) and the upstream
-connection (response head, body, end, failure). Writes to the client produced by one
-upstream read are gathered and sent in one `transport.write`. Flow control runs both ways:
-a full client socket pauses the upstream read, a full upstream socket pauses the client
-read. Every answer the gateway makes itself is the JSON envelope.
+connection (response head, body, end, failure; this is its `ResponseSink`). Writes to the
+client produced by one upstream read are gathered and sent in one write. Flow control runs
+both ways: a full client socket pauses the upstream's reading, a full upstream socket
+pauses the client's reading (or the sending of a buffered body). Every answer the gateway
+makes itself comes from gateway.answers, in the JSON envelope.
 """
 
 from __future__ import annotations
@@ -12,29 +19,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from gateway import answers
+from gateway.answers import Answer
 from gateway.dataplane import wire
 from gateway.dataplane.body import BodyBuffer
-from gateway.dataplane.upstream import NO_BODY, ClientBusy, PoolExhausted, UpstreamConnection
-from gateway.enforce import FORWARD, Verdict
+from gateway.dataplane.forwarding import Forwarding
+from gateway.dataplane.upload import Upload
+from gateway.dataplane.upstream import (
+    NO_BODY,
+    ClientBusy,
+    PoolExhausted,
+    ResponseSink,
+    UpstreamConnection,
+)
+from gateway.enforce import FORWARD
 from gateway.errors import UpstreamError, UpstreamUnreachable
 from gateway.identity import FieldValues
-from gateway.responses import REASON_BODY_TOO_LARGE
-
-if TYPE_CHECKING:
-    from gateway.dataplane.connection import ClientConnection
 
 log = logging.getLogger("gateway.dataplane")
-
-REASON_UNREACHABLE: Final = "Upstream unreachable"
-REASON_TIMED_OUT: Final = "Upstream timed out"
-REASON_BAD_RESPONSE: Final = "Invalid upstream response"
-REASON_BUSY: Final = "Upstream connection limit reached"
-REASON_CLIENT_BUSY: Final = "Too many concurrent requests from this address"
-REASON_NO_BUFFER: Final = "Cannot buffer the request body"
-REASON_INTERNAL: Final = "Internal error"
-REASON_BODY_TIMEOUT: Final = "Request body timeout"
 
 # Requests sent again on a new connection when a reused one closed before a byte of the
 # answer (the upstream had closed it while idle; a keep-alive race): the safe methods (RFC
@@ -42,58 +46,53 @@ REASON_BODY_TIMEOUT: Final = "Request body timeout"
 # net/http decides. PUT and DELETE are idempotent but may have been acted on already.
 SAFE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 IDEMPOTENCY_KEYS: Final = frozenset({b"idempotency-key", b"x-idempotency-key"})
-BUFFER_LIMIT: Final = 1 << 20  # request body held while the verdict is pending; then pause
-NOT_SENDING: Final = -1
+BUFFER_LIMIT: Final = 1 << 20  # request body held before the verdict or an upstream; then pause
+_BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
-class Exchange:
+class ClientSide(asyncio.Protocol):
+    """The client connection as its exchanges see it (gateway.dataplane.connection is the
+    one implementation): a base class, not a typing.Protocol, so that compiled calls
+    dispatch natively."""
+
+    def __init__(self) -> None:
+        self.peer: str | None = None
+        self.peer_bytes = b"unknown"
+        self.peer_trusted = False  # a trusted proxy: its forwarding headers are passed on
+
+    @property
+    def closing(self) -> bool:
+        """True once the connection will close after the answer in progress."""
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Cut the connection (a broken answer must never look complete)."""
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        """Stop reading the client."""
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        """Read the client again."""
+        raise NotImplementedError
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """Called once per exchange when its answer is complete (or given up)."""
+        raise NotImplementedError
+
+
+class Exchange(ResponseSink):
     """One request from head to the end of its answer."""
-
-    __slots__ = (
-        "_body",
-        "_body_bytes",
-        "_buffer",
-        "_buffered",
-        "_deadline",
-        "_decided",
-        "_last_io",
-        "_out",
-        "_out_chunked",
-        "_refusal",
-        "_retried",
-        "_reused",
-        "_send_offset",
-        "_sent_body",
-        "_settled",
-        "_upload_paused",
-        "_upstream",
-        "body_done",
-        "chunked",
-        "client",
-        "conn",
-        "content_length",
-        "decision",
-        "device_id",
-        "expect_continue",
-        "fields",
-        "finished",
-        "head_started",
-        "headers",
-        "http11",
-        "keep_alive",
-        "method",
-        "stalled",
-        "started",
-        "status",
-        "target",
-        "task",
-        "upstream_started",
-        "verdict_headers",
-    )  # fmt: skip
 
     def __init__(
         self,
-        conn: ClientConnection,
+        fwd: Forwarding,
+        client: ClientSide,
         method: bytes,
         target: bytes,
         headers: wire.RawHeaders,
@@ -105,43 +104,43 @@ class Exchange:
         chunked: bool,
         expect_continue: bool,
     ) -> None:
-        self.conn = conn
-        self.http11 = http11
+        self._fwd = fwd
+        self._client = client
         self.method = method
         self.target = target
         self.headers = headers
         self.fields = fields
-        self.keep_alive = keep_alive
+        self.http11 = http11
         self.content_length = content_length
         self.chunked = chunked
         self.expect_continue = expect_continue
         self.body_done = content_length in (None, 0) and not chunked
-        plane = conn.plane
-        # With request buffering the body is read whole before an upstream is taken.
-        self._body: BodyBuffer | None = (
-            BodyBuffer(plane.buffer_memory_bytes, plane.buffer_dir)
-            if plane.request_buffering and not self.body_done
-            else None
-        )
-        self._send_offset = NOT_SENDING  # where the buffered body's file is being sent from
-        self._upload_paused = False
-        self._decided = False  # the verdict said forward
-        self.client = ""
+        # The body's way upstream, when there is one: buffered whole first, or streamed.
+        self._upload: Upload | None = None
+        if not self.body_done:
+            buffer = (
+                BodyBuffer(fwd.buffer_memory_bytes, fwd.buffer_dir)
+                if fwd.request_buffering
+                else None
+            )
+            self._upload = Upload(content_length, chunked, buffer)
         self._body_bytes = 0
-        self._buffer: list[bytes] = []
-        self._buffered = 0
         self._upstream: UpstreamConnection | None = None
         self._settled = False  # the current upstream attempt ended (answered, failed, cut)
         self._reused = False
         self._retried = False
-        self._refusal: tuple[int, str] | None = None  # given up before its turn came
-        self._sent_body = False
+        self._decided = False  # the verdict said forward
+        self._refusal: Answer | None = None  # given up before its turn came
         self._out: list[bytes] = []
         self._out_chunked = False
         self._deadline: asyncio.TimerHandle | None = None
         self._last_io = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.client_address = ""  # the address the verdict accounts the request to
         self.head_started = False
-        self.stalled = False
+        # -- the report the connection reads once exchange_done is called
+        self.keep_alive = keep_alive  # the connection may serve another request after it
+        self.stalled = False  # the request body will never be read to its end
         self.finished = False
         self.status = 0
         self.decision = "-"
@@ -149,9 +148,23 @@ class Exchange:
         self.verdict_headers: dict[str, str] | None = None
         self.started = time.perf_counter()
         self.upstream_started: float | None = None
-        self.task: asyncio.Task[None] | None = None
 
     # -- the request's course ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Its turn has come (the requests before it on the connection are answered)."""
+        loop = self._fwd.loop or asyncio.get_running_loop()
+        self._task = loop.create_task(self.run())
+
+    @property
+    def started_running(self) -> bool:
+        """The exchange has been started (its turn came)."""
+        return self._task is not None or self.finished
+
+    @property
+    def awaiting_body(self) -> bool:
+        """Its request body is still coming in (the body timeout applies)."""
+        return not self.body_done and not self.finished
 
     async def run(self, retry: bool = False) -> None:
         """Decide, then send the request upstream (`retry`: send it again, decided already).
@@ -161,31 +174,30 @@ class Exchange:
         """
         try:
             if self._refusal is not None:
-                self.answer(*self._refusal)  # its body broke while it waited its turn
+                self.answer(self._refusal)  # its body broke while it waited its turn
                 return
             if not retry:
-                verdict = await self.conn.plane.enforcer.check(
-                    self.method.decode("latin-1"),
-                    self.fields,
-                    self.conn.peer,
-                    self.content_length,
+                client = self._client
+                verdict = await self._fwd.enforcer.check(
+                    self.method.decode("latin-1"), self.fields, client.peer, self.content_length
                 )
                 self.decision = verdict.decision
                 self.device_id = verdict.device_id
                 if self.finished:
                     return  # answered meanwhile (body over the limit)
                 if verdict.status != FORWARD:
-                    self._answer_verdict(verdict)
+                    self.answer(Answer(verdict.status, verdict.reason), verdict.headers)
                     return
                 self.verdict_headers = verdict.headers
-                self.client = verdict.client
+                self.client_address = verdict.client
                 self._decided = True
-                if self._body is not None and not self.body_done:
+                upload = self._upload
+                if upload is not None and upload.buffered and not self.body_done:
                     # Buffered: the rest of the body first; request_end() sends it on.
                     if self.expect_continue:
                         self.expect_continue = False
-                        self.conn.write(wire.CONTINUE)
-                    self.conn.resume_reading()
+                        client.write(wire.CONTINUE)
+                    client.resume_reading()
                     return
                 self.upstream_started = time.perf_counter()
             await self._forward()
@@ -195,186 +207,150 @@ class Exchange:
         except Exception:
             log.exception("unexpected error in %s %r", self.method, self.target)
             if self.head_started:
-                self.conn.abort()  # never a complete-looking answer after a failure
+                self._client.abort()  # never a complete-looking answer after a failure
                 self._finish()
             else:
-                self.answer(500, REASON_INTERNAL)
-
-    def _answer_verdict(self, verdict: Verdict) -> None:
-        self.answer(verdict.status, verdict.reason, verdict.headers)
+                self.answer(answers.INTERNAL)
 
     async def _forward(self) -> None:
         """One upstream attempt: a connection, then the request head and what body is here."""
-        plane = self.conn.plane
+        fwd, client = self._fwd, self._client
         try:
-            upstream, self._reused = await plane.pool.acquire(self.client)
+            upstream, self._reused = await fwd.pool.acquire(self.client_address)
         except ClientBusy:
             self.decision = "client_busy"
-            self.answer(429, REASON_CLIENT_BUSY, self.verdict_headers, retry_after=True)
+            self.answer(answers.CLIENT_BUSY, self.verdict_headers, retry_after=True)
             return
         except PoolExhausted:
-            self.answer(503, REASON_BUSY, self.verdict_headers, retry_after=True)
+            self.answer(answers.POOL_BUSY, self.verdict_headers, retry_after=True)
             return
         except UpstreamUnreachable as exc:
             log.warning("upstream unreachable: %s", exc)
-            self.answer(502, REASON_UNREACHABLE, self.verdict_headers)
+            self.answer(answers.UNREACHABLE, self.verdict_headers)
             return
         if self.finished:
-            plane.pool.release(upstream)
+            fwd.pool.release(upstream)
             return
-        loop = self.conn.loop
+        loop = fwd.loop or asyncio.get_running_loop()
         self._settled = False
         self._upstream = upstream
         upstream.begin(self, head_request=self.method == b"HEAD")
-        body = self._body
-        content_length = self.content_length if body is None else body.size
-        chunked = self.chunked and content_length is None
-        if content_length is None and not chunked and self.method in _BODY_METHODS:
-            content_length = 0  # many origins answer 411 to a POST without a length
+        upload = self._upload
+        if upload is not None:
+            content_length, chunked = upload.framing()
+        else:
+            # Many origins answer 411 to a POST without a length.
+            content_length, chunked = (0 if self.method in _BODY_METHODS else None), False
         head = wire.request_head(
             self.method,
             self.target,
             self.headers,
-            host=plane.pool.host_header,
-            peer=self.conn.peer_bytes,
+            host=fwd.pool.host_header,
+            peer=client.peer_bytes,
             scheme=b"http",
-            preserve_host=plane.preserve_host,
+            preserve_host=fwd.preserve_host,
             content_length=content_length,
             chunked=chunked,
-            trusted=self.conn.peer_trusted,
-            identity=plane.identity_names,
+            trusted=client.peer_trusted,
+            identity=fwd.identity_names,
         )
         self._last_io = loop.time()
-        self._deadline = loop.call_at(self._last_io + plane.timeout, self._on_deadline)
-        if body is not None:
-            # Buffered: a Content-Length (a chunked upload is re-framed), then the body.
-            self._sent_body = body.size > 0
-            if body.in_memory:
-                upstream.write(head + body.memory())
-            else:
-                upstream.write(head)
-                self._send_offset = 0
-                self._upload_paused = False
-                self._pump()
+        self._deadline = loop.call_at(self._last_io + fwd.timeout, self._on_deadline)
+        if upload is None:
+            upstream.write(head)
+            client.resume_reading()
             return
-        parts = [head]
-        for piece in self._buffer:
-            parts.append(wire.chunk(piece) if chunked else piece)
-        self._sent_body = bool(self._buffer)
-        self._buffer = []
-        self._buffered = 0
-        if self.body_done and chunked:
-            parts.append(wire.LAST_CHUNK)
-        upstream.write(b"".join(parts))
-        if self.expect_continue and not self.body_done:
-            self.expect_continue = False
-            self.conn.write(wire.CONTINUE)
-        self.conn.resume_reading()
-
-    def _pump(self) -> None:
-        """Send the buffered body's file on while the upstream's socket takes it."""
-        body, upstream = self._body, self._upstream
-        if body is None or upstream is None:
+        try:
+            upload.start(upstream, head)
+        except OSError as exc:
+            log.error("request body buffer unreadable: %r", exc)
+            self._give_up_body(answers.INTERNAL)
             return
-        while self._send_offset != NOT_SENDING and not self._upload_paused:
-            try:
-                data = body.read(self._send_offset)
-            except OSError as exc:
-                log.error("request body buffer unreadable: %r", exc)
-                self._give_up_body(500, REASON_INTERNAL)
-                return
-            if not data:
-                self._send_offset = NOT_SENDING
-                return
-            self._send_offset += len(data)
-            upstream.write(data)  # may call pause_upload() before it returns
-            self._last_io = self.conn.loop.time()
+        if not upload.buffered:
+            if self.expect_continue and not self.body_done:
+                self.expect_continue = False
+                client.write(wire.CONTINUE)
+            client.resume_reading()
 
     # -- client events -------------------------------------------------------------------
 
     def request_body(self, data: bytes) -> None:
         """A piece of the request body arrived from the client."""
-        if self.finished:
+        upload = self._upload
+        if self.finished or upload is None:
             return  # answered already; the connection closes after the answer
         self._body_bytes += len(data)
-        if self._body_bytes > self.conn.plane.max_body:
-            self._body_over_limit()
+        if self._body_bytes > self._fwd.max_body:
+            self._give_up_body(answers.BODY_TOO_LARGE)  # never complete upstream
             return
-        body = self._body
-        if body is not None:
-            try:
-                body.append(data)
-            except OSError as exc:  # the temporary file's disk is full, say
-                log.error("cannot buffer a request body: %r", exc)
-                self._give_up_body(503, REASON_NO_BUFFER)
-                return
-            if not self._decided and body.size > BUFFER_LIMIT:
-                self.conn.pause_reading()  # the verdict may still refuse it
+        try:
+            upload.take(data)
+        except OSError as exc:  # the temporary file's disk is full, say
+            log.error("cannot buffer a request body: %r", exc)
+            self._give_up_body(answers.NO_BUFFER)
             return
-        upstream = self._upstream
-        if upstream is not None:
-            self._sent_body = True
-            framed = self.chunked and self.content_length is None
-            upstream.write(wire.chunk(data) if framed else data)
-        elif not self.finished:
-            self._buffer.append(data)
-            self._buffered += len(data)
-            if self._buffered > BUFFER_LIMIT:
-                self.conn.pause_reading()
+        if upload.held > BUFFER_LIMIT and not (upload.buffered and self._decided):
+            # Held before the verdict (which may refuse it) or before an upstream is ready.
+            self._client.pause_reading()
 
     def request_end(self) -> None:
         """The request body is complete."""
         self.body_done = True
-        if self._body is not None:
-            if self._decided and not self.finished and self._upstream is None:
-                self.upstream_started = time.perf_counter()
-                self.task = self.conn.loop.create_task(self.run(retry=True))
+        upload = self._upload
+        if upload is None:
             return
-        upstream = self._upstream
-        if upstream is not None and self.chunked and self.content_length is None:
-            upstream.write(wire.LAST_CHUNK)
+        upload.finish()
+        if upload.buffered and self._decided and not self.finished and self._upstream is None:
+            self.upstream_started = time.perf_counter()
+            loop = self._fwd.loop or asyncio.get_running_loop()
+            self._task = loop.create_task(self.run(retry=True))
 
-    def _body_over_limit(self) -> None:
-        """Cut the body: the upstream never sees a complete over-limit request."""
-        self._give_up_body(413, REASON_BODY_TOO_LARGE)
-
-    def body_broken(self, status: int, reason: str) -> None:
+    def body_broken(self, answer: Answer) -> None:
         """The request could not be read to its end: the upstream never sees it complete."""
         self.stalled = True  # the parser is done with this connection: close, no lingering
-        self._give_up_body(status, reason)
+        self._give_up_body(answer)
 
     def body_stalled(self) -> None:
         """The client stopped sending its body: the upstream never sees it complete."""
         self.stalled = True  # nothing more is coming: close without lingering
-        self._give_up_body(408, REASON_BODY_TIMEOUT)
+        self._give_up_body(answers.BODY_TIMEOUT)
 
-    def _give_up_body(self, status: int, reason: str) -> None:
+    def _give_up_body(self, answer: Answer) -> None:
         self.keep_alive = False
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            upstream.abort()
-        if self.task is None and not self.finished:
+        self._drop_upstream()
+        if not self.started_running:
             # A pipelined request whose turn has not come: answered when it does, so the
             # answers before it are not interleaved with this one.
-            self._refusal = (status, reason)
+            self._refusal = answer
             return
         if not self.head_started:
-            self.answer(status, reason, self.verdict_headers)
+            self.answer(answer, self.verdict_headers)
         else:
-            self.conn.abort()
-        self._settle()
+            self._client.abort()
+        self._settled = True
 
     def client_lost(self) -> None:
         """The client went away: drop the upstream side (an upload stays incomplete)."""
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            upstream.abort()
+        self._drop_upstream()
         if self.status == 0:
             self.status = 499
-        self._settle()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        self._settled = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
         self._finish()
+
+    def pause_download(self) -> None:
+        """The client's socket is full: stop reading the upstream."""
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.pause_reading()
+
+    def resume_download(self) -> None:
+        """The client's socket drained."""
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.resume_reading()
 
     # -- upstream events (ResponseSink) ----------------------------------------------------
 
@@ -383,7 +359,7 @@ class Exchange:
     ) -> None:
         """Start the answer: the upstream's head, the gateway's framing, rate-limit headers."""
         self.head_started = True
-        if self.conn.closing or not self.body_done:
+        if self._client.closing or not self.body_done:
             # Shutting down, or the upstream answered before the upload ended (the rest of
             # it is not forwarded): tell the client this connection ends with the answer.
             self.keep_alive = False
@@ -425,36 +401,40 @@ class Exchange:
         if self._out_chunked:
             self._out.append(wire.LAST_CHUNK)
         upstream, self._upstream = self._upstream, None
+        upload = self._upload
         if upstream is not None:
             # Reused only once the whole request went out: an upstream that answered
             # before taking the rest of a body would read the next request as its tail.
-            if reusable and self.body_done and self._send_offset == NOT_SENDING:
-                self.conn.plane.pool.release(upstream)
+            if reusable and self.body_done and (upload is None or upload.all_sent):
+                self._fwd.pool.release(upstream)
             else:
                 upstream.abort()
-        self._send_offset = NOT_SENDING
-        self._settle()
+        if upload is not None:
+            upload.detach()
+        self._settled = True
 
     def on_upstream_flush(self) -> None:
         """Send what one upstream read produced, in one write."""
         if self._out:
-            self.conn.write(b"".join(self._out))
+            self._client.write(b"".join(self._out))
             self._out = []
-            self._last_io = self.conn.loop.time()
+            self._last_io = (self._fwd.loop or asyncio.get_running_loop()).time()
         if self._settled:
             self._finish()
 
     def on_upstream_failed(self, exc: BaseException, *, unanswered: bool) -> None:
         """The upstream connection broke or sent nonsense."""
         self._upstream = None
+        if self._upload is not None:
+            self._upload.detach()
         if self.finished:
             return
         if self.head_started:
             # The status line is out: the only honest signal left is a cut connection.
             log.warning("upstream broke mid-response: %r", exc)
             self._out = []
-            self.conn.abort()
-            self._settle()
+            self._client.abort()
+            self._settled = True
             self._finish()
             return
         if unanswered and self._reused and not self._retried and self._replayable():
@@ -462,49 +442,43 @@ class Exchange:
             # or partial answer is never a reason to send the request again.
             self._retried = True
             self._cancel_deadline()
-            self.task = self.conn.loop.create_task(self.run(retry=True))
+            loop = self._fwd.loop or asyncio.get_running_loop()
+            self._task = loop.create_task(self.run(retry=True))
             return
         parse_error = not isinstance(exc, OSError | UpstreamError)
         log.warning("upstream failed: %r", exc)
-        self.answer(502, REASON_BAD_RESPONSE if parse_error else REASON_UNREACHABLE,
+        self.answer(answers.BAD_RESPONSE if parse_error else answers.UNREACHABLE,
                     self.verdict_headers)  # fmt: skip
 
     def _replayable(self) -> bool:
         """May this request be sent a second time? Safe (or keyed), and its body, if any,
         still at hand (buffered)."""
-        if not self.body_done or (self._sent_body and self._body is None):
+        upload = self._upload
+        if not self.body_done or (upload is not None and not upload.replayable):
             return False
         if self.method in SAFE:
             return True
         return any(name.lower() in IDEMPOTENCY_KEYS for name, _ in self.headers)
 
     def pause_upload(self) -> None:
-        """The upstream's socket is full: stop sending the buffered body, or reading the
-        client's."""
-        if self._body is not None:
-            self._upload_paused = True
-        else:
-            self.conn.pause_reading()
+        """The upstream's socket is full: stop reading the client (a streamed body; a
+        buffered one waits in its upload, which the connection's flow control holds)."""
+        upload = self._upload
+        if upload is None or not upload.buffered:
+            self._client.pause_reading()
 
     def resume_upload(self) -> None:
         """The upstream's socket drained."""
-        if self._body is not None:
-            self._upload_paused = False
-            self._pump()
-        else:
-            self.conn.resume_reading()
-
-    def pause_download(self) -> None:
-        """The client's socket is full: stop reading the upstream."""
-        upstream = self._upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.pause_reading()
-
-    def resume_download(self) -> None:
-        """The client's socket drained."""
-        upstream = self._upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.resume_reading()
+        upload = self._upload
+        if upload is None or not upload.buffered:
+            self._client.resume_reading()
+            return
+        try:
+            if upload.pump():
+                self._last_io = (self._fwd.loop or asyncio.get_running_loop()).time()
+        except OSError as exc:
+            log.error("request body buffer unreadable: %r", exc)
+            self._give_up_body(answers.INTERNAL)
 
     # -- deadlines -----------------------------------------------------------------------
 
@@ -513,35 +487,40 @@ class Exchange:
         self._deadline = None
         if self.finished or self._upstream is None:
             return
-        loop = self.conn.loop
-        timeout = self.conn.plane.timeout
+        loop = self._fwd.loop or asyncio.get_running_loop()
+        timeout = self._fwd.timeout
         if self.head_started:
             due = self._last_io + timeout
             if loop.time() < due:
                 self._deadline = loop.call_at(due, self._on_deadline)
                 return
             log.warning("upstream silent for %.1f s mid-response", timeout)
-            upstream, self._upstream = self._upstream, None
-            upstream.abort()
-            self.conn.abort()
-            self._settle()
+            self._drop_upstream()
+            self._client.abort()
+            self._settled = True
             self._finish()
             return
-        upstream, self._upstream = self._upstream, None
-        upstream.abort()
-        self.answer(504, REASON_TIMED_OUT, self.verdict_headers)
+        self._drop_upstream()
+        self.answer(answers.TIMED_OUT, self.verdict_headers)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
+    def _drop_upstream(self) -> None:
+        """Abort the upstream attempt in progress (its request never completes there)."""
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        if self._upload is not None:
+            self._upload.detach()
+
     # -- answers and the end -------------------------------------------------------------
 
     def answer(
         self,
-        status: int,
-        reason: str,
+        answer: Answer,
         extra: dict[str, str] | None = None,
         *,
         retry_after: bool = False,
@@ -549,41 +528,36 @@ class Exchange:
         """Send an envelope answer of the gateway's own and end the exchange."""
         if self.finished or self.head_started:
             return
-        if not self.body_done or self.conn.closing:
+        client = self._client
+        if not self.body_done or client.closing:
             self.keep_alive = False  # the rest of the body is unread, or we are stopping
         if retry_after:
             extra = {**(extra or {}), "Retry-After": "1"}
-        self.status = status
+        self.status = answer.status
         self.head_started = True
-        self.conn.write(
+        client.write(
             wire.envelope_answer(
-                status,
-                reason,
+                answer.status,
+                answer.reason,
                 extra,
                 keep_alive=self.keep_alive,
                 http11=self.http11,
-                date=self.conn.plane.date(),
+                date=self._fwd.date(),
                 head_only=self.method == b"HEAD",
             )
         )
-        self._settle()
+        self._settled = True
         self._finish()
 
-    def _settle(self) -> None:
-        self._settled = True
-
     def _finish(self) -> None:
-        """Log once, then let the connection go on to its next request (or close)."""
+        """Report once, then let the connection go on to its next request (or close)."""
         if self.finished:
             return
         self.finished = True
         self._cancel_deadline()
-        if self._body is not None:
-            self._body.close()
+        if self._upload is not None:
+            self._upload.close()
         # The task's coroutine holds this exchange: drop the task, or the pair is a cycle
         # that only the cyclic collector frees (refcounting frees it now).
-        self.task = None
-        self.conn.exchange_done(self)
-
-
-_BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+        self._task = None
+        self._client.exchange_done(self)

@@ -1,9 +1,11 @@
 """The upstream side: a pool of keep-alive connections, responses parsed by llhttp.
 
 A connection serves one exchange at a time. Response events go to the exchange that holds
-it (`ResponseSink`); when the response is complete and both sides allow it, the connection
-returns to the pool. Bytes that arrive on an idle connection mean it cannot be trusted any
-more (a desynchronised or misbehaving upstream): it is dropped.
+it (a `ResponseSink`); when the response is complete and both sides allow it, the
+connection returns to the pool. Bytes that arrive on an idle connection mean it cannot be
+trusted any more (a desynchronised or misbehaving upstream): it is dropped. The pool opens
+connections on the loop it is given (the data plane's), so it can be driven without
+sockets.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import Final, Protocol
+from typing import Final
 
 import httptools
 from yarl import URL
 
 from gateway.config import UpstreamSettings
+from gateway.dataplane.flow import FlowControl
 from gateway.dataplane.wire import RawHeaders
 from gateway.errors import UpstreamError, UpstreamUnreachable
 
@@ -42,32 +45,41 @@ class ClientBusy(UpstreamError):
     status = 429
 
 
-class ResponseSink(Protocol):
-    """What an exchange does with the events of its upstream response."""
+class ResponseSink:
+    """What receives the events of an upstream response (the exchange that holds the
+    connection). A base class rather than a typing.Protocol: compiled, its calls dispatch
+    natively."""
 
     def on_response_head(
         self, status: int, reason: bytes, headers: RawHeaders, framing: int | None
     ) -> None:
         """The head arrived. `framing`: Content-Length, or -1 chunked/until close, or None."""
+        raise NotImplementedError
 
     def on_response_body(self, data: bytes) -> None:
         """A piece of the body arrived."""
+        raise NotImplementedError
 
     def on_response_end(self, reusable: bool) -> None:
         """The response is complete."""
+        raise NotImplementedError
 
     def on_upstream_failed(self, exc: BaseException, *, unanswered: bool) -> None:
         """The connection failed or sent something unparsable. `unanswered`: it closed
         before a single byte of an answer arrived (the only case a retry may follow)."""
+        raise NotImplementedError
 
     def on_upstream_flush(self) -> None:
         """One read from the socket was handled: send what it produced."""
+        raise NotImplementedError
 
     def pause_upload(self) -> None:
-        """The upstream's socket buffer is full: stop reading the client's body."""
+        """The upstream's socket buffer is full: stop sending the request's body."""
+        raise NotImplementedError
 
     def resume_upload(self) -> None:
         """The upstream's socket buffer drained."""
+        raise NotImplementedError
 
 
 NO_BODY: Final = None
@@ -78,12 +90,13 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream origin."""
 
     __slots__ = ("_head_request", "_headers", "_in_head", "_informational", "_line_bytes",
-                 "_parser", "_pool", "_reason", "_received", "_until_close", "client",
+                 "_parser", "_pool", "_reason", "_received", "_until_close", "client", "flow",
                  "idle_since", "sink", "transport")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool, client: str | None = None) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
         self.sink: ResponseSink | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._headers: RawHeaders = []
@@ -126,6 +139,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow = FlowControl(self.transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -169,12 +183,26 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def pause_writing(self) -> None:
+        if self.flow is not None:
+            self.flow.pause_writing()
         if self.sink is not None:
             self.sink.pause_upload()
 
     def resume_writing(self) -> None:
+        if self.flow is not None:
+            self.flow.resume_writing()
         if self.sink is not None:
             self.sink.resume_upload()
+
+    def pause_reading(self) -> None:
+        """Stop reading the answer (the client's socket is full)."""
+        if self.flow is not None:
+            self.flow.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the answer again."""
+        if self.flow is not None:
+            self.flow.resume_reading()
 
     # -- llhttp callbacks ----------------------------------------------------------------
 
@@ -246,7 +274,9 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to the one upstream origin, at most `max_connections`."""
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(
+        self, settings: UpstreamSettings, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         url = URL(settings.url)
         self.host = url.host or "127.0.0.1"
         self.port = url.port or (443 if url.scheme == "https" else 80)
@@ -262,6 +292,7 @@ class UpstreamPool:
         # Connections each client address holds now. An address's count stays at 0 when it
         # holds none (no delete and insert per request); the zeros are dropped in bulk.
         self._held: dict[str, int] = {}
+        self.loop = loop  # the data plane binds its loop; else the running one
 
     @property
     def open_connections(self) -> int:
@@ -299,7 +330,7 @@ class UpstreamPool:
             raise PoolExhausted("Upstream connection limit reached")
         self._open += 1
         self._held[client] = held + 1  # counted while it connects, too
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 # Made holding its client: lost at once, it still gives the count back.
