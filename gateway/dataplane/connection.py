@@ -8,6 +8,11 @@ order; a pipelined request waits for the one before it (reading pauses past a fe
 `Connections` is what the client connections of one process share (the limits, the set of
 open connections, the access log, and the `Forwarding` their exchanges see);
 gateway.dataplane.plane builds it and runs the deadlines' sweep over it.
+
+About 510 lines, on purpose: the llhttp callbacks and the connection's own states (the
+head deadline, the pipelining queue, the half-close, the lingering close, the refusals)
+read and write the same fields. The exchange (one request), the flow control and the
+answers' texts live in their own modules.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import httptools
 from gateway import answers
 from gateway.answers import Answer
 from gateway.dataplane import wire
-from gateway.dataplane.exchange import ClientSide, Exchange
+from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.flow import FlowControl
 from gateway.dataplane.forwarding import Forwarding
+from gateway.dataplane.sides import ClientSide, ExchangeReport
 from gateway.identity import FieldValues, IPNetwork, peer_is_trusted
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics
@@ -98,7 +104,7 @@ class Connections:
         min(idle, key=lambda c: c.idle_since).close_when_idle()
         return True
 
-    def log_exchange(self, ex: Exchange, remote: str | None) -> None:
+    def log_exchange(self, ex: ExchangeReport, remote: str | None) -> None:
         """Count the finished exchange and write its access-log line."""
         self.metrics.observe(ex.decision, ex.status)
         if not self.access_log or not self.access_logger.isEnabledFor(logging.INFO):
@@ -393,20 +399,24 @@ class ClientConnection(ClientSide):
         if flow is not None and flow.write_paused:
             ex.pause_download()
 
-    def exchange_done(self, ex: Exchange) -> None:
+    def exchange_done(self, report: ExchangeReport) -> None:
         """Called once per exchange when its answer is complete (or given up): logs its
         report, then serves the next request, closes, or waits idle."""
-        self.hub.log_exchange(ex, self.peer)
-        if self._queue and self._queue[0] is ex:
-            self._queue.popleft()
-        elif ex in self._queue:
-            self._queue.remove(ex)
+        self.hub.log_exchange(report, self.peer)
+        queue = self._queue
+        if queue and queue[0] is report.exchange:
+            queue.popleft()
+        else:
+            for ex in queue:
+                if ex is report.exchange:
+                    queue.remove(ex)
+                    break
         transport = self.transport
         if transport is None:
             return
-        if not ex.keep_alive or self._closing:
+        if not report.keep_alive or self._closing:
             self._closing = True
-            if not ex.body_done and not ex.stalled:
+            if not report.body_done and not report.stalled:
                 # Closing with unread data makes the kernel send RST, which can destroy
                 # the answer before the client reads it: read and drop the rest first.
                 self.linger_until = self.loop.time() + LINGER
@@ -415,9 +425,9 @@ class ClientConnection(ClientSide):
             else:
                 transport.close()
             return
-        if self._queue:
-            self._start(self._queue[0])
-            if len(self._queue) <= MAX_QUEUED:
+        if queue:
+            self._start(queue[0])
+            if len(queue) <= MAX_QUEUED:
                 self.resume_reading()
         elif self._no_more:
             transport.close()  # the half-closed client has every answer it asked for

@@ -2,9 +2,8 @@
 
 An exchange sees two things only: `Forwarding`, what every exchange of the process shares
 (the verdicts, the upstream pool, the limits, the loop), and its `ClientSide`, the client
-connection it answers on. It reports back by calling `ClientSide.exchange_done` with
-itself, whose result fields (status, decision, device id, timings, whether the connection
-may go on) the connection logs and acts on.
+connection it answers on (gateway.dataplane.sides). It reports back once, with an
+`ExchangeReport` (status, decision, device id, timings, whether the connection may go on).
 
 Events come from two protocols: the client connection (request body) and the upstream
 connection (response head, body, end, failure; this is its `ResponseSink`). Writes to the
@@ -12,6 +11,12 @@ client produced by one upstream read are gathered and sent in one write. Flow co
 both ways: a full client socket pauses the upstream's reading, a full upstream socket
 pauses the client's reading (or the sending of a buffered body). Every answer the gateway
 makes itself comes from gateway.answers, in the JSON envelope.
+
+About 530 lines, on purpose: one state machine whose two halves (the request on its way
+up, the answer on its way back, with the deadlines and the retry between them) read and
+write the same fields; split in two files, each half would reach into the other's state.
+What could leave it did: the body's way upstream (upload.py), the two sides it talks to
+(sides.py), its answers (gateway.answers).
 """
 
 from __future__ import annotations
@@ -26,14 +31,9 @@ from gateway.answers import Answer
 from gateway.dataplane import wire
 from gateway.dataplane.body import BodyBuffer
 from gateway.dataplane.forwarding import Forwarding
+from gateway.dataplane.sides import ClientSide, ExchangeReport, ResponseSink
 from gateway.dataplane.upload import Upload
-from gateway.dataplane.upstream import (
-    NO_BODY,
-    ClientBusy,
-    PoolExhausted,
-    ResponseSink,
-    UpstreamConnection,
-)
+from gateway.dataplane.upstream import NO_BODY, ClientBusy, PoolExhausted, UpstreamConnection
 from gateway.enforce import FORWARD
 from gateway.errors import UpstreamError, UpstreamUnreachable
 from gateway.identity import FieldValues
@@ -48,42 +48,6 @@ SAFE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 IDEMPOTENCY_KEYS: Final = frozenset({b"idempotency-key", b"x-idempotency-key"})
 BUFFER_LIMIT: Final = 1 << 20  # request body held before the verdict or an upstream; then pause
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
-
-
-class ClientSide(asyncio.Protocol):
-    """The client connection as its exchanges see it (gateway.dataplane.connection is the
-    one implementation): a base class, not a typing.Protocol, so that compiled calls
-    dispatch natively."""
-
-    def __init__(self) -> None:
-        self.peer: str | None = None
-        self.peer_bytes = b"unknown"
-        self.peer_trusted = False  # a trusted proxy: its forwarding headers are passed on
-
-    @property
-    def closing(self) -> bool:
-        """True once the connection will close after the answer in progress."""
-        raise NotImplementedError
-
-    def write(self, data: bytes) -> None:
-        """Send bytes to the client."""
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        """Cut the connection (a broken answer must never look complete)."""
-        raise NotImplementedError
-
-    def pause_reading(self) -> None:
-        """Stop reading the client."""
-        raise NotImplementedError
-
-    def resume_reading(self) -> None:
-        """Read the client again."""
-        raise NotImplementedError
-
-    def exchange_done(self, ex: Exchange) -> None:
-        """Called once per exchange when its answer is complete (or given up)."""
-        raise NotImplementedError
 
 
 class Exchange(ResponseSink):
@@ -138,7 +102,7 @@ class Exchange(ResponseSink):
         self._task: asyncio.Task[None] | None = None
         self.client_address = ""  # the address the verdict accounts the request to
         self.head_started = False
-        # -- the report the connection reads once exchange_done is called
+        # -- what its report will say
         self.keep_alive = keep_alive  # the connection may serve another request after it
         self.stalled = False  # the request body will never be read to its end
         self.finished = False
@@ -560,4 +524,18 @@ class Exchange(ResponseSink):
         # The task's coroutine holds this exchange: drop the task, or the pair is a cycle
         # that only the cyclic collector frees (refcounting frees it now).
         self._task = None
-        self._client.exchange_done(self)
+        self._client.exchange_done(
+            ExchangeReport(
+                self,
+                self.method,
+                self.target,
+                status=self.status,
+                decision=self.decision,
+                device_id=self.device_id,
+                started=self.started,
+                upstream_started=self.upstream_started,
+                keep_alive=self.keep_alive,
+                body_done=self.body_done,
+                stalled=self.stalled,
+            )
+        )

@@ -20,6 +20,7 @@ from yarl import URL
 
 from gateway.config import UpstreamSettings
 from gateway.dataplane.flow import FlowControl
+from gateway.dataplane.sides import ResponseSink
 from gateway.dataplane.wire import RawHeaders
 from gateway.errors import UpstreamError, UpstreamUnreachable
 
@@ -43,43 +44,6 @@ class ClientBusy(UpstreamError):
     """One client address holds as many upstream connections as it may."""
 
     status = 429
-
-
-class ResponseSink:
-    """What receives the events of an upstream response (the exchange that holds the
-    connection). A base class rather than a typing.Protocol: compiled, its calls dispatch
-    natively."""
-
-    def on_response_head(
-        self, status: int, reason: bytes, headers: RawHeaders, framing: int | None
-    ) -> None:
-        """The head arrived. `framing`: Content-Length, or -1 chunked/until close, or None."""
-        raise NotImplementedError
-
-    def on_response_body(self, data: bytes) -> None:
-        """A piece of the body arrived."""
-        raise NotImplementedError
-
-    def on_response_end(self, reusable: bool) -> None:
-        """The response is complete."""
-        raise NotImplementedError
-
-    def on_upstream_failed(self, exc: BaseException, *, unanswered: bool) -> None:
-        """The connection failed or sent something unparsable. `unanswered`: it closed
-        before a single byte of an answer arrived (the only case a retry may follow)."""
-        raise NotImplementedError
-
-    def on_upstream_flush(self) -> None:
-        """One read from the socket was handled: send what it produced."""
-        raise NotImplementedError
-
-    def pause_upload(self) -> None:
-        """The upstream's socket buffer is full: stop sending the request's body."""
-        raise NotImplementedError
-
-    def resume_upload(self) -> None:
-        """The upstream's socket buffer drained."""
-        raise NotImplementedError
 
 
 NO_BODY: Final = None
