@@ -2,7 +2,8 @@
 loop.
 
 A ClientConnection is driven by hand (connection_made, data_received) over a transport that
-records what is written. The refusals are raised inside llhttp's callbacks; the status they
+records what is written (tests/mock_io.py), its deadlines by a loop whose clock the test
+moves. The refusals are raised inside llhttp's callbacks; the status they
 get must not depend on the exception being handled around the loop (`gateway run` once ran
 its loop inside `except ImportError` when uvloop was missing, and every refusal became a
 400 with an error log line).
@@ -13,62 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import orjson
 import pytest
 
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane
 from gateway.dataplane.connection import ClientConnection
+from gateway.enforce import Verdict
+from gateway.identity import HeaderLookup
 from gateway.store import Store
-
-
-class MockTransport(asyncio.Transport):
-    """Records writes and closes; the peer is 127.0.0.1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
-        self.aborted = False
-        self.reading = True
-        self.eof_written = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = self.aborted = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def status(self) -> int:
-        """The status code of the first answer written."""
-        return int(bytes(self.written).split(b" ", 2)[1])
-
-    def envelope(self) -> Any:
-        """The `result` of the first answer's envelope."""
-        return orjson.loads(bytes(self.written).split(b"\r\n\r\n", 1)[1])["result"]
+from tests.mock_io import MockLoop, MockTransport, settle
 
 
 @pytest.fixture
@@ -204,3 +160,69 @@ async def test_a_half_close_cutting_a_request_short_is_answered_then_closed(
         assert (transport.status(), transport.envelope()) == (case.status, case.reason)
         assert b"Connection: close" in transport.written
     assert transport.closed
+
+
+@pytest.fixture
+async def timed() -> AsyncIterator[tuple[DataPlane, MockLoop]]:
+    """A plane on a MockLoop: the sweep's deadlines fire when the test moves the clock."""
+    store = Store.memory()
+    loop = MockLoop(asyncio.get_running_loop())
+    settings = parse_config(
+        "server: {header_timeout: 10, keepalive_timeout: 75, body_timeout: 30}", "test"
+    )
+    plane = DataPlane(settings, store, loop=loop.as_loop())
+    yield plane, loop
+    await plane.shutdown(0)
+    await store.close()
+
+
+async def test_a_head_sent_too_slowly_gets_408_at_the_header_timeout(
+    timed: tuple[DataPlane, MockLoop],
+) -> None:
+    plane, loop = timed
+    conn, transport = connect(plane)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: g")
+    loop.advance(10.5)  # the sweep runs once a second
+    assert transport.written == b""
+    loop.advance(1.0)
+    assert (transport.status(), transport.envelope()) == (408, "Request head timeout")
+    assert transport.closed
+
+
+async def test_an_idle_kept_alive_connection_closes_at_the_keepalive_timeout(
+    timed: tuple[DataPlane, MockLoop],
+) -> None:
+    plane, loop = timed
+    conn, transport = connect(plane)
+    conn.data_received(b"GET /bad HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")  # answered, closed
+    assert transport.closed
+    loop.refuse_connections = True  # the answer is a 502, which keeps the connection alive
+    conn, transport = connect(plane)
+    conn.data_received(b"OPTIONS * HTTP/1.1\r\nHost: g\r\n\r\n")  # anonymous: forwarded
+    for _ in range(200):
+        await settle()
+        if transport.written:
+            break
+    assert transport.status() == 502 and not transport.closed
+    loop.advance(74)
+    assert not transport.closed
+    loop.advance(2)
+    assert transport.closed
+
+
+async def test_pipelined_requests_past_eight_pause_the_reading(plane: DataPlane) -> None:
+    conn, transport = connect(plane)
+    plane.enforcer = Slow()
+    conn.data_received(b"".join(b"GET /%d HTTP/1.1\r\nHost: g\r\n\r\n" % i for i in range(9)))
+    assert not transport.reading  # nine waiting: the client is not read on
+    await plane.shutdown(0)
+
+
+class Slow:
+    """A stand-in Enforcer that never decides (the first request holds the line)."""
+
+    async def check(
+        self, method: str, headers: HeaderLookup, peer: str | None, content_length: int | None
+    ) -> Verdict:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")

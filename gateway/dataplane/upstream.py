@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from typing import Final
 
 import httptools
@@ -54,8 +53,8 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream origin."""
 
     __slots__ = ("_head_request", "_headers", "_in_head", "_informational", "_line_bytes",
-                 "_parser", "_pool", "_reason", "_received", "_until_close", "client", "flow",
-                 "idle_since", "sink", "transport")  # fmt: skip
+                 "_parser", "_pool", "_reason", "_received", "_until_close", "client",
+                 "counted", "flow", "idle_since", "sink", "transport")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool, client: str | None = None) -> None:
         self._pool = pool
@@ -72,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._line_bytes = 0  # bytes of the head line still being received
         self._received = False  # a byte of the current exchange's answer arrived
         self.client = client  # the address whose request holds it, while it does
+        self.counted = True  # among the pool's open connections (until lost or retired)
         self.idle_since = 0.0
 
     # -- driven by the exchange ----------------------------------------------------------
@@ -278,14 +278,15 @@ class UpstreamPool:
         if held >= self._per_client:
             # The pool has room, but this address holds its share of it already.
             raise ClientBusy("Too many concurrent requests from this address")
-        now = time.monotonic()
+        loop = self.loop or asyncio.get_running_loop()
+        now = loop.time()
         while self._idle:
             conn = self._idle.pop()
             transport = conn.transport
-            if transport is None or transport.is_closing():
-                continue
-            if now - conn.idle_since > IDLE_TIMEOUT:
-                transport.close()
+            if transport is None or transport.is_closing() or now - conn.idle_since > IDLE_TIMEOUT:
+                # Closed or closing, or idle too long: not counted from now on, so that a
+                # new connection may take its place at once (its connection_lost comes later).
+                self._retire(conn)
                 continue
             conn.client = client
             self._held[client] = held + 1
@@ -294,7 +295,6 @@ class UpstreamPool:
             raise PoolExhausted("Upstream connection limit reached")
         self._open += 1
         self._held[client] = held + 1  # counted while it connects, too
-        loop = self.loop or asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 # Made holding its client: lost at once, it still gives the count back.
@@ -320,12 +320,22 @@ class UpstreamPool:
         self._free(conn)
         if conn.transport is not None and not conn.transport.is_closing():
             conn.sink = None
-            conn.idle_since = time.monotonic()
+            conn.idle_since = (self.loop or asyncio.get_running_loop()).time()
             self._idle.append(conn)
+
+    def _retire(self, conn: UpstreamConnection) -> None:
+        """Close an idle connection and stop counting it."""
+        if conn.counted:
+            conn.counted = False
+            self._open -= 1
+        if conn.transport is not None:
+            conn.transport.close()
 
     def _lost(self, conn: UpstreamConnection) -> None:
         self._free(conn)
-        self._open -= 1
+        if conn.counted:
+            conn.counted = False
+            self._open -= 1
         if conn in self._idle:
             self._idle.remove(conn)
 
