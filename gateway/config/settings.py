@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gateway import schema
+
 MAX_RATE = 1_000_000.0
 MAX_BURST = 1_000_000
 
@@ -83,15 +85,15 @@ class RedisSettings:
 
 @dataclass(frozen=True, slots=True)
 class DeviceHeaders:
-    """Names of the device identification headers."""
+    """Names of the device identification headers (defaults: gateway.schema)."""
 
-    id: str = "X-Device-Id"
-    application: str = "X-App-Name"
-    application_version: str = "X-App-Version"
-    os: str = "X-OS-Name"
-    os_version: str = "X-OS-Version"
-    manufacturer: str = "X-Device-Manufacturer"
-    model: str = "X-Device-Model"
+    id: str = schema.ID_HEADER
+    application: str = schema.APPLICATION.header
+    application_version: str = schema.APPLICATION_VERSION.header
+    os: str = schema.OS.header
+    os_version: str = schema.OS_VERSION.header
+    manufacturer: str = schema.MANUFACTURER.header
+    model: str = schema.MODEL.header
 
 
 @dataclass(frozen=True, slots=True)
