@@ -22,7 +22,8 @@ local now_ms = string.format('%d', math.floor(now_us / 1000))
 local record, active, blocked, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local device_id, channel = ARGV[2], ARGV[3]
 
-local current = redis.call('HMGET', record, {{FIELD_REQUESTS}}, {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}})
+local current = redis.call('HMGET', record,
+  {{FIELD_REQUESTS}}, {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}})
 if not current[1] then
   redis.call('HSET', record, {{FIELD_REQUESTS}}, 0, {{FIELD_DENIED}}, 0)
 end
