@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from importlib import resources
 from typing import Any
 
 import redis
@@ -27,6 +26,7 @@ import redis
 from gateway.config import RedisSettings
 from gateway.model import Bucket
 from gateway.store import Store
+from gateway.store.scripts import load_script
 
 APPS = ("FieldApp", "Courier", "Scanner Pro", "MeterRead")
 MODELS = (
@@ -67,9 +67,7 @@ def start_redis() -> tuple[subprocess.Popen[bytes], int, str]:
 def fill(port: int, store: Store, count: int) -> None:
     """Register `count` devices through the enforce script, pipelined in batches."""
     client = redis.Redis(port=port)
-    script = client.register_script(
-        resources.files("gateway.store").joinpath("lua", "enforce.lua").read_text()
-    )
+    script = client.register_script(load_script("enforce.lua"))
     bucket = Bucket(rate=10, burst=20)
     now = time.time_ns() // 1000 - count * 1000
     batch = 5000

@@ -1,22 +1,34 @@
 """The gateway's exception tree.
 
-    GatewayError
-    ├── ConfigError            bad configuration: names the file and the dotted key path
-    ├── IdentityError          a device identification header is invalid (-> 400)
-    ├── StoreError             anything that went wrong talking to the store
-    │   └── StoreUnavailable   the store could not be asked (down, slow, refused) -> on_error
-    ├── SnapshotError          a blocked-ids snapshot file cannot be used (ignored, with a
-    │                          warning saying why)
-    ├── UpstreamError          the upstream could not give an answer
-    │   ├── UpstreamUnreachable  refused, reset, connect timeout (-> 502)
-    │   └── UpstreamTimeout      the whole request took too long (-> 504)
-    ├── AdminClientError       the `gateway devices ...` CLI could not talk to the admin API
-    ├── AdminTokenError        no admin token configured, and a generated one can be neither
-    │                          saved nor shown: the gateway refuses to start
-    └── WorkerFailed           a data-plane worker process could not start
+    GatewayError                 base of every error the gateway raises on purpose;
+    │                            raised only through its subclasses
+    ├── ConfigError              bad configuration: names the file and the dotted key path
+    ├── IdentityError            a device identification header is invalid (-> 400)
+    ├── RequestRefused           a request the data plane refuses itself: a size limit, the
+    │                            HTTP version, the target form, the framing (-> .status)
+    ├── BadRequest               a request the admin API refuses: an id, a query parameter,
+    │                            a body (-> 400)
+    ├── StoreError               the store failed; raised only through its subclass
+    │   └── StoreUnavailable     the store could not be asked (down, slow, refused) -> on_error
+    ├── SnapshotError            a blocked-ids snapshot file cannot be used (ignored, with a
+    │                            warning saying why)
+    ├── UpstreamError            the upstream could not give an answer; raised only through
+    │   │                        its subclasses
+    │   ├── UpstreamUnreachable      refused, reset, connect timeout (-> 502)
+    │   ├── PoolExhausted            every upstream connection is busy (-> 503)
+    │   ├── ClientBusy               one client address holds its share of the pool (-> 429)
+    │   └── UpstreamResponseInvalid  the upstream's answer is malformed or over the limits
+    │                                (-> 502)
+    ├── AdminClientError         the `gateway devices ...` CLI could not talk to the admin API
+    ├── AdminTokenError          no admin token configured, and a generated one can be neither
+    │                            saved nor shown: the gateway refuses to start
+    └── WorkerFailed             a data-plane worker process could not start
 
-Exceptions become HTTP answers in two places only: the enforce middleware and the
-proxy handler (and, for the admin API, its own error middleware).
+Where they end: the data plane answers IdentityError and StoreUnavailable in
+`gateway.enforce` (the verdict), RequestRefused in its connection and the upstream errors in
+its exchange; the admin API answers BadRequest and StoreUnavailable in its error middleware;
+the CLI prints ConfigError, AdminTokenError, WorkerFailed and AdminClientError and exits
+non-zero; a SnapshotError is logged and the snapshot ignored.
 """
 
 from __future__ import annotations
@@ -45,6 +57,20 @@ class IdentityError(GatewayError):
         super().__init__(f"Invalid {header} header: {message}")
 
 
+class RequestRefused(GatewayError):
+    """A request the data plane refuses itself (a size limit, the version, the target form,
+    the framing): answered with `status` and `reason`, never forwarded."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class BadRequest(GatewayError):
+    """A request the admin API rejects with 400; the message says why."""
+
+
 class StoreError(GatewayError):
     """The store failed."""
 
@@ -61,19 +87,21 @@ class SnapshotError(GatewayError):
 class UpstreamError(GatewayError):
     """The upstream could not give an answer."""
 
-    status = 502
-
 
 class UpstreamUnreachable(UpstreamError):
     """The upstream refused or reset the connection, or connecting timed out."""
 
-    status = 502
+
+class PoolExhausted(UpstreamError):
+    """Every upstream connection is busy and the pool may not open another."""
 
 
-class UpstreamTimeout(UpstreamError):
-    """The upstream did not answer within the whole-request timeout."""
+class ClientBusy(UpstreamError):
+    """One client address holds as many upstream connections as it may."""
 
-    status = 504
+
+class UpstreamResponseInvalid(UpstreamError):
+    """The upstream's answer is not valid HTTP/1.1 or its head is over the limits."""
 
 
 class AdminClientError(GatewayError):

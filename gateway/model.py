@@ -7,16 +7,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.schema import DECLARED_FIELDS
+
 # The device fields a request declares in its identification headers, in a fixed order
-# (the order of the Lua script's ARGV and of the history's field names).
-DEVICE_FIELDS: tuple[str, ...] = (
-    "application",
-    "application_version",
-    "os",
-    "os_version",
-    "manufacturer",
-    "model",
-)
+# (the order of the Lua script's ARGV and of the history's field names): gateway.schema.
+DEVICE_FIELDS: tuple[str, ...] = tuple(f.name for f in DECLARED_FIELDS)
 
 
 def iso_ms(ms: int | None) -> str | None:

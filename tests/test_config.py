@@ -420,3 +420,33 @@ def test_env_cannot_hide_a_section_of_the_wrong_type() -> None:
 
 def test_unrelated_env_variables_are_ignored() -> None:
     assert load_config(SHIPPED, env={"GATEWAY_UNKNOWN": "x", "PATH": "/bin"}) == Settings()
+
+
+# ---------------------------------------------------------------- keys from the dataclasses
+
+
+def _sections(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every mapping of the file, by dotted path, with the dataclass instance it becomes."""
+    found = [(path, value)]
+    for f in dataclasses.fields(value):
+        child = getattr(value, f.name)
+        if dataclasses.is_dataclass(child) and not isinstance(child, Listen | type):
+            found += _sections(child, f"{path}.{f.name}" if path else f.name)
+    return found
+
+
+SECTIONS = _sections(Settings())
+
+
+@pytest.mark.parametrize(("path", "defaults"), SECTIONS, ids=[p or "<top>" for p, _ in SECTIONS])
+def test_every_section_accepts_exactly_the_fields_of_its_dataclass(
+    path: str, defaults: Any
+) -> None:
+    raw: dict[str, Any] = {"serial": 1}
+    for key in reversed(path.split(".") if path else []):
+        raw = {key: raw}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(raw), "x.yaml", env={})
+    allowed = ", ".join(f.name for f in dataclasses.fields(defaults))
+    where = f"{path}.serial" if path else "serial"
+    assert str(caught.value) == f"x.yaml: {where}: unknown key (allowed: {allowed})"

@@ -18,7 +18,7 @@ from gateway.admin.auth import auth_middleware
 from gateway.admin.hosts import host_middleware
 from gateway.admin.readiness import SnapshotState, checks, ready_text
 from gateway.config import MAX_BURST, MAX_RATE
-from gateway.errors import StoreUnavailable
+from gateway.errors import BadRequest, StoreUnavailable
 from gateway.identity import device_id_problem
 from gateway.metrics import Metrics, Renderable
 from gateway.model import Bucket
@@ -65,10 +65,6 @@ _PAGE_HEADERS: Final = {
     "Cache-Control": "no-cache",
 }
 _HTTP_REASONS: Final = {404: "Not found", 405: "Method not allowed"}
-
-
-class BadRequest(Exception):
-    """A request the admin API rejects with 400; the message says why."""
 
 
 # ---- validation (pure) -------------------------------------------------------------------

@@ -18,17 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import overload
 
+from gateway import schema
+
 ID_PREFIX = "loadtest-"
 
 # The gateway's default identification header names (config.yaml `devices.headers`).
 HEADER_NAMES: Mapping[str, str] = {
-    "id": "X-Device-Id",
-    "application": "X-App-Name",
-    "application_version": "X-App-Version",
-    "os": "X-OS-Name",
-    "os_version": "X-OS-Version",
-    "manufacturer": "X-Device-Manufacturer",
-    "model": "X-Device-Model",
+    "id": schema.ID_HEADER,
+    **{field.name: field.header for field in schema.DECLARED_FIELDS},
 }
 
 # (application, [(version, weight)]): most of a fleet runs the newest releases.

@@ -14,7 +14,6 @@ import heapq
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from importlib import resources
 from typing import Any, Final, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -36,6 +35,7 @@ from gateway.store.breaker import CircuitBreaker
 from gateway.store.hot import SEPARATOR, HotPath
 from gateway.store.keys import SHARDS, KeySchema
 from gateway.store.pipeline import ScriptPipeline
+from gateway.store.scripts import load_script
 from gateway.typedefs import Clock
 
 __all__ = ["BlockedFilter", "Store"]
@@ -53,7 +53,7 @@ PIPELINE_CHUNK: Final = 64  # commands per admin pipeline
 
 
 def _script(name: str) -> str:
-    return resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
+    return load_script(name)
 
 
 def _connect(url: str, timeout: float, decode: bool) -> aioredis.Redis:

@@ -6,7 +6,7 @@ is `{d042}` and it holds the per-device keys and that shard's indexes. Anonymous
 are tagged by a hash of the client IP (`{a017}`). Ids may contain `{`, `}`, `:` or `*`:
 they only ever come after the tag, and only the first `{...}` of a key is its tag.
 
-    <p>:{dNNN}:dev:<id>     hash    the device record (short field names, see FIELD_*),
+    <p>:{dNNN}:dev:<id>     hash    the device record (short field names: gateway.schema),
                                     with the rate-limit override in `rr`/`rb` when set and
                                     the token bucket "<milli-tokens>:<us>" in `tb` and
                                     the last declared fields, joined, in `df`
@@ -27,24 +27,46 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+from gateway.schema import (
+    DECLARED_FIELDS,
+    FIELD_BLOCKED_AT,
+    FIELD_BUCKET,
+    FIELD_DECLARED,
+    FIELD_DENIED,
+    FIELD_FIRST_SEEN,
+    FIELD_LAST_ACTIVE,
+    FIELD_LAST_UPLOAD,
+    FIELD_NAME,
+    FIELD_OVERRIDE_BURST,
+    FIELD_OVERRIDE_RATE,
+    FIELD_REQUESTS,
+)
+
+# The record's field names come from gateway.schema; re-exported, the store reads them here.
+__all__ = [
+    "DEVICE_FIELD_KEYS",
+    "FIELD_BLOCKED_AT",
+    "FIELD_BUCKET",
+    "FIELD_DECLARED",
+    "FIELD_DENIED",
+    "FIELD_FIRST_SEEN",
+    "FIELD_LAST_ACTIVE",
+    "FIELD_LAST_UPLOAD",
+    "FIELD_NAME",
+    "FIELD_OVERRIDE_BURST",
+    "FIELD_OVERRIDE_RATE",
+    "FIELD_REQUESTS",
+    "SHARDS",
+    "DeviceKeys",
+    "KeySchema",
+    "ShardKeys",
+    "shard_of",
+]
+
 SHARDS = 256
 
-# Record field names, kept short because every device pays for them in Redis memory.
-FIELD_NAME = "n"
-FIELD_REQUESTS = "rc"
-FIELD_DENIED = "dc"
-FIELD_FIRST_SEEN = "fs"
-FIELD_LAST_ACTIVE = "la"
-FIELD_LAST_UPLOAD = "lu"
-FIELD_BLOCKED_AT = "b"
-FIELD_OVERRIDE_RATE = "rr"  # milli-tokens per second
-FIELD_OVERRIDE_BURST = "rb"
-FIELD_BUCKET = "tb"  # the device's token bucket, read and written by enforce.lua only
-# The declared fields as enforce.lua last saw them, joined by the unit separator: while a
-# device declares the same, the script neither reads nor compares the six fields.
-FIELD_DECLARED = "df"
 # Declared device fields, in gateway.model.DEVICE_FIELDS order.
-DEVICE_FIELD_KEYS = ("a", "av", "o", "ov", "mf", "md")
+DEVICE_FIELD_KEYS: tuple[str, ...] = tuple(f.key for f in DECLARED_FIELDS)
 
 
 def shard_of(device_id: str) -> int:

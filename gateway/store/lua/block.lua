@@ -8,6 +8,8 @@
 -- Reply: the record as a flat HGETALL list.
 -- Every process keeps a copy of the blocked ids for when Redis cannot answer: a change
 -- bumps the shard's version (their poll) and is published (their immediate update).
+-- Record field names are placeholders in double braces, rendered in from gateway.schema
+-- when the script is loaded (gateway.store.scripts).
 
 local now_us
 if ARGV[1] == '' then
@@ -20,12 +22,13 @@ local now_ms = string.format('%d', math.floor(now_us / 1000))
 local record, active, blocked, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local device_id, channel = ARGV[2], ARGV[3]
 
-local current = redis.call('HMGET', record, 'rc', 'b', 'la')
+local current = redis.call('HMGET', record,
+  {{FIELD_REQUESTS}}, {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}})
 if not current[1] then
-  redis.call('HSET', record, 'rc', 0, 'dc', 0)
+  redis.call('HSET', record, {{FIELD_REQUESTS}}, 0, {{FIELD_DENIED}}, 0)
 end
 if not current[2] then
-  redis.call('HSET', record, 'b', now_ms)
+  redis.call('HSET', record, {{FIELD_BLOCKED_AT}}, now_ms)
   -- Last activity is the last request, or the time it was blocked for a device never seen.
   local score = current[3] or now_ms
   redis.call('ZADD', active, score, device_id)

@@ -4,9 +4,11 @@
 -- ARGV[1] device id
 -- ARGV[2] pub/sub channel of block events
 -- Reply: 1 when a record was removed, 0 when there was none.
+-- Record field names are placeholders in double braces, rendered in from gateway.schema
+-- when the script is loaded (gateway.store.scripts).
 
 local device_id, channel = ARGV[1], ARGV[2]
-if redis.call('HEXISTS', KEYS[1], 'rc') == 0 then
+if redis.call('HEXISTS', KEYS[1], {{FIELD_REQUESTS}}) == 0 then
   return 0
 end
 redis.call('DEL', KEYS[1], KEYS[2])

@@ -33,6 +33,8 @@
 -- address's in a string key written with an expiry at the moment it would be full again.
 -- A missing bucket is a full one. Tokens are integer milli-tokens (Redis truncates Lua
 -- floats in replies); a request costs 1000. The bucket's timestamp never moves backwards.
+-- Record field names are placeholders in double braces, rendered in from gateway.schema
+-- when the script is loaded (gateway.store.scripts).
 
 local COST = 1000
 local MICROS = 1000000
@@ -106,8 +108,10 @@ local history_cap = tonumber(ARGV[5])
 local device_id = ARGV[6]
 local now_ms = math.floor(now_us / 1000)
 
-local FIELDS = {'a', 'av', 'o', 'ov', 'mf', 'md'}
-local current = redis.call('HMGET', record, 'rc', 'dc', 'b', 'la', 'rr', 'rb', 'tb', 'df')
+local FIELDS = { {{DEVICE_FIELD_KEYS}} }
+local current = redis.call('HMGET', record, {{FIELD_REQUESTS}}, {{FIELD_DENIED}},
+  {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}}, {{FIELD_OVERRIDE_RATE}}, {{FIELD_OVERRIDE_BURST}},
+  {{FIELD_BUCKET}}, {{FIELD_DECLARED}})
 local requests = tonumber(current[1] or '0')
 local denied = tonumber(current[2] or '0')
 local is_new = not current[1]
@@ -134,27 +138,31 @@ end
 
 -- Upsert: timestamps come from this one clock; last_active never moves backwards.
 local stamp = math.max(now_ms, last)
-local updates = {'rc', int(requests + 1), 'dc', int(denied), 'la', int(stamp)}
+local updates = {
+  {{FIELD_REQUESTS}}, int(requests + 1),
+  {{FIELD_DENIED}}, int(denied),
+  {{FIELD_LAST_ACTIVE}}, int(stamp),
+}
 if upload then
-  updates[#updates + 1] = 'lu'
+  updates[#updates + 1] = {{FIELD_LAST_UPLOAD}}
   updates[#updates + 1] = int(stamp)
 end
 if is_new then
-  updates[#updates + 1] = 'fs'
+  updates[#updates + 1] = {{FIELD_FIRST_SEEN}}
   updates[#updates + 1] = int(stamp)
 end
 if new_state then
-  updates[#updates + 1] = 'tb'
+  updates[#updates + 1] = {{FIELD_BUCKET}}
   updates[#updates + 1] = new_state
 end
 -- The declared fields changed since the last call (or this is the first): compare each.
 local declared_all = ARGV[7]
 if declared_all ~= current[8] then
-  updates[#updates + 1] = 'df'
+  updates[#updates + 1] = {{FIELD_DECLARED}}
   updates[#updates + 1] = declared_all
   local stored = {}  -- a new record has none
   if not is_new then
-    stored = redis.call('HMGET', record, 'a', 'av', 'o', 'ov', 'mf', 'md')
+    stored = redis.call('HMGET', record, {{DEVICE_FIELD_KEYS}})
   end
   local i = 0
   for declared in string.gmatch(declared_all .. '\31', '([^\31]*)\31') do

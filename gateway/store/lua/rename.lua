@@ -3,17 +3,19 @@
 -- ARGV[1] device id
 -- ARGV[2] the new name, or "" to clear it
 -- Reply: the record as a flat HGETALL list, or nil when there is no record.
+-- Record field names are placeholders in double braces, rendered in from gateway.schema
+-- when the script is loaded (gateway.store.scripts).
 
 local record, names, device_id, name = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 -- A record exists once a request or a block made it (an override alone is no record).
-if redis.call('HEXISTS', record, 'rc') == 0 then
+if redis.call('HEXISTS', record, {{FIELD_REQUESTS}}) == 0 then
   return nil
 end
 if name == '' then
-  redis.call('HDEL', record, 'n')
+  redis.call('HDEL', record, {{FIELD_NAME}})
   redis.call('HDEL', names, device_id)
 else
-  redis.call('HSET', record, 'n', name)
+  redis.call('HSET', record, {{FIELD_NAME}}, name)
   redis.call('HSET', names, device_id, name)
 end
 return redis.call('HGETALL', record)

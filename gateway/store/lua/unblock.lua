@@ -3,14 +3,16 @@
 -- ARGV[1] device id
 -- ARGV[2] pub/sub channel of block events
 -- Reply: the record as a flat HGETALL list, or nil when there is no record.
+-- Record field names are placeholders in double braces, rendered in from gateway.schema
+-- when the script is loaded (gateway.store.scripts).
 
 local record, blocked, version = KEYS[1], KEYS[2], KEYS[3]
 local device_id, channel = ARGV[1], ARGV[2]
 -- A record exists once a request or a block made it (an override alone is no record).
-if redis.call('HEXISTS', record, 'rc') == 0 then
+if redis.call('HEXISTS', record, {{FIELD_REQUESTS}}) == 0 then
   return nil
 end
-if redis.call('HDEL', record, 'b') == 1 then
+if redis.call('HDEL', record, {{FIELD_BLOCKED_AT}}) == 1 then
   redis.call('ZREM', blocked, device_id)
   redis.call('INCR', version)
   redis.call('PUBLISH', channel, 'u ' .. device_id)

@@ -1,0 +1,64 @@
+"""The Lua scripts as Redis runs them (pure): the record's field names rendered in.
+
+A script under `lua/` writes each record field name as a placeholder, `{{FIELD_REQUESTS}}`
+(any FIELD_ constant of gateway.schema), and the declared fields' keys, in order, as
+`{{DEVICE_FIELD_KEYS}}`. `load_script(name)` reads the file (importlib.resources) and
+replaces each placeholder by Lua string literals, once, when the store registers the
+script: the names cost a call nothing (they are not sent in ARGV), and the text Redis
+hashes is the same in every process. An unknown placeholder is an error at load rather
+than a script that reads a field nobody writes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from importlib import resources
+from typing import Final
+
+from gateway import schema
+
+__all__ = ["NAMES", "load_script", "render"]
+
+_PLACEHOLDER: Final = re.compile(r"\{\{([A-Z_]+)\}\}")
+_NAME: Final = re.compile(r"[a-z]+")
+
+
+def _lua(name: str) -> str:
+    """A record field name as a Lua string literal."""
+    if not _NAME.fullmatch(name):  # nothing to escape, by construction
+        raise ValueError(f"record field name {name!r} is not a short lower-case word")
+    return f"'{name}'"
+
+
+def _names() -> dict[str, str]:
+    names = {"DEVICE_FIELD_KEYS": ", ".join(_lua(f.key) for f in schema.DECLARED_FIELDS)}
+    for constant, value in vars(schema).items():
+        if constant.startswith("FIELD_") and isinstance(value, str):
+            names[constant] = _lua(value)
+    return names
+
+
+# Placeholder -> the Lua text that replaces it.
+NAMES: Final[Mapping[str, str]] = _names()
+
+
+def render(text: str, names: Mapping[str, str] = NAMES) -> str:
+    """`text` with every `{{NAME}}` replaced by `names[NAME]`; ValueError on an unknown one."""
+
+    def replace(match: re.Match[str]) -> str:
+        try:
+            return names[match.group(1)]
+        except KeyError:
+            raise ValueError(f"unknown placeholder {match.group(0)}") from None
+
+    return _PLACEHOLDER.sub(replace, text)
+
+
+def load_script(name: str) -> str:
+    """The script `lua/<name>` as Redis runs it."""
+    text = resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
+    try:
+        return render(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
