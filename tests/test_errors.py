@@ -88,18 +88,8 @@ def _raised_names(path: Path) -> set[str]:
 
 RAISED: set[str] = set().union(*(_raised_names(p) for p in GATEWAY.rglob("*.py")))
 
-# Defined in gateway.errors for the data plane's restructure; the data plane still raises
-# classes of its own (connection._Reject, upstream.HeadTooLarge / PoolExhausted / ClientBusy).
-_WIRED_BY_THE_LEAD = pytest.mark.xfail(
-    strict=True, reason="the data plane's classes are wired in by the lead"
-)
-_NOT_YET = {"RequestRefused", "PoolExhausted", "ClientBusy", "UpstreamResponseInvalid"}
 
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=_WIRED_BY_THE_LEAD) if n in _NOT_YET else n for n in CLASSES],
-)
+@pytest.mark.parametrize("name", list(CLASSES))
 def test_every_class_is_raised_somewhere(name: str) -> None:
     cls = CLASSES[name]
     if name in RAISED:

@@ -15,12 +15,11 @@ from gateway.dataplane.upstream import (
     IDLE_TIMEOUT,
     NO_BODY,
     UNTIL_CLOSE,
-    ClientBusy,
-    PoolExhausted,
     UpstreamConnection,
     UpstreamPool,
 )
 from gateway.dataplane.wire import RawHeaders
+from gateway.errors import ClientBusy, PoolExhausted, UpstreamUnreachable
 from tests.mock_io import MockLoop, MockTransport
 
 
@@ -201,8 +200,6 @@ async def test_the_pool_reuses_limits_and_expires_connections() -> None:
 
 
 async def test_a_refused_connect_is_unreachable_and_gives_its_share_back() -> None:
-    from gateway.errors import UpstreamUnreachable
-
     loop = MockLoop(asyncio.get_running_loop())
     loop.refuse_connections = True
     p = pool("max_connections_per_client: 1", loop)

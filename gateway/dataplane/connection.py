@@ -33,6 +33,7 @@ from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.flow import FlowControl
 from gateway.dataplane.forwarding import Forwarding
 from gateway.dataplane.sides import ClientSide, ExchangeReport
+from gateway.errors import RequestRefused
 from gateway.identity import FieldValues, IPNetwork, peer_is_trusted
 from gateway.logs import ACCESS_LOGGER
 from gateway.metrics import Metrics
@@ -45,20 +46,6 @@ MAX_HEADERS: Final = 128
 REQUEST_LINE_EXTRA: Final = 64  # method, spaces, "HTTP/1.1", CRLF around the target
 MAX_QUEUED: Final = 8  # pipelined requests waiting before reading pauses
 LINGER: Final = 5.0  # seconds an unwanted request body is still read before the close
-
-
-class _Reject(Exception):
-    """A request the connection refuses itself (a size limit, a version, a framing).
-
-    Raised from inside llhttp's callbacks, which httptools turns into its own
-    HttpParserCallbackError: the protocol records the refusal before raising
-    (`ClientConnection._refusal`) and reads it back from there, never from the exception's
-    `__context__`, which depends on whatever exception was being handled around the loop.
-    """
-
-    def __init__(self, answer: Answer) -> None:
-        super().__init__(answer.reason)
-        self.answer = answer
 
 
 class Connections:
@@ -151,7 +138,11 @@ class ClientConnection(ClientSide):
         # No request follows those queued (the client half-closed, or the request being
         # read broke): the queue is answered in order, then the connection closes.
         self._no_more = False
-        self._rejected: _Reject | None = None  # set by a callback that refuses the request
+        # A refusal raised inside an llhttp callback, which httptools wraps in its own
+        # HttpParserCallbackError: recorded here before it is raised and read back from
+        # here, never from the exception's `__context__`, which depends on whatever
+        # exception was being handled around the loop.
+        self._rejected: RequestRefused | None = None
         self._in_head = False
         self._line_bytes = 0  # bytes of the head line still being received
         self._request_line_done = False
@@ -212,10 +203,10 @@ class ClientConnection(ClientSide):
                 ex.keep_alive = False
                 if ex.content_length or ex.chunked:
                     ex.body_broken(answers.UPGRADE_WITH_BODY)
-        except (httptools.HttpParserError, _Reject) as exc:
+        except (httptools.HttpParserError, RequestRefused) as exc:
             rejected, self._rejected = self._rejected, None
             if rejected is not None:
-                self._refuse(rejected.answer)
+                self._refuse(Answer(rejected.status, rejected.reason))
             elif isinstance(exc, httptools.HttpParserCallbackError):
                 # A callback failed on something other than a refusal: a bug of ours.
                 log.error("request parsing failed: %r", exc.__context__ or exc)
@@ -244,9 +235,9 @@ class ClientConnection(ClientSide):
         elif self._line_bytes > MAX_FIELD + 4:  # name, ": ", value, CRLF
             raise self._refusal(answers.HEADER_TOO_LARGE)
 
-    def _refusal(self, answer: Answer) -> _Reject:
+    def _refusal(self, answer: Answer) -> RequestRefused:
         """Record a refusal (data_received reads it back after llhttp stops) and return it."""
-        self._rejected = _Reject(answer)
+        self._rejected = RequestRefused(answer.status, answer.reason)
         return self._rejected
 
     def eof_received(self) -> bool:

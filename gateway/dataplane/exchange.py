@@ -33,9 +33,15 @@ from gateway.dataplane.body import BodyBuffer
 from gateway.dataplane.forwarding import Forwarding
 from gateway.dataplane.sides import ClientSide, ExchangeReport, ResponseSink
 from gateway.dataplane.upload import Upload
-from gateway.dataplane.upstream import NO_BODY, ClientBusy, PoolExhausted, UpstreamConnection
+from gateway.dataplane.upstream import NO_BODY, UpstreamConnection
 from gateway.enforce import FORWARD
-from gateway.errors import UpstreamError, UpstreamUnreachable
+from gateway.errors import (
+    ClientBusy,
+    PoolExhausted,
+    UpstreamError,
+    UpstreamResponseInvalid,
+    UpstreamUnreachable,
+)
 from gateway.identity import FieldValues
 
 log = logging.getLogger("gateway.dataplane")
@@ -409,7 +415,10 @@ class Exchange(ResponseSink):
             loop = self._fwd.loop or asyncio.get_running_loop()
             self._task = loop.create_task(self.run(retry=True))
             return
-        parse_error = not isinstance(exc, OSError | UpstreamError)
+        # Unreachable: the connection broke; invalid: what came back is no HTTP answer.
+        parse_error = isinstance(exc, UpstreamResponseInvalid) or not isinstance(
+            exc, OSError | UpstreamError
+        )
         log.warning("upstream failed: %r", exc)
         self.answer(answers.BAD_RESPONSE if parse_error else answers.UNREACHABLE,
                     self.verdict_headers)  # fmt: skip

@@ -21,28 +21,17 @@ from gateway.config import UpstreamSettings
 from gateway.dataplane.flow import FlowControl
 from gateway.dataplane.sides import ResponseSink
 from gateway.dataplane.wire import RawHeaders
-from gateway.errors import UpstreamError, UpstreamUnreachable
+from gateway.errors import (
+    ClientBusy,
+    PoolExhausted,
+    UpstreamResponseInvalid,
+    UpstreamUnreachable,
+)
 
 IDLE_TIMEOUT: Final = 30.0  # seconds a pooled connection may sit unused before it is closed
 MAX_FIELD: Final = 8190  # one response header line, as for requests
 MAX_HEADERS: Final = 128
 PRUNE_AT: Final = 4096  # client addresses counted before those holding nothing are dropped
-
-
-class HeadTooLarge(Exception):
-    """The upstream's response head is over the limits: an invalid answer (502)."""
-
-
-class PoolExhausted(UpstreamError):
-    """Every upstream connection is busy and the pool may not open another."""
-
-    status = 503
-
-
-class ClientBusy(UpstreamError):
-    """One client address holds as many upstream connections as it may."""
-
-    status = 429
 
 
 NO_BODY: Final = None
@@ -116,7 +105,11 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
             if self._in_head:
                 self._check_partial_line(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade, HeadTooLarge) as exc:
+        except (
+            httptools.HttpParserError,
+            httptools.HttpParserUpgrade,
+            UpstreamResponseInvalid,
+        ) as exc:
             # An upgrade (101) was never asked for: Upgrade is not forwarded. -> 502.
             self._fail(exc)
         # The exchange that owned this read sends what it produced, also when the parse
@@ -129,7 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
         end = data.rfind(b"\n")
         self._line_bytes = len(data) - end - 1 if end >= 0 else self._line_bytes + len(data)
         if self._line_bytes > MAX_FIELD + 4:  # name, ": ", value, CRLF
-            raise HeadTooLarge("upstream response head line over the limit")
+            raise UpstreamResponseInvalid("upstream response head line over the limit")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -175,7 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) + len(value) > MAX_FIELD or len(self._headers) >= MAX_HEADERS:
-            raise HeadTooLarge("upstream response head over the limits")
+            raise UpstreamResponseInvalid("upstream response head over the limits")
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
