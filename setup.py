@@ -28,7 +28,7 @@ HOT_MODULES = [
     "gateway/enforce.py",
     "gateway/identity.py",
     "gateway/ratelimit.py",
-    "gateway/store/hot.py",
+    "gateway/store/enforce_script.py",
     "gateway/store/pipeline.py",
     "gateway/store/keys.py",
     "gateway/store/breaker.py",

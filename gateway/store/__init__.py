@@ -1,7 +1,7 @@
 """The store: the only package that talks to Redis.
 
 `Store.enforce` is the data plane's one round trip per request (enforce.lua, run by
-`gateway.store.hot`); the other methods serve the admin API. Two clients: a hot one
+`gateway.store.enforce_script`); the other methods serve the admin API. Two clients: a hot one
 bounded by `redis.timeout` for the data plane, and an admin one with a longer bound for
 listing in chunks, so an admin list never queues in front of requests. Every Redis failure
 is wrapped here, once, into `StoreUnavailable`.
@@ -33,8 +33,8 @@ from gateway.model import (
 from gateway.store import keys as K
 from gateway.store.blocked import BlockedSet
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.hot import SEPARATOR, HotPath
-from gateway.store.keys import SHARDS, KeySchema
+from gateway.store.enforce_script import EnforceScript
+from gateway.store.keys import SEPARATOR, SHARDS, KeySchema
 from gateway.store.pipeline import ScriptPipeline
 from gateway.typedefs import Clock
 
@@ -114,7 +114,7 @@ class Store:
         self._unblock = admin.register_script(_script("unblock.lua"))
         self._rename = admin.register_script(_script("rename.lua"))
         self._delete = admin.register_script(_script("delete.lua"))
-        self._hot_path = HotPath(
+        self._enforce_script = EnforceScript(
             self._keys,
             breaker or CircuitBreaker(),
             pipeline=pipeline,
@@ -123,8 +123,8 @@ class Store:
             clock=clock,
         )
         # enforce(identity, client_ip, bucket, *, upload, registration=None) -> Decision:
-        # the data plane's call, compiled in the compiled build (gateway/store/hot.py).
-        self.enforce = self._hot_path.enforce
+        # the data plane's call, compiled in the compiled build (gateway/store/enforce_script.py).
+        self.enforce = self._enforce_script.enforce
 
     @classmethod
     def from_settings(
@@ -256,7 +256,7 @@ class Store:
         flat = await self._admin_call(
             self._block(
                 (k.record, k.active, k.blocked, k.blocked_version),
-                (self._hot_path.now(), device_id, self._keys.blocked_channel),
+                (self._enforce_script.now(), device_id, self._keys.blocked_channel),
             )
         )
         device = _from_flat(device_id, flat)
@@ -270,7 +270,7 @@ class Store:
                 k = self._keys.device(device_id)
                 await self._block(
                     (k.record, k.active, k.blocked, k.blocked_version),
-                    (self._hot_path.now(), device_id, self._keys.blocked_channel),
+                    (self._enforce_script.now(), device_id, self._keys.blocked_channel),
                     client=pipe,
                 )
             await self._admin_call(pipe.execute())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Final
 
 SHARDS = 256
 
@@ -45,6 +46,9 @@ FIELD_BUCKET = "tb"  # the device's token bucket, read and written by enforce.lu
 FIELD_DECLARED = "df"
 # Declared device fields, in gateway.model.DEVICE_FIELDS order.
 DEVICE_FIELD_KEYS = ("a", "av", "o", "ov", "mf", "md")
+# Joins the parts of a history entry and the declared fields in `df` (enforce.lua splits and
+# joins by it too): identity values never contain controls.
+SEPARATOR: Final = "\x1f"  # Final: inlined where compiled (enforce_script.py, per request)
 
 
 def shard_of(device_id: str) -> int:
