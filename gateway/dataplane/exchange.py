@@ -18,9 +18,9 @@ from gateway.dataplane import wire
 from gateway.dataplane.body import BodyBuffer
 from gateway.dataplane.upstream import NO_BODY, ClientBusy, PoolExhausted, UpstreamConnection
 from gateway.enforce import FORWARD, Verdict
+from gateway.envelope import REASON_BODY_TOO_LARGE
 from gateway.errors import UpstreamError, UpstreamUnreachable
 from gateway.identity import FieldValues
-from gateway.responses import REASON_BODY_TOO_LARGE
 
 if TYPE_CHECKING:
     from gateway.dataplane.connection import ClientConnection
