@@ -11,6 +11,7 @@
     listing.py         DeviceListing: pages by activity (k-way merge of the shards),
                        the name search
     blocked.py         BlockedSet: each process's copy of the blocked ids, following Redis
+    reset.py           ResetRecovery: Redis lost the gateway's data: block the known ids again
     epoch.py           the epoch marker that tells such a loss (pure)
     snapshot.py        the blocked ids kept on disk for a start while Redis is down
     lua/*.lua          the scripts
