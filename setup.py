@@ -17,18 +17,20 @@ import os
 
 from setuptools import setup
 
-# The request's path: parsing and framing, the exchange, the upstream pool, the verdict, the
-# one script call (its arguments, packing and circuit breaker), the counters and the value
-# types. The admin side and the Store's redis-py code stay plain.
+# The request's path: parsing and framing, the envelope of the gateway's own answers, the
+# exchange, the upstream pool, the verdict, the one script call (its arguments, packing and
+# circuit breaker), the counters and the value types. The admin side and the Store's
+# redis-py code stay plain.
 HOT_MODULES = [
     "gateway/dataplane/wire.py",
+    "gateway/envelope.py",
     "gateway/dataplane/exchange.py",
     "gateway/dataplane/connection.py",
     "gateway/dataplane/upstream.py",
     "gateway/enforce.py",
     "gateway/identity.py",
     "gateway/ratelimit.py",
-    "gateway/store/hot.py",
+    "gateway/store/enforce_script.py",
     "gateway/store/pipeline.py",
     "gateway/store/keys.py",
     "gateway/store/breaker.py",

@@ -27,7 +27,8 @@ import orjson
 
 from gateway.loadtest.fleet import Fleet
 from gateway.loadtest.results import ERROR_STATUS, Recorder
-from gateway.loadtest.runner import LoadRunner, LoadSpec, error_kind
+from gateway.loadtest.runner import LoadRunner, error_kind
+from gateway.loadtest.spec import LoadSpec
 
 PROBE_INTERVAL = 0.05  # seconds between probe requests
 UNAVAILABLE = {"status": False, "result": "Service temporarily unavailable"}

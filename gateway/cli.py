@@ -1,22 +1,22 @@
-"""The `gateway` command: argument parsing only; the work happens in app, admin_client."""
+"""The `gateway` command: argument parsing and dispatch only.
+
+Each command's work lives in the module it names: gateway.run, gateway.devices and
+gateway.loadtest; this module turns their failures into messages and exit codes.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-import orjson
+from typing import TextIO
 
 from gateway.config import Settings, load_config
 from gateway.errors import AdminClientError, AdminTokenError, ConfigError, WorkerFailed
 from gateway.loadtest import cli as loadtest_cli
-from gateway.state import admin_token_file
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -94,125 +94,37 @@ def _load(args: argparse.Namespace, env: Mapping[str, str], err: TextIO) -> Sett
         return None
 
 
-def _cmd_run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
-    from gateway import loops
-    from gateway.app import Running, admin_token, serve
-    from gateway.demo import curl_lines, start_echo
-    from gateway.logs import setup_logging
+def _run(settings: Settings, demo: bool, workers: int, out: TextIO) -> int:
+    from gateway.run import run  # the data plane and the admin app, for this command only
 
     try:
-        factory = loops.loop_factory()
+        run(settings, demo=demo, workers=workers, out=out)
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(settings.log.level)
-
-    async def main() -> None:
-        echo = None
-        # Resolved once, before anything starts: a generated token is written (or refused)
-        # once, and serve or supervise find it in the settings.
-        token = admin_token(settings)
-        current = dataclasses.replace(
-            settings, admin=dataclasses.replace(settings.admin, token=token)
-        )
-        if demo:
-            echo, origin = await start_echo()
-            current = dataclasses.replace(
-                current, upstream=dataclasses.replace(current.upstream, url=origin)
-            )
-
-        def ready(running: Running) -> None:
-            if demo:
-                print(
-                    curl_lines(running.public_url, running.admin_url, running.admin_token),
-                    file=out,
-                    flush=True,
-                )
-
-        try:
-            if workers > 1:
-                from gateway.workers import supervise
-
-                await supervise(current, workers, on_ready=ready)
-            else:
-                await serve(current, on_ready=ready)
-        finally:
-            if echo is not None:
-                await echo.cleanup()
-
-    try:
-        loops.run(main(), factory)
     except (OSError, WorkerFailed, AdminTokenError) as exc:
         print(f"gateway: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _admin_url(settings: Settings) -> str:
-    host = settings.admin.listen.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.admin.listen.port}"
-
-
-def _read_token(path: Path) -> str | None:
-    """The token a running gateway generated and saved, None when it saved none."""
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdminClientError(f"cannot read the admin token file {path}: {exc}") from exc
-
-
-def _cmd_devices(
+def _devices(
     args: argparse.Namespace, settings: Settings, env: Mapping[str, str], out: TextIO
 ) -> int:
-    from gateway.admin_client import AdminClient, render_device, render_table
+    from gateway.devices import DevicesCommand, run  # the admin client, for this command only
 
-    token = getattr(args, "token", None) or env.get("GATEWAY_ADMIN_TOKEN") or settings.admin.token
-    listen = settings.admin.listen
-    saved = admin_token_file(settings.state.dir, listen.host, listen.port, env)
-    if not token and saved is not None:
-        token = _read_token(saved)
-    if not token:
-        where = f" (no generated token in {saved})" if saved is not None else ""
-        raise AdminClientError(
-            "no admin token: pass --token, set GATEWAY_ADMIN_TOKEN or admin.token in the "
-            f"config{where}"
-        )
-    url = getattr(args, "admin_url", None) or _admin_url(settings)
-
-    async def call() -> tuple[Any, int | None]:
-        client = AdminClient(url, token)
-        try:
-            if args.action == "list":
-                if args.page < 1 or not 1 <= args.amount <= 1000:
-                    raise AdminClientError("--page must be >= 1 and --amount 1..1000")
-                devices, total = await client.list_devices(
-                    args.name, args.blocked, args.page, args.amount
-                )
-                return devices, total
-            if args.action == "show":
-                return await client.get_device(args.id), None
-            if args.action == "block":
-                return await client.block(args.id), None
-            if args.action == "unblock":
-                return await client.unblock(args.id), None
-            return await client.rename(args.id, args.name or None), None
-        finally:
-            await client.close()
-
-    result, total = asyncio.run(call())
-    if getattr(args, "json", False):
-        payload = {"devices": result, "total": total} if total is not None else result
-        out.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
-    elif total is not None:
-        out.write(render_table(result, total) + "\n")
-    else:
-        out.write(render_device(result) + "\n")
+    command = DevicesCommand(
+        action=args.action,
+        device_id=getattr(args, "id", None),
+        name=getattr(args, "name", None),
+        blocked=getattr(args, "blocked", "all"),
+        page=getattr(args, "page", 1),
+        amount=getattr(args, "amount", 20),
+        as_json=getattr(args, "json", False),
+        token=getattr(args, "token", None),
+        admin_url=getattr(args, "admin_url", None),
+    )
+    run(command, settings, env, out)
     return EXIT_OK
 
 
@@ -249,9 +161,9 @@ def main(
             # The embedded store lives in one process: workers would not share devices.
             print("gateway: memory:// store: running 1 worker", file=err)
             workers = 1
-        return _cmd_run(settings, args.demo, workers, out)
+        return _run(settings, args.demo, workers, out)
     try:
-        return _cmd_devices(args, settings, env, out)
+        return _devices(args, settings, env, out)
     except AdminClientError as exc:
         print(f"gateway: {exc}", file=err)
         return EXIT_FAILURE

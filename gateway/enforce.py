@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 from gateway.config import Settings
+from gateway.envelope import REASON_BODY_TOO_LARGE
 from gateway.errors import IdentityError, StoreUnavailable
 from gateway.identity import HeaderLookup, IdentityReader, client_ip
 from gateway.metrics import Metrics
 from gateway.model import Bucket, Outcome
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
-from gateway.responses import REASON_BODY_TOO_LARGE
 from gateway.store import Store
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,9 @@ from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.errors import StoreUnavailable
 from gateway.store import Store
-from gateway.store.blocked import (
-    RESTORE_CHUNK,
-    BlockedSeed,
-    BlockedSet,
-    BlockedStatus,
-    StoreReset,
-)
+from gateway.store.blocked import BlockedSeed, BlockedSet, BlockedStatus
 from gateway.store.keys import KeySchema
+from gateway.store.reset import RESTORE_CHUNK, StoreReset
 from tests.conftest import RedisServer, until
 
 pytestmark = pytest.mark.integration

@@ -50,15 +50,9 @@ from gateway.loadtest.histogram import HIGHEST_US, LatencyHistogram
 from gateway.loadtest.progress import Progress, progress_line
 from gateway.loadtest.report import SCHEMA, build_report, render_table, write_json
 from gateway.loadtest.results import ERROR_STATUS, DeviceTally, Recorder
-from gateway.loadtest.runner import (
-    LoadRunner,
-    LoadSpec,
-    connection_limit,
-    error_kind,
-    latency_us,
-    post_body,
-)
+from gateway.loadtest.runner import LoadRunner, error_kind, latency_us, post_body
 from gateway.loadtest.schedule import arrivals, arrivals_until, post_choices
+from gateway.loadtest.spec import LoadSpec, connection_limit
 from gateway.model import Bucket
 from tests.conftest import free_port
 from tests.loadtest_report import REPORT_KEYS

@@ -23,11 +23,11 @@ from gateway.loadtest.results import Recorder
 from gateway.loadtest.runner import (
     WARM_CONNECTIONS,
     LoadRunner,
-    LoadSpec,
     error_kind,
     header_lines,
     request_prefix,
 )
+from gateway.loadtest.spec import LoadSpec
 from tests.conftest import free_port
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"

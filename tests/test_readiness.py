@@ -6,7 +6,8 @@ import pytest
 
 from gateway.admin.readiness import SnapshotState, checks, ready_text
 from gateway.metrics import Metrics
-from gateway.store.blocked import BlockedStatus, StoreReset
+from gateway.store.blocked import BlockedStatus
+from gateway.store.reset import StoreReset
 
 AT = 1_793_748_259_787  # 2026-11-03T23:24:19.787Z
 

@@ -25,7 +25,7 @@ from typing import Final
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.responses import error
+from gateway.admin.responses import error
 
 _CHALLENGE = 'Bearer realm="devicegate"'
 

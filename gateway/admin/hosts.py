@@ -16,7 +16,7 @@ from collections.abc import Collection
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from gateway.responses import error
+from gateway.admin.responses import error
 
 HOST_NOT_ALLOWED = "Host not allowed"
 

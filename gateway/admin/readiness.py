@@ -13,7 +13,8 @@ from typing import Any
 
 from gateway.metrics import Metrics
 from gateway.model import iso_ms
-from gateway.store.blocked import BlockedStatus, StoreReset
+from gateway.store.blocked import BlockedStatus
+from gateway.store.reset import StoreReset
 
 READY = "ready"
 

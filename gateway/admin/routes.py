@@ -17,12 +17,13 @@ from multidict import MultiMapping
 from gateway.admin.auth import auth_middleware
 from gateway.admin.hosts import host_middleware
 from gateway.admin.readiness import SnapshotState, checks, ready_text
+from gateway.admin.responses import error, ok
 from gateway.config import MAX_BURST, MAX_RATE
+from gateway.envelope import JSON_CONTENT_TYPE, envelope
 from gateway.errors import BadRequest, StoreUnavailable
 from gateway.identity import device_id_problem
 from gateway.metrics import Metrics, Renderable
 from gateway.model import Bucket
-from gateway.responses import JSON_CONTENT_TYPE, envelope, error, ok
 from gateway.store import Store
 from gateway.store.blocked import wall_ms
 from gateway.store.snapshot import SnapshotWriter

@@ -1,52 +1,42 @@
-"""The public listener on raw asyncio protocols: client connections, exchanges, upstream pool.
+"""The public listener on raw asyncio protocols. This module only re-exports, lazily.
 
-connection.py  ClientConnection (llhttp request parsing, keep-alive, pipelining order)
-               and DataPlane (what one process's connections share)
-exchange.py    one request: verdict, upstream attempt(s), streaming both ways, answers
+plane.py       DataPlane: one process's data plane, built from the settings; the deadlines
+connection.py  ClientConnection (llhttp request parsing, keep-alive, pipelining order, the
+               half-close) and Connections, what one process's connections share
+exchange.py    one request: verdict, upstream attempt(s), the answer relayed, deadlines
+upload.py      a request body's way upstream: buffered whole first, or streamed
+body.py        BodyBuffer: a buffered body in memory, then in an unnamed temporary file
+forwarding.py  Forwarding: all an exchange sees of its process
+sides.py       ClientSide, ExchangeReport, ResponseSink: what an exchange sees of each side
 upstream.py    UpstreamPool and UpstreamConnection (llhttp response parsing)
+flow.py        FlowControl: one per transport, reading and writing paused or not
 wire.py        pure HTTP/1.1 bytes: header filtering, heads, framing, envelope answers
+listener.py    start_public: the listening socket and its accept queue
+
+Names are imported on first use (PEP 562), so that the pure `gateway.dataplane.wire`
+imports without the rest of the data plane.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import socket
-from typing import Final
+from typing import TYPE_CHECKING, Any
 
-from gateway.dataplane.plane import DataPlane
+if TYPE_CHECKING:
+    from gateway.dataplane.listener import start_public
+    from gateway.dataplane.plane import DataPlane
 
 __all__ = ["DataPlane", "start_public"]
 
-# asyncio's own loop accepts up to `backlog` connections per readiness event and calls
-# their protocols a few loop iterations later: at the connection cap (server.max_connections)
-# a burst of clients would each hold a socket before the first of them is refused (cap 1000,
-# 4,000 clients: 1,744 sockets held with a burst of 1024, 1,012 with 4). The server is made
-# with this small burst, and the kernel's accept queue is deepened again afterwards.
-ACCEPT_BURST: Final = 4
 
+def __getattr__(name: str) -> Any:
+    if name == "DataPlane":
+        from gateway.dataplane.plane import DataPlane
 
-async def start_public(
-    plane: DataPlane,
-    host: str,
-    port: int,
-    *,
-    reuse_port: bool = False,
-    sock: socket.socket | None = None,
-    backlog: int = 1024,
-) -> asyncio.Server:
-    """Listen on host:port (or an already bound socket) and serve the data plane."""
-    loop = asyncio.get_running_loop()
-    burst = min(backlog, ACCEPT_BURST)
-    if sock is not None:
-        server = await loop.create_server(plane.protocol, sock=sock, backlog=burst)
-    else:
-        server = await loop.create_server(
-            plane.protocol, host, port, reuse_port=reuse_port or None, backlog=burst
-        )
-    for listening in server.sockets:
-        # A duplicate of the listening socket: listen() on it sets the shared queue's depth.
-        with contextlib.closing(socket.socket(fileno=os.dup(listening.fileno()))) as dup:
-            dup.listen(backlog)
-    return server
+        globals()[name] = DataPlane
+        return DataPlane
+    if name == "start_public":
+        from gateway.dataplane.listener import start_public
+
+        globals()[name] = start_public
+        return start_public
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

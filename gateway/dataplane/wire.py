@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Final
 
-from gateway.responses import envelope
+from gateway.envelope import envelope
 
 RawHeaders = list[tuple[bytes, bytes]]
 

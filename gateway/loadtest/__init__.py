@@ -1,5 +1,5 @@
 """`gateway loadtest`: a device-fleet load generator with an enforcement check.
 
-Layers: fleet, schedule, histogram, results, enforcement and report are pure; runner sends
-the load; fleet_admin talks to the admin API; command runs the flow; cli parses options.
+Layers: spec, fleet, schedule, histogram, results, enforcement and report are pure; runner
+sends the load; fleet_admin talks to the admin API; command runs the flow; cli parses options.
 """

@@ -85,7 +85,7 @@ def _out_path(value: str | None, option: str) -> Path | None:
 def options_from(args: argparse.Namespace, env: Mapping[str, str], tty: bool) -> Options:
     """Validate parsed arguments into Options; raises UsageError naming the bad option."""
     from gateway.loadtest.command import Options
-    from gateway.loadtest.runner import LoadSpec
+    from gateway.loadtest.spec import LoadSpec
     from gateway.model import Bucket
 
     target = _http_url(args.target, "--target")

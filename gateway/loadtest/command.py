@@ -17,7 +17,8 @@ from gateway.loadtest.fleet_admin import block_all, own_buckets, unblock_all
 from gateway.loadtest.progress import Progress
 from gateway.loadtest.report import build_report, render_table, write_json
 from gateway.loadtest.results import Recorder
-from gateway.loadtest.runner import LoadRunner, LoadSpec
+from gateway.loadtest.runner import LoadRunner
+from gateway.loadtest.spec import LoadSpec
 from gateway.model import Bucket
 
 EXIT_OK = 0

@@ -9,7 +9,7 @@ import orjson
 
 from gateway.loadtest.enforcement import EnforcementResult
 from gateway.loadtest.results import LATE_AFTER_S, Recorder
-from gateway.loadtest.runner import LoadSpec, connection_limit
+from gateway.loadtest.spec import LoadSpec, connection_limit
 
 SCHEMA = "devicegate-loadtest/1"
 LATENCY_KEYS = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9))

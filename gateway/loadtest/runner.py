@@ -15,7 +15,6 @@ import gc
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 import aiohttp
 from yarl import URL
@@ -24,46 +23,15 @@ from gateway.loadtest.client import HttpPool, RequestFailed
 from gateway.loadtest.fleet import DEVICE_CACHE, Fleet
 from gateway.loadtest.results import Recorder, TimelinePoint
 from gateway.loadtest.schedule import arrivals, arrivals_until, post_choices
+from gateway.loadtest.spec import LoadSpec, connection_limit
 
 TICK_SECONDS = 1.0
-MIN_CONNECTIONS = 16
-MAX_CONNECTIONS = 1024
 BURST_LIMIT = 64  # a dispatcher that is behind still lets answers be read this often
 WARM_CONNECTIONS = 16  # opened before the clock starts (never more than the pool's size)
 DRAIN_GRACE = 1.0  # seconds past the timeout before stragglers are cut
 
 # Not loop.time(): uvloop's clock ticks in whole milliseconds; this one in nanoseconds.
 _now = time.monotonic
-
-
-@dataclass(frozen=True, slots=True)
-class LoadSpec:
-    """What to send, how fast and for how long."""
-
-    target: str
-    rate: float | None = None  # open loop: requests per second for the whole fleet
-    concurrency: int | None = None  # closed loop: requests in flight
-    duration: float = 10.0
-    timeout: float = 10.0
-    post_share: float = 0.0
-    post_bytes: int = 256
-    seed: int = 1
-    connections: int | None = None  # None: sized from the load
-
-    @property
-    def open_loop(self) -> bool:
-        """True for a fixed arrival rate, False for a fixed concurrency."""
-        return self.concurrency is None
-
-
-def connection_limit(spec: LoadSpec) -> int:
-    """The connection pool's size: C in closed loop; in open loop enough for rate * timeout."""
-    if spec.connections is not None:
-        return spec.connections
-    if spec.concurrency is not None:
-        return spec.concurrency
-    wanted = math.ceil((spec.rate or 0) * spec.timeout)
-    return min(MAX_CONNECTIONS, max(MIN_CONNECTIONS, wanted))
 
 
 def post_body(size: int) -> bytes:

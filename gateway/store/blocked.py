@@ -16,7 +16,7 @@ or before Redis ever answered, from the supervisor of a worker ("supervisor") or
 file ("snapshot", gateway.store.snapshot). Until then the data plane must not forward a
 request unenforced (gateway.enforce). When the epoch marker is gone, Redis lost the
 gateway's data (gateway.store.epoch): the set is kept, not emptied by that poll, and, with
-`redis.restore_blocks`, every id in it is blocked again through block.lua. When it is
+`redis.restore_blocks`, every id in it is blocked again (gateway.store.reset). When it is
 another marker, another process handled the loss: the set follows Redis.
 """
 
@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -37,18 +36,16 @@ from redis.exceptions import RedisError
 from gateway.errors import StoreError
 from gateway.store.epoch import EpochCheck, check_epoch, new_epoch
 from gateway.store.keys import SHARDS, KeySchema, shard_of
+from gateway.store.reset import ResetRecovery, Restore, StoreReset
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL: Final = 1.0
 MIN_POLL_GAP: Final = 0.05  # seconds between two polls, however often one is asked for
 CALL_TIMEOUT: Final = 2.0
-RESTORE_CHUNK: Final = 64  # ids blocked again per bounded call after a reset
 
 Source = Literal["redis", "supervisor", "snapshot"]
 SOURCES: Final[tuple[Source, ...]] = ("redis", "supervisor", "snapshot")
-# Blocks one chunk of ids again (block.lua, idempotent); bounded in time, raises StoreError.
-Restore = Callable[[Sequence[str]], Awaitable[None]]
 
 _FOLLOW_ERRORS: Final = (RedisError, OSError, TimeoutError, StoreError)
 
@@ -70,19 +67,6 @@ class BlockedSeed:
     epoch: str | None
     source: Source
     as_of_ms: int  # when they were last read from Redis (epoch ms), as far as the giver knows
-
-
-@dataclass(frozen=True, slots=True)
-class StoreReset:
-    """One detected loss of the gateway's data in Redis, and how far restoring went."""
-
-    at_ms: int
-    expected: str
-    found: str | None
-    known: int  # blocked ids this process knew when it noticed
-    restore: bool  # redis.restore_blocks: they are to be blocked again
-    restored: int  # of them blocked again in Redis so far
-    done: bool  # restoring finished (or was not asked for) and a new epoch is adopted
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,18 +102,14 @@ class BlockedSet:
         self._client = client
         self._keys = keys
         self._poll_interval = poll_interval
-        self._restore = restore
         self._clock = clock
         self._shards: list[frozenset[str]] = [frozenset()] * SHARDS
         self._versions: list[Any] = [object()] * SHARDS  # matches nothing: first poll reads all
         self._source: Source | None = None
         self._as_of_ms: int | None = None
         self._epoch: str | None = None
-        self._resets = 0
-        self._restored = 0
-        self._last_reset: StoreReset | None = None
-        self._pending: list[str] | None = None  # ids still to block again after a reset
         self._watchers: list[Callable[[], None]] = []
+        self._reset = ResetRecovery(restore, clock=clock, changed=self._changed)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._wake = asyncio.Event()
@@ -162,9 +142,9 @@ class BlockedSet:
             count=len(self),
             as_of_ms=self._as_of_ms,
             epoch=self._epoch,
-            resets=self._resets,
-            restored=self._restored,
-            last_reset=self._last_reset,
+            resets=self._reset.resets,
+            restored=self._reset.restored,
+            last_reset=self._reset.last,
         )
 
     def watch(self, callback: Callable[[], None]) -> None:
@@ -287,13 +267,7 @@ class BlockedSet:
         """Another process saw the loss first and marked the new dataset (and restored what
         it knew): follow Redis, never what this process remembers, which may be old."""
         assert self._epoch is not None  # REPLACED means a remembered epoch
-        self._resets += 1
-        self._last_reset = StoreReset(self._clock(), self._epoch, found, len(self), False, 0, True)
-        log.warning(
-            "Redis holds another dataset than this process remembers (lost and marked anew "
-            "by another process, or a different Redis): following it",
-            extra={"fields": {"epoch_expected": self._epoch, "epoch_found": found}},
-        )
+        self._reset.replaced(self._epoch, found, known=len(self))
         self._versions = [object()] * SHARDS  # every shard is read again, below
         self._changed()
 
@@ -307,65 +281,11 @@ class BlockedSet:
         return _text(held)
 
     async def _recover(self, found: str | None) -> None:
-        """Redis lost the gateway's data: report it once, block the known ids again, move on.
-
-        Every process that follows the blocked ids notices the same loss and restores what it
-        knows: block.lua is idempotent (an id blocked twice keeps the first blocked_at of
-        this dataset), so the duplicates cost a little Redis time and nothing else.
-        """
-        if self._pending is None:
-            assert self._epoch is not None  # LOST means a remembered epoch
-            ids = sorted(self.ids())
-            self._resets += 1
-            restore = self._restore is not None
-            self._last_reset = StoreReset(
-                self._clock(), self._epoch, found, len(ids), restore, 0, False
-            )
-            self._pending = ids if restore else []
-            log.error(
-                "Redis lost the gateway's data (restarted without persistence, or flushed): "
-                "%d blocked ids known here, %s",
-                len(ids),
-                "blocking them again" if self._restore is not None
-                else "not restored (redis.restore_blocks is false)",
-                extra={"fields": {"epoch_expected": self._epoch, "epoch_found": found,
-                                  "blocked_known": len(ids)}},
-            )  # fmt: skip
-            self._changed()
-        try:
-            while self._pending:
-                assert self._restore is not None
-                chunk = self._pending[:RESTORE_CHUNK]
-                await self._restore(chunk)
-                del self._pending[: len(chunk)]
-                self._record_restored(len(chunk))
-            epoch = await self._claim_epoch()
-        except _FOLLOW_ERRORS as exc:
-            log.warning(
-                "restoring the blocked ids after the Redis reset failed, %d left; retrying: %s",
-                len(self._pending),
-                exc,
-            )
-            raise
-        reset = self._last_reset
-        assert reset is not None
-        self._pending = None
-        self._epoch = epoch
-        self._versions = [object()] * SHARDS  # read every shard again at the next poll
-        self._last_reset = dataclasses.replace(reset, done=True)
-        if self._restore is not None:
-            log.warning(
-                "blocked %d ids again after the Redis reset",
-                reset.restored,
-                extra={"fields": {"epoch": epoch}},
-            )
-        self._changed()
-
-    def _record_restored(self, count: int) -> None:
-        reset = self._last_reset
-        assert reset is not None
-        self._restored += count
-        self._last_reset = dataclasses.replace(reset, restored=reset.restored + count)
+        """Redis lost the gateway's data: block the known ids again (gateway.store.reset),
+        then take the epoch Redis holds and read every shard again at the next poll."""
+        assert self._epoch is not None  # LOST means a remembered epoch
+        self._epoch = await self._reset.recover(self._epoch, found, self.ids, self._claim_epoch)
+        self._versions = [object()] * SHARDS
         self._changed()
 
     async def _poll_forever(self) -> None:

@@ -1,8 +1,10 @@
-"""The data plane's side of the store: enforce.lua once per request, through the breaker.
+"""The data plane's client of enforce.lua: its keys and arguments, the circuit breaker, and
+its reply turned into a `Decision`; one call per request (three for a new device with a
+registration budget).
 
-Kept apart from the admin side (`gateway.store.Store`) so that the compiled build
-(setup.py) compiles it with the rest of the hot path: every request runs it, the admin
-side is redis-py and needs no compiling. `Store.enforce` is this class's `enforce`.
+Kept apart from the admin side (`gateway.store.store.Store`) so that the compiled build
+(setup.py) compiles it with the rest of the request's path: every request runs it, the
+admin side is redis-py and needs no compiling. `Store.enforce` is this class's `enforce`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,9 @@ from typing import Any, Final
 from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, Decision, DeviceIdentity, Outcome
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.keys import KeySchema
+from gateway.store.keys import SEPARATOR, KeySchema
 from gateway.store.pipeline import ScriptPipeline
 from gateway.typedefs import Clock
-
-# Joins history entries and the declared fields: identity values never contain controls.
-SEPARATOR: Final = "\x1f"
 
 _OUTCOMES: Final = tuple(Outcome)  # reply code -> Outcome, without the enum constructor
 _POLICY_DEVICE: Final = "device"
@@ -28,7 +27,7 @@ _POLICY_REGISTRATION: Final = "registration"
 ScriptCall = Callable[[Sequence[str], Sequence[str | int]], Awaitable[Any]]
 
 
-class HotPath:
+class EnforceScript:
     """enforce.lua per request: over the pipelined connection, or `fallback` (memory://)."""
 
     def __init__(

@@ -1,22 +1,13 @@
-"""The `{status, result}` envelope: every answer the gateway writes itself goes through here."""
+"""The admin listener's aiohttp answers, in the `{status, result}` envelope."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-JSON_CONTENT_TYPE = "application/json"
-
-# Reasons more than one layer gives (the enforce middleware and the proxy).
-REASON_BODY_TOO_LARGE = "Request body too large"
-
-
-def envelope(status: bool, result: Any) -> bytes:
-    """Serialise the seed API's envelope."""
-    return orjson.dumps({"status": status, "result": result})
+from gateway.envelope import JSON_CONTENT_TYPE, envelope
 
 
 def ok(result: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

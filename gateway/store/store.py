@@ -1,0 +1,309 @@
+"""The Store: its two Redis clients, the scripts it registers, and the admin's calls.
+
+`Store.enforce` is the data plane's one round trip per request (enforce.lua, run by
+`gateway.store.enforce_script`); the other methods serve the admin API. Two clients: a hot
+one bounded by `redis.timeout` for the data plane, and an admin one with a longer bound for
+listing in chunks, so an admin list never queues in front of requests. Every Redis failure
+of redis-py's clients is wrapped here, once (`Store._guard`), into `StoreUnavailable`; the
+pipelined connection wraps its own (gateway.store.pipeline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import Any, Final, TypeVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.config import RedisSettings
+from gateway.errors import StoreUnavailable
+from gateway.model import Bucket, Device, HistoryEntry
+from gateway.store import keys as K
+from gateway.store.blocked import BlockedSet
+from gateway.store.breaker import CircuitBreaker
+from gateway.store.enforce_script import EnforceScript
+from gateway.store.scripts import load_script
+from gateway.store.keys import KeySchema
+from gateway.store.listing import BlockedFilter, DeviceListing
+from gateway.store.pipeline import ScriptPipeline
+from gateway.store.records import device_from_flat, device_from_hash, history_entry
+from gateway.typedefs import Clock
+
+# The package's logger, as before the package was split: its log lines keep their name.
+log = logging.getLogger("gateway.store")
+
+T = TypeVar("T")
+
+ADMIN_TIMEOUT: Final = 5.0  # seconds, per admin round trip (each is a bounded chunk)
+HOT_POOL_SIZE: Final = 64
+
+
+def _script(name: str) -> str:
+    return load_script(name)  # the record's field names rendered in from gateway.schema
+
+
+def _connect(url: str, timeout: float, decode: bool) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=HOT_POOL_SIZE,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=decode,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Store:
+    """Device records, blocking, rate-limit state and indexes in Redis."""
+
+    def __init__(
+        self,
+        hot: aioredis.Redis,
+        admin: aioredis.Redis,
+        *,
+        key_prefix: str = "dg",
+        timeout: float = 0.1,
+        admin_timeout: float = ADMIN_TIMEOUT,
+        history_size: int = 50,
+        clock: Clock | None = None,
+        pipeline: ScriptPipeline | None = None,
+        breaker: CircuitBreaker | None = None,
+        restore_blocks: bool = True,
+    ) -> None:
+        self._hot = hot
+        self._pipeline = pipeline
+        self._admin = admin
+        self._keys = KeySchema(key_prefix)
+        self.blocked = BlockedSet(
+            admin, self._keys, restore=self._block_again if restore_blocks else None
+        )
+        self._timeout = timeout
+        self._admin_timeout = admin_timeout
+        self._enforce = hot.register_script(_script("enforce.lua"))
+        self._block = admin.register_script(_script("block.lua"))
+        self._unblock = admin.register_script(_script("unblock.lua"))
+        self._rename = admin.register_script(_script("rename.lua"))
+        self._delete = admin.register_script(_script("delete.lua"))
+        self._listing = DeviceListing(admin, self._keys, self._admin_call)
+        self._enforce_script = EnforceScript(
+            self._keys,
+            breaker or CircuitBreaker(),
+            pipeline=pipeline,
+            fallback=self._run_enforce,
+            history_size=history_size,
+            clock=clock,
+        )
+        # enforce(identity, client_ip, bucket, *, upload, registration=None) -> Decision:
+        # the data plane's call, compiled in the compiled build (store/enforce_script.py).
+        self.enforce = self._enforce_script.enforce
+
+    @classmethod
+    def from_settings(
+        cls, settings: RedisSettings, *, history_size: int = 50, clock: Clock | None = None
+    ) -> Store:
+        """Connect as configured: `memory://` embeds an in-process Redis (fakeredis)."""
+        if settings.url.startswith("memory:"):
+            return cls.memory(
+                key_prefix=settings.key_prefix, history_size=history_size, clock=clock
+            )
+        return cls(
+            _connect(settings.url, settings.timeout, decode=False),
+            _connect(settings.url, ADMIN_TIMEOUT, decode=True),
+            key_prefix=settings.key_prefix,
+            timeout=settings.timeout,
+            history_size=history_size,
+            clock=clock,
+            pipeline=ScriptPipeline(settings.url, _script("enforce.lua"), timeout=settings.timeout),
+            restore_blocks=settings.restore_blocks,
+        )
+
+    @classmethod
+    def memory(
+        cls,
+        *,
+        key_prefix: str = "dg",
+        history_size: int = 50,
+        clock: Clock | None = None,
+        server: Any = None,
+        timeout: float = 1.0,
+    ) -> Store:
+        """An embedded store on fakeredis (same Lua scripts); `server` shares one between stores."""
+        import fakeredis  # only the embedded store needs it
+
+        server = server or fakeredis.FakeServer()
+        return cls(
+            fakeredis.FakeAsyncRedis(server=server),
+            fakeredis.FakeAsyncRedis(server=server, decode_responses=True),
+            key_prefix=key_prefix,
+            # The embedded engine runs Lua in-process; give it more room than a network hop.
+            timeout=timeout,
+            history_size=history_size,
+            clock=clock,
+        )
+
+    @property
+    def keys(self) -> KeySchema:
+        """The key schema in use."""
+        return self._keys
+
+    async def start(self, *, follow_blocked: bool = False) -> None:
+        """Load the scripts; tolerates a Redis that is down (they load on first use).
+
+        `follow_blocked` keeps a local copy of the blocked ids (`self.blocked`) for when
+        Redis cannot answer: the data plane's processes follow, the admin side need not.
+        """
+        if follow_blocked:
+            self.blocked.start()
+        try:
+            if self._pipeline is not None:
+                await self._pipeline.connect()
+            else:
+                await self._guard(self._hot.script_load(self._enforce.script), self._timeout)
+        except StoreUnavailable as exc:
+            log.warning("store not reachable at start, will retry per request: %s", exc)
+
+    async def close(self) -> None:
+        """Close both clients' connections."""
+        await self.blocked.close()
+        if self._pipeline is not None:
+            await self._pipeline.close()
+        await self._hot.aclose(close_connection_pool=True)
+        await self._admin.aclose(close_connection_pool=True)
+
+    async def ping(self) -> bool:
+        """True when Redis answers in time; never raises."""
+        try:
+            return bool(await self._guard(self._hot.ping(), self._timeout))
+        except StoreUnavailable:
+            return False
+
+    async def _guard(self, call: Awaitable[T], timeout: float) -> T:
+        """Bound a call in time and turn every Redis failure into StoreUnavailable."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await call
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"Redis did not answer within {timeout:g} s") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis failed: {exc}") from exc
+
+    async def _run_enforce(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """enforce.lua through redis-py (the embedded store, which has no pipeline)."""
+        return await self._guard(self._enforce(keys, args), self._timeout)
+
+    # -- admin: one device -----------------------------------------------------------
+
+    async def _admin_call(self, call: Awaitable[T]) -> T:
+        return await self._guard(call, self._admin_timeout)
+
+    async def get_device(self, device_id: str) -> Device | None:
+        """The device's record, or None when there is none."""
+        record = cast(
+            dict[str, str],
+            await self._admin_call(self._admin.hgetall(self._keys.device(device_id).record)),
+        )
+        return device_from_hash(device_id, record) if K.FIELD_REQUESTS in record else None
+
+    async def history(self, device_id: str) -> list[HistoryEntry] | None:
+        """The device's changes, newest first; None when there is no record."""
+        k = self._keys.device(device_id)
+        async with self._admin.pipeline(transaction=False) as pipe:
+            pipe.hexists(k.record, K.FIELD_REQUESTS)
+            pipe.lrange(k.history, 0, -1)
+            exists, entries = await self._admin_call(pipe.execute())
+        if not exists:
+            return None
+        return [history_entry(raw) for raw in entries]
+
+    async def rename(self, device_id: str, name: str | None) -> Device | None:
+        """Set (or with None/"" clear) the custom name; None when there is no record."""
+        k = self._keys.device(device_id)
+        flat = await self._admin_call(self._rename((k.record, k.names), (device_id, name or "")))
+        return device_from_flat(device_id, flat)
+
+    async def block(self, device_id: str) -> Device:
+        """Block the device (idempotent); creates the record for an id never seen."""
+        k = self._keys.device(device_id)
+        flat = await self._admin_call(
+            self._block(
+                (k.record, k.active, k.blocked, k.blocked_version),
+                (self._enforce_script.now(), device_id, self._keys.blocked_channel),
+            )
+        )
+        device = device_from_flat(device_id, flat)
+        assert device is not None  # block.lua always returns the record
+        return device
+
+    async def _block_again(self, device_ids: Sequence[str]) -> None:
+        """Block a chunk of ids in one bounded round trip (after Redis lost its data)."""
+        async with self._admin.pipeline(transaction=False) as pipe:
+            for device_id in device_ids:
+                k = self._keys.device(device_id)
+                await self._block(
+                    (k.record, k.active, k.blocked, k.blocked_version),
+                    (self._enforce_script.now(), device_id, self._keys.blocked_channel),
+                    client=pipe,
+                )
+            await self._admin_call(pipe.execute())
+
+    async def unblock(self, device_id: str) -> Device | None:
+        """Unblock the device (idempotent); None when there is no record."""
+        k = self._keys.device(device_id)
+        flat = await self._admin_call(
+            self._unblock(
+                (k.record, k.blocked, k.blocked_version), (device_id, self._keys.blocked_channel)
+            )
+        )
+        return device_from_flat(device_id, flat)
+
+    async def delete(self, device_id: str) -> bool:
+        """Remove the device and everything kept for it; False when there was no record."""
+        k = self._keys.device(device_id)
+        removed = await self._admin_call(
+            self._delete(
+                (k.record, k.history, k.active, k.blocked, k.names, k.blocked_version),
+                (device_id, self._keys.blocked_channel),
+            )
+        )
+        return bool(removed)
+
+    async def set_rate_limit(self, device_id: str, bucket: Bucket) -> None:
+        """Give the device its own bucket (also for an id not seen yet: no record is made)."""
+        k = self._keys.device(device_id)
+        await self._admin_call(
+            self._admin.hset(
+                k.record,
+                mapping={
+                    K.FIELD_OVERRIDE_RATE: bucket.rate_milli,
+                    K.FIELD_OVERRIDE_BURST: bucket.burst,
+                },
+            )
+        )
+
+    async def delete_rate_limit(self, device_id: str) -> bool:
+        """Remove the device's own bucket; False when it had none."""
+        k = self._keys.device(device_id)
+        removed = await self._admin_call(
+            self._admin.hdel(k.record, K.FIELD_OVERRIDE_RATE, K.FIELD_OVERRIDE_BURST)
+        )
+        return bool(removed)
+
+    # -- admin: lists ----------------------------------------------------------------
+
+    async def list_devices(
+        self,
+        *,
+        name: str | None = None,
+        blocked: BlockedFilter = "all",
+        page: int = 1,
+        amount: int = 20,
+    ) -> tuple[list[Device], int]:
+        """One page of devices, most recent activity first, and the total that match."""
+        return await self._listing.page(name=name, blocked=blocked, page=page, amount=amount)
