@@ -18,23 +18,18 @@ import logging
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
+from gateway import answers
+from gateway.answers import Answer
 from gateway.config import Settings
-from gateway.envelope import REASON_BODY_TOO_LARGE
 from gateway.errors import IdentityError, StoreUnavailable
 from gateway.identity import HeaderLookup, IdentityReader, client_ip
 from gateway.metrics import Metrics
-from gateway.model import Bucket, Outcome
+from gateway.model import Bucket, ReplyCode
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
-BLOCKED_REASON: Final = "Access denied: device is blocked"
-LIMITED_REASON: Final = "Too many requests"
-REGISTRATION_REASON: Final = "Too many new devices from this address"
-UNAVAILABLE_REASON: Final = "Service temporarily unavailable"
-ANONYMOUS_REASON: Final = "A device id is required"
-CONNECT_REASON: Final = "Method not allowed"
 ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 FORWARD: Final = 0
@@ -109,21 +104,21 @@ class Enforcer:
     ) -> Verdict:
         """The verdict for one request whose head has been parsed."""
         if method == "CONNECT":
-            return Verdict(405, CONNECT_REASON, {"Allow": ALLOWED_METHODS}, "method")
+            return _verdict(answers.METHOD, {"Allow": ALLOWED_METHODS}, "method")
         try:
             identity = self.identity.read(headers)
         except IdentityError as exc:
-            return Verdict(400, str(exc), None, "invalid")
+            return Verdict(400, str(exc), None, "invalid")  # the reason names the header
         if identity is None and self.require_id:
-            return Verdict(401, ANONYMOUS_REASON, None, "anonymous")
+            return _verdict(answers.ANONYMOUS, None, "anonymous")
         device_id = None if identity is None else identity.id
         if content_length is not None and content_length > self.max_body:
-            return Verdict(413, REASON_BODY_TOO_LARGE, None, "too_large", device_id)
+            return _verdict(answers.BODY_TOO_LARGE, None, "too_large", device_id)
 
         # Anonymous requests are limited by address, and new devices charged to it.
         ip = client_ip(peer, headers.getall("x-forwarded-for", ()), self.trusted)
         try:
-            decision = await self._store.enforce(
+            reply = await self._store.enforce(
                 identity,
                 ip,
                 self.policy.for_request(identity is not None),
@@ -136,33 +131,40 @@ class Enforcer:
             if device_id is not None and device_id in blocked:
                 log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
                 # Redis cannot decide: this process's copy of the blocked ids still does.
-                return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
+                return _verdict(answers.BLOCKED, None, "blocked", device_id)
             if device_id is not None and not blocked.known:
                 # Any device could be a blocked one: forwarding it would undo its block. An
                 # anonymous request is no device's, so on_error still decides for it.
                 log.warning("store unavailable and the blocked ids not known yet: %s", exc)
-                return Verdict(
-                    503, UNAVAILABLE_REASON, {"Retry-After": "1"}, "store_down_unknown", device_id
+                return _verdict(
+                    answers.STORE_UNAVAILABLE, {"Retry-After": "1"}, "store_down_unknown", device_id
                 )
             log.warning("store unavailable (on_error=%s): %s", self._on_error, exc)
             if self._on_error == "closed":
-                return Verdict(
-                    503, UNAVAILABLE_REASON, {"Retry-After": "1"}, "store_down_closed", device_id
+                return _verdict(
+                    answers.STORE_UNAVAILABLE, {"Retry-After": "1"}, "store_down_closed", device_id
                 )
             return Verdict(FORWARD, "", None, "store_down_open", device_id, ip)
 
-        if decision.outcome is Outcome.BLOCKED:
-            return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
-        if decision.new_device and device_id is not None and device_id in self._store.blocked:
+        if reply.outcome is ReplyCode.BLOCKED:
+            return _verdict(answers.BLOCKED, None, "blocked", device_id)
+        if reply.new_device and device_id is not None and device_id in self._store.blocked:
             # Redis made a record for an id this process knows blocked (a blocked id always
             # has one): Redis lost the gateway's data. Refuse it, and have the loss found
             # and the blocks restored now rather than at the next poll.
             self._store.blocked.suspect_reset()
-            return Verdict(403, BLOCKED_REASON, None, "blocked", device_id)
-        rate_headers = rate_limit_headers(decision)
-        if decision.outcome is Outcome.LIMITED:
-            rate_headers["Retry-After"] = str(retry_after_seconds(decision))
-            if decision.policy == "registration":
-                return Verdict(429, REGISTRATION_REASON, rate_headers, "unregistered", device_id)
-            return Verdict(429, LIMITED_REASON, rate_headers, "limited", device_id)
+            return _verdict(answers.BLOCKED, None, "blocked", device_id)
+        rate_headers = rate_limit_headers(reply)
+        if reply.outcome is ReplyCode.LIMITED:
+            rate_headers["Retry-After"] = str(retry_after_seconds(reply))
+            if reply.policy == "registration":
+                return _verdict(answers.UNREGISTERED, rate_headers, "unregistered", device_id)
+            return _verdict(answers.LIMITED, rate_headers, "limited", device_id)
         return Verdict(FORWARD, "", rate_headers, "allow", device_id, ip)
+
+
+def _verdict(
+    answer: Answer, headers: dict[str, str] | None, decision: str, device_id: str | None = None
+) -> Verdict:
+    """A verdict that answers the request itself, from the catalogue of gateway answers."""
+    return Verdict(answer.status, answer.reason, headers, decision, device_id)

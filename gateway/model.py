@@ -22,7 +22,7 @@ def iso_ms(ms: int | None) -> str | None:
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 
 
-# DeviceIdentity and Decision are made once per request: slotted, not frozen (a frozen
+# DeviceIdentity and EnforceReply are made once per request: slotted, not frozen (a frozen
 # __init__ sets each field through object.__setattr__), and with an __init__ of their own
 # (init=False): the one dataclasses generates is interpreted even in the compiled build.
 @dataclass(slots=True, init=False)
@@ -156,8 +156,8 @@ class HistoryEntry:
         return {"at": iso_ms(self.at), "field": self.field, "old": self.old, "new": self.new}
 
 
-class Outcome(enum.IntEnum):
-    """What the enforce script decided (the integer is the script's reply code)."""
+class ReplyCode(enum.IntEnum):
+    """The first number of enforce.lua's reply: what it did with the request."""
 
     ALLOW = 0
     BLOCKED = 1
@@ -166,8 +166,8 @@ class Outcome(enum.IntEnum):
 
 
 @dataclass(slots=True, init=False)
-class Decision:
-    """The store's answer for one request.
+class EnforceReply:
+    """What enforce.lua answered for one request, typed (the store's side of a verdict).
 
     `remaining` whole tokens left after this request; `retry_after_us` until the next whole
     token is back (0 when the bucket is full); `full_after_us` until the bucket is full;
@@ -176,7 +176,7 @@ class Decision:
     for new devices refused one). For BLOCKED no token was taken.
     """
 
-    outcome: Outcome
+    outcome: ReplyCode
     remaining: int
     retry_after_us: int
     full_after_us: int
@@ -186,7 +186,7 @@ class Decision:
 
     def __init__(
         self,
-        outcome: Outcome,
+        outcome: ReplyCode,
         remaining: int,
         retry_after_us: int,
         full_after_us: int,

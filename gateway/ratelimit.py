@@ -16,7 +16,7 @@ import math
 from functools import lru_cache
 
 from gateway.config import RateLimitSettings
-from gateway.model import Bucket, Decision
+from gateway.model import Bucket, EnforceReply
 from gateway.typedefs import MICROS
 
 
@@ -44,23 +44,19 @@ def _policy_headers(policy: str, rate_milli: int, burst: int) -> tuple[str, str]
     return f'"{policy}";q={burst};w={window}', str(burst)
 
 
-def rate_limit_headers(decision: Decision) -> dict[str, str]:
-    """The rate-limit state of a decision as response headers."""
-    policy, limit = _policy_headers(
-        decision.policy, decision.bucket.rate_milli, decision.bucket.burst
-    )
-    remaining = str(decision.remaining)
+def rate_limit_headers(reply: EnforceReply) -> dict[str, str]:
+    """The rate-limit state after one request, as response headers."""
+    policy, limit = _policy_headers(reply.policy, reply.bucket.rate_milli, reply.bucket.burst)
+    remaining = str(reply.remaining)
     return {
         "RateLimit-Policy": policy,
-        "RateLimit": (
-            f'"{decision.policy}";r={remaining};t={_seconds_up(decision.retry_after_us)}'
-        ),
+        "RateLimit": (f'"{reply.policy}";r={remaining};t={_seconds_up(reply.retry_after_us)}'),
         "X-RateLimit-Limit": limit,
         "X-RateLimit-Remaining": remaining,
-        "X-RateLimit-Reset": str(_seconds_up(decision.full_after_us)),
+        "X-RateLimit-Reset": str(_seconds_up(reply.full_after_us)),
     }
 
 
-def retry_after_seconds(decision: Decision) -> int:
+def retry_after_seconds(reply: EnforceReply) -> int:
     """Whole seconds until a request can pass again (>= 1), for Retry-After."""
-    return max(1, _seconds_up(decision.retry_after_us))
+    return max(1, _seconds_up(reply.retry_after_us))

@@ -15,7 +15,7 @@ from pytest_aiohttp.plugin import AiohttpClient
 
 from gateway.admin import create_admin_app
 from gateway.errors import StoreUnavailable
-from gateway.model import Bucket, DeviceIdentity, Outcome
+from gateway.model import Bucket, DeviceIdentity, ReplyCode
 from gateway.store import Store
 from gateway.store.blocked import BlockedSeed
 
@@ -637,14 +637,14 @@ async def test_block_and_unblock_are_idempotent(
     assert again["blocked"] is True
     assert again["blocked_at"] == first["blocked_at"]
     decision = await mem_store.enforce(DeviceIdentity(id="d1"), "127.0.0.1", BUCKET, upload=False)
-    assert decision.outcome is Outcome.BLOCKED
+    assert decision.outcome is ReplyCode.BLOCKED
 
     for _ in range(2):
         result = await expect(await api.post("/devices/d1/unblock"), 200)
         assert result["blocked"] is False
         assert result["blocked_at"] is None
     decision = await mem_store.enforce(DeviceIdentity(id="d1"), "127.0.0.1", BUCKET, upload=False)
-    assert decision.outcome is Outcome.ALLOW
+    assert decision.outcome is ReplyCode.ALLOW
 
 
 async def test_block_creates_the_record_of_an_unseen_id(
@@ -659,7 +659,7 @@ async def test_block_creates_the_record_of_an_unseen_id(
     decision = await mem_store.enforce(
         DeviceIdentity(id="never-seen"), "127.0.0.1", BUCKET, upload=False
     )
-    assert decision.outcome is Outcome.BLOCKED
+    assert decision.outcome is ReplyCode.BLOCKED
 
 
 # ---- rate-limit overrides ----------------------------------------------------------------

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import RedisSettings
-from gateway.model import Bucket, DeviceIdentity, Outcome
+from gateway.model import Bucket, DeviceIdentity, ReplyCode
 from gateway.store import Store
 from tests.bucket_model import BucketModel
 from tests.conftest import EPOCH_US, RedisServer
@@ -102,7 +102,7 @@ def test_lua_bucket_matches_the_model(
             if address_bucket is not None:
                 await forget_expiry(address_bucket, got.full_after_us, sent)
             seen = (
-                got.outcome is Outcome.ALLOW,
+                got.outcome is ReplyCode.ALLOW,
                 got.remaining,
                 got.retry_after_us,
                 got.full_after_us,

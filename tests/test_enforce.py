@@ -13,7 +13,7 @@ from gateway.config import Settings, parse_config
 from gateway.enforce import FORWARD, Enforcer, Verdict
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
-from gateway.model import Bucket, Decision, Outcome
+from gateway.model import Bucket, EnforceReply, ReplyCode
 from gateway.store import Store
 from tests.conftest import FakeClock
 
@@ -241,9 +241,9 @@ class AnsweringStore:
         self.blocked = LocalBlocked(frozenset({"stolen"}), True)
         self.new_device = new_device
 
-    async def enforce(self, *args: Any, **kwargs: Any) -> Decision:
+    async def enforce(self, *args: Any, **kwargs: Any) -> EnforceReply:
         bucket = Bucket(rate=1, burst=2)
-        return Decision(Outcome.ALLOW, 1, 0, 0, bucket, "device", self.new_device)
+        return EnforceReply(ReplyCode.ALLOW, 1, 0, 0, bucket, "device", self.new_device)
 
 
 REDIS_ANSWERS: dict[str, tuple[bool, dict[str, str], int, int]] = {

@@ -31,10 +31,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.answers import BLOCKED
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.dataplane.connection import ClientConnection
-from gateway.enforce import BLOCKED_REASON
 from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.metrics import Metrics
 from gateway.store import Store
@@ -875,7 +875,7 @@ async def test_blocked_lookalike_answer_is_the_blocked_envelope(
 ) -> None:
     await gw.store.block("a:")
     answer = await exchange(connect, gw, b"GET / HTTP/1.1\r\nHost: gw\r\nX-Device-Id: a:\r\n\r\n")
-    assert (answer.status, answer.envelope()) == (403, BLOCKED_REASON)
+    assert (answer.status, answer.envelope()) == BLOCKED
     assert gw.upstream.started == []
 
 

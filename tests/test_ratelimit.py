@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import BucketSettings, RateLimitSettings
-from gateway.model import Bucket, Decision, Outcome
+from gateway.model import Bucket, EnforceReply, ReplyCode
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
 
 
 def decision(
     remaining: int, retry_us: int, full_us: int, bucket: Bucket, policy: str = "device"
-) -> Decision:
-    return Decision(Outcome.ALLOW, remaining, retry_us, full_us, bucket, policy)
+) -> EnforceReply:
+    return EnforceReply(ReplyCode.ALLOW, remaining, retry_us, full_us, bucket, policy)
 
 
 def test_policy_picks_device_or_anonymous_bucket() -> None:
@@ -63,7 +63,7 @@ def test_policy_picks_device_or_anonymous_bucket() -> None:
         ),
     ],
 )
-def test_headers(d: Decision, expected: dict[str, str]) -> None:
+def test_headers(d: EnforceReply, expected: dict[str, str]) -> None:
     assert rate_limit_headers(d) == expected
 
 
@@ -72,5 +72,7 @@ def test_headers(d: Decision, expected: dict[str, str]) -> None:
     [(0, 1), (1, 1), (999_999, 1), (1_000_000, 1), (1_000_001, 2), (30_000_000, 30)],
 )
 def test_retry_after_is_whole_seconds_at_least_one(retry_us: int, seconds: int) -> None:
-    limited = Decision(Outcome.LIMITED, 0, retry_us, retry_us, Bucket(rate=1, burst=1), "device")
+    limited = EnforceReply(
+        ReplyCode.LIMITED, 0, retry_us, retry_us, Bucket(rate=1, burst=1), "device"
+    )
     assert retry_after_seconds(limited) == seconds

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
-from gateway.model import Bucket, DeviceIdentity, Outcome, iso_ms
+from gateway.model import Bucket, DeviceIdentity, ReplyCode, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
 from tests.conftest import EPOCH_US, FakeClock, RedisServer, command_stats, free_port, reset_stats
@@ -40,7 +40,7 @@ def test_iso_ms_formats_like_the_seed() -> None:
 
 async def test_first_request_registers_the_device(store: Store, clock: FakeClock) -> None:
     decision = await call(store, upload=True)
-    assert decision.outcome is Outcome.ALLOW
+    assert decision.outcome is ReplyCode.ALLOW
     assert decision.new_device
     device = await store.get_device("phone-1")
     assert device is not None
@@ -131,13 +131,13 @@ async def test_history_is_capped(clock: FakeClock) -> None:
 
 async def test_bucket_allows_burst_then_limits_then_refills(store: Store, clock: FakeClock) -> None:
     outcomes = [(await call(store)).outcome for _ in range(4)]
-    assert outcomes == [Outcome.ALLOW] * 3 + [Outcome.LIMITED]
+    assert outcomes == [ReplyCode.ALLOW] * 3 + [ReplyCode.LIMITED]
     limited = await call(store)
     assert limited.retry_after_us == 1_000_000
     clock.advance(999)
-    assert (await call(store)).outcome is Outcome.LIMITED
+    assert (await call(store)).outcome is ReplyCode.LIMITED
     clock.advance(1)
-    assert (await call(store)).outcome is Outcome.ALLOW
+    assert (await call(store)).outcome is ReplyCode.ALLOW
     device = await store.get_device("phone-1")
     assert device is not None
     assert (device.request_count, device.denied_count) == (7, 3)
@@ -150,7 +150,7 @@ async def test_blocked_device_is_denied_without_taking_tokens(
     await store.block("phone-1")
     clock.advance(2_000)
     for _ in range(5):
-        assert (await call(store)).outcome is Outcome.BLOCKED
+        assert (await call(store)).outcome is ReplyCode.BLOCKED
     device = await store.get_device("phone-1")
     assert device is not None
     assert device.blocked
@@ -182,7 +182,7 @@ async def test_pre_block_creates_a_record_and_denies_the_first_request(
     assert device.blocked
     assert device.first_seen is None
     assert device.last_activity == clock.now_ms
-    assert (await call(store, DeviceIdentity("lost-phone"))).outcome is Outcome.BLOCKED
+    assert (await call(store, DeviceIdentity("lost-phone"))).outcome is ReplyCode.BLOCKED
 
 
 async def test_unknown_devices(store: Store) -> None:
@@ -226,7 +226,7 @@ async def test_rate_limit_override_takes_precedence(store: Store) -> None:
     first = await call(store)
     assert first.bucket == Bucket(rate=0.5, burst=1)
     assert first.retry_after_us == 2_000_000
-    assert (await call(store)).outcome is Outcome.LIMITED
+    assert (await call(store)).outcome is ReplyCode.LIMITED
     device = await store.get_device("phone-1")
     assert device is not None
     assert device.rate_limit == Bucket(rate=0.5, burst=1)
@@ -240,10 +240,10 @@ async def test_anonymous_buckets_are_per_address(store: Store) -> None:
             "anonymous"
         )
     assert (await store.enforce(None, "198.51.100.1", BUCKET, upload=False)).outcome is (
-        Outcome.LIMITED
+        ReplyCode.LIMITED
     )
     assert (await store.enforce(None, "198.51.100.2", BUCKET, upload=False)).outcome is (
-        Outcome.ALLOW
+        ReplyCode.ALLOW
     )
     assert await store.list_devices() == ([], 0)
 
@@ -393,7 +393,7 @@ async def test_two_stores_share_one_server(clock: FakeClock) -> None:
     b = Store.memory(clock=clock, server=server)
     await a.enforce(PHONE, "", BUCKET, upload=False)
     await b.block("phone-1")
-    assert (await a.enforce(PHONE, "", BUCKET, upload=False)).outcome is Outcome.BLOCKED
+    assert (await a.enforce(PHONE, "", BUCKET, upload=False)).outcome is ReplyCode.BLOCKED
     await a.close()
     await b.close()
 
@@ -467,17 +467,17 @@ async def register(store: Store, device_id: str, ip: str = "198.51.100.9"):
 async def test_new_devices_are_charged_to_their_address_budget(
     store: Store, clock: FakeClock
 ) -> None:
-    assert (await register(store, "n1")).outcome is Outcome.ALLOW
-    assert (await register(store, "n2")).outcome is Outcome.ALLOW
+    assert (await register(store, "n1")).outcome is ReplyCode.ALLOW
+    assert (await register(store, "n2")).outcome is ReplyCode.ALLOW
     refused = await register(store, "n3")
-    assert (refused.outcome, refused.policy) == (Outcome.LIMITED, "registration")
+    assert (refused.outcome, refused.policy) == (ReplyCode.LIMITED, "registration")
     assert refused.retry_after_us == 1_000_000
     assert await store.get_device("n3") is None  # a refused device leaves no record
     # Known devices are never charged; another address has its own budget.
-    assert (await register(store, "n1")).outcome is Outcome.ALLOW
-    assert (await register(store, "m1", ip="198.51.100.10")).outcome is Outcome.ALLOW
+    assert (await register(store, "n1")).outcome is ReplyCode.ALLOW
+    assert (await register(store, "m1", ip="198.51.100.10")).outcome is ReplyCode.ALLOW
     clock.advance(1000)
-    assert (await register(store, "n3")).outcome is Outcome.ALLOW
+    assert (await register(store, "n3")).outcome is ReplyCode.ALLOW
     _, total = await store.list_devices()
     assert total == 4
 

@@ -8,7 +8,7 @@ import os
 import socket
 from typing import Final
 
-from gateway.dataplane.connection import DataPlane
+from gateway.dataplane.plane import DataPlane
 
 # asyncio's own loop accepts up to `backlog` connections per readiness event and calls
 # their protocols a few loop iterations later: at the connection cap (server.max_connections)

@@ -3,7 +3,7 @@
     store.py           Store: the two redis-py clients, the scripts, the admin's calls on
                        one device, and `Store.enforce` (the data plane's call)
     enforce_script.py  EnforceScript: the data plane's client of enforce.lua (keys and
-                       arguments, circuit breaker, the reply turned into a Decision)
+                       arguments, circuit breaker, the reply typed as an EnforceReply)
     pipeline.py        ScriptPipeline: enforce.lua over one pipelined hiredis connection
     breaker.py         CircuitBreaker (pure)
     keys.py            the Redis key schema and record field names (pure)

@@ -1,5 +1,5 @@
 """The data plane's client of enforce.lua: its keys and arguments, the circuit breaker, and
-its reply turned into a `Decision`; one call per request (three for a new device with a
+its reply turned into a `EnforceReply`; one call per request (three for a new device with a
 registration budget).
 
 Kept apart from the admin side (`gateway.store.store.Store`) so that the compiled build
@@ -13,13 +13,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from gateway.errors import StoreUnavailable
-from gateway.model import Bucket, Decision, DeviceIdentity, Outcome
+from gateway.model import Bucket, DeviceIdentity, EnforceReply, ReplyCode
 from gateway.store.breaker import CircuitBreaker
 from gateway.store.keys import SEPARATOR, KeySchema
 from gateway.store.pipeline import ScriptPipeline
 from gateway.typedefs import Clock
 
-_OUTCOMES: Final = tuple(Outcome)  # reply code -> Outcome, without the enum constructor
+_CODES: Final = tuple(ReplyCode)  # reply code -> ReplyCode, without the enum constructor
 _POLICY_DEVICE: Final = "device"
 _POLICY_ANONYMOUS: Final = "anonymous"
 _POLICY_REGISTRATION: Final = "registration"
@@ -59,7 +59,7 @@ class EnforceScript:
         *,
         upload: bool,
         registration: Bucket | None = None,
-    ) -> Decision:
+    ) -> EnforceReply:
         """Run enforce.lua once: block check, token bucket, upsert, history, indexes.
 
         With a `registration` budget, a device never seen costs more: its address's budget
@@ -69,7 +69,7 @@ class EnforceScript:
         if identity is None:
             keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
             args: tuple[str | int, ...] = (self.now(), bucket.rate_milli, bucket.burst)
-            return _decision(await self.call(keys, args), bucket, _POLICY_ANONYMOUS)
+            return _reply(await self.call(keys, args), bucket, _POLICY_ANONYMOUS)
         keys = self._keys.enforce(identity.id)
         args = (
             self.now(),
@@ -83,15 +83,15 @@ class EnforceScript:
             "0" if registration is None else "1",
         )
         reply = await self.call(keys, args)
-        if registration is not None and reply[0] == Outcome.UNREGISTERED:
+        if registration is not None and reply[0] == ReplyCode.UNREGISTERED:
             budget = await self.call(
                 (self._keys.registration_bucket(client_ip),),
                 (self.now(), registration.rate_milli, registration.burst),
             )
-            if budget[0] != Outcome.ALLOW:
-                return _decision(budget, registration, _POLICY_REGISTRATION)
+            if budget[0] != ReplyCode.ALLOW:
+                return _reply(budget, registration, _POLICY_REGISTRATION)
             reply = await self.call(keys, (*args[:-1], "0"))
-        return _decision(reply, bucket, _POLICY_DEVICE)
+        return _reply(reply, bucket, _POLICY_DEVICE)
 
     async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> list[int]:
         """One enforce.lua call, through the circuit breaker."""
@@ -114,13 +114,13 @@ class EnforceScript:
         return [int(x) for x in reply]
 
 
-def _decision(reply: list[int], bucket: Bucket, policy: str) -> Decision:
+def _reply(reply: list[int], bucket: Bucket, policy: str) -> EnforceReply:
     outcome, remaining, retry_after, full_after, rate_milli, burst, new = reply
     applied = (
         bucket
         if rate_milli == bucket.rate_milli and burst == bucket.burst
         else Bucket(rate=rate_milli / 1000, burst=burst)
     )
-    return Decision(
-        _OUTCOMES[outcome], remaining, retry_after, full_after, applied, policy, bool(new)
+    return EnforceReply(
+        _CODES[outcome], remaining, retry_after, full_after, applied, policy, bool(new)
     )

@@ -27,11 +27,11 @@ from gateway.store import keys as K
 from gateway.store.blocked import BlockedSet
 from gateway.store.breaker import CircuitBreaker
 from gateway.store.enforce_script import EnforceScript
-from gateway.store.scripts import load_script
 from gateway.store.keys import KeySchema
 from gateway.store.listing import BlockedFilter, DeviceListing
 from gateway.store.pipeline import ScriptPipeline
 from gateway.store.records import device_from_flat, device_from_hash, history_entry
+from gateway.store.scripts import load_script
 from gateway.typedefs import Clock
 
 # The package's logger, as before the package was split: its log lines keep their name.
@@ -100,7 +100,7 @@ class Store:
             history_size=history_size,
             clock=clock,
         )
-        # enforce(identity, client_ip, bucket, *, upload, registration=None) -> Decision:
+        # enforce(identity, client_ip, bucket, *, upload, registration=None) -> EnforceReply:
         # the data plane's call, compiled in the compiled build (store/enforce_script.py).
         self.enforce = self._enforce_script.enforce
 
