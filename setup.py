@@ -30,6 +30,7 @@ HOT_MODULES = [
     "gateway/dataplane/connection.py",
     "gateway/dataplane/forwarding.py",
     "gateway/dataplane/exchange.py",
+    "gateway/dataplane/report.py",
     "gateway/dataplane/upload.py",
     "gateway/dataplane/body.py",
     "gateway/dataplane/flow.py",

@@ -32,7 +32,8 @@ from gateway.dataplane import wire
 from gateway.dataplane.exchange import Exchange
 from gateway.dataplane.flow import FlowControl
 from gateway.dataplane.forwarding import Forwarding
-from gateway.dataplane.sides import ClientSide, ExchangeReport
+from gateway.dataplane.report import ExchangeReport
+from gateway.dataplane.sides import ClientSide
 from gateway.errors import RequestRefused
 from gateway.identity import FieldValues, IPNetwork, peer_is_trusted
 from gateway.logs import ACCESS_LOGGER
@@ -129,6 +130,9 @@ class ClientConnection(ClientSide):
         self.loop = hub.loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.flow: FlowControl | None = None
+        self.peer: str | None = None
+        self.peer_bytes = b"unknown"
+        self.peer_trusted = False  # a trusted proxy: its forwarding headers are passed on
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Exchange] = deque()
         self._parsing: Exchange | None = None
@@ -358,6 +362,9 @@ class ClientConnection(ClientSide):
             url,
             self._headers,
             fields,
+            peer=self.peer,
+            peer_bytes=self.peer_bytes,
+            peer_trusted=self.peer_trusted,
             keep_alive=parser.should_keep_alive() and not self._closing,
             http11=parser.get_http_version() == "1.1",
             content_length=content_length,

@@ -31,7 +31,8 @@ from gateway.answers import Answer
 from gateway.dataplane import wire
 from gateway.dataplane.body import BodyBuffer
 from gateway.dataplane.forwarding import Forwarding
-from gateway.dataplane.sides import ClientSide, ExchangeReport, ResponseSink
+from gateway.dataplane.report import ExchangeReport
+from gateway.dataplane.sides import ClientSide, ResponseSink
 from gateway.dataplane.upload import Upload
 from gateway.dataplane.upstream import NO_BODY, UpstreamConnection
 from gateway.enforce import FORWARD
@@ -68,6 +69,9 @@ class Exchange(ResponseSink):
         headers: wire.RawHeaders,
         fields: FieldValues,
         *,
+        peer: str | None,
+        peer_bytes: bytes,
+        peer_trusted: bool,
         keep_alive: bool,
         http11: bool,
         content_length: int | None,
@@ -76,6 +80,9 @@ class Exchange(ResponseSink):
     ) -> None:
         self._fwd = fwd
         self._client = client
+        self._peer = peer  # the client connection's peer, as the verdict reads it
+        self._peer_bytes = peer_bytes  # the same, for X-Forwarded-For
+        self._peer_trusted = peer_trusted  # a trusted proxy: its forwarding headers pass
         self.method = method
         self.target = target
         self.headers = headers
@@ -149,7 +156,7 @@ class Exchange(ResponseSink):
             if not retry:
                 client = self._client
                 verdict = await self._fwd.enforcer.check(
-                    self.method.decode("latin-1"), self.fields, client.peer, self.content_length
+                    self.method.decode("latin-1"), self.fields, self._peer, self.content_length
                 )
                 self.decision = verdict.decision
                 self.device_id = verdict.device_id
@@ -216,12 +223,12 @@ class Exchange(ResponseSink):
             self.target,
             self.headers,
             host=fwd.pool.host_header,
-            peer=client.peer_bytes,
+            peer=self._peer_bytes,
             scheme=b"http",
             preserve_host=fwd.preserve_host,
             content_length=content_length,
             chunked=chunked,
-            trusted=client.peer_trusted,
+            trusted=self._peer_trusted,
             identity=fwd.identity_names,
         )
         self._last_io = loop.time()
