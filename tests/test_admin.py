@@ -20,7 +20,7 @@ from gateway.store import Store
 from gateway.store.blocked import BlockedSeed
 
 if TYPE_CHECKING:
-    from tests.conftest import FakeClock
+    from tests.rig.clock import FakeClock
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

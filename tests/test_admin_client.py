@@ -17,7 +17,7 @@ from gateway.model import Bucket, DeviceIdentity
 from gateway.store import Store
 
 if TYPE_CHECKING:
-    from tests.conftest import FakeClock
+    from tests.rig.clock import FakeClock
 
 TOKEN = "admin-token-for-tests-0123456789"
 BUCKET = Bucket(rate=100.0, burst=100)

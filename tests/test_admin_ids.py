@@ -23,10 +23,10 @@ from gateway.errors import AdminClientError, IdentityError
 from gateway.identity import IdentityReader, device_id_problem
 from gateway.model import Bucket, DeviceIdentity
 from gateway.store import Store
-from tests.node_js import run_modules
+from tests.rig.node_js import run_modules
 
 if TYPE_CHECKING:
-    from tests.conftest import FakeClock
+    from tests.rig.clock import FakeClock
 
 TOKEN = "admin-ids-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.admin_client import _hidden
-from tests.node_js import run_modules, static_module
+from tests.rig.node_js import run_modules, static_module
 
 PARTS = """
 import { displayParts, displayText } from "./text.js";

@@ -20,7 +20,8 @@ from gateway.store import Store
 from gateway.store.blocked import BlockedSeed, BlockedSet, BlockedStatus
 from gateway.store.keys import KeySchema
 from gateway.store.reset import RESTORE_CHUNK, StoreReset
-from tests.conftest import RedisServer, until
+from tests.rig.redis_server import RedisServer
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,8 @@ from gateway.metrics import Metrics
 from gateway.model import Bucket
 from gateway.store import Store
 from gateway.typedefs import Clock
-from tests.conftest import FakeClock, RedisServer
+from tests.rig.clock import FakeClock
+from tests.rig.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 

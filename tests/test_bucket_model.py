@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from gateway.config import RedisSettings
 from gateway.model import Bucket, DeviceIdentity, ReplyCode
 from gateway.store import Store
-from tests.bucket_model import BucketModel
-from tests.conftest import EPOCH_US, RedisServer
+from tests.rig.bucket_model import BucketModel
+from tests.rig.clock import EPOCH_US
+from tests.rig.redis_server import RedisServer
 
 
 class _Clock:

@@ -28,9 +28,9 @@ from gateway.cli import main
 from gateway.model import Bucket, DeviceIdentity
 from gateway.state import admin_token_file
 from gateway.store import Store
-from tests.conftest import TESTS_DIR, FakeClock, free_port
+from tests.rig.clock import FakeClock
+from tests.rig.system import REPO, TESTS_DIR, free_port
 
-REPO = TESTS_DIR.parent
 CONFIG = REPO / "config.yaml"
 BAD_CONFIGS = TESTS_DIR / "configs"
 TOKEN = "cli-admin-token-0123456789abcdef"

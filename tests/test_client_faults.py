@@ -38,9 +38,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port
-from tests.counting_upstream import MARK, CountingUpstream, Stream
-from tests.faults import rst
+from tests.rig.faults import rst
+from tests.rig.system import free_port
+from tests.rig.upstream import MARK, CountingUpstream, Stream
 
 pytestmark = pytest.mark.integration
 

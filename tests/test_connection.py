@@ -2,7 +2,7 @@
 loop.
 
 A ClientConnection is driven by hand (connection_made, data_received) over a transport that
-records what is written (tests/mock_io.py), its deadlines by a loop whose clock the test
+records what is written (tests/rig/mock_io.py), its deadlines by a loop whose clock the test
 moves. The refusals are raised inside llhttp's callbacks; the status they
 get must not depend on the exception being handled around the loop (`gateway run` once ran
 its loop inside `except ImportError` when uvloop was missing, and every refusal became a
@@ -24,7 +24,7 @@ from gateway.dataplane.connection import ClientConnection
 from gateway.enforce import Verdict
 from gateway.identity import HeaderLookup
 from gateway.store import Store
-from tests.mock_io import MockLoop, MockTransport, settle
+from tests.rig.mock_io import MockLoop, MockTransport, settle
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.model import Bucket, EnforceReply, ReplyCode
 from gateway.store import Store
-from tests.conftest import FakeClock
+from tests.rig.clock import FakeClock
 
 CONFIG = """
 rate_limits:

@@ -1,5 +1,5 @@
 """One request's life without sockets: a ClientConnection and its exchange over mock
-transports, on a MockLoop whose clock the test moves (tests/mock_io.py).
+transports, on a MockLoop whose clock the test moves (tests/rig/mock_io.py).
 
 The verdict comes from a stand-in Enforcer; the upstream connections are mock transports
 the pool gets from the MockLoop, and the test plays the upstream by feeding bytes to their
@@ -21,7 +21,7 @@ from gateway.dataplane.upstream import UpstreamConnection
 from gateway.enforce import FORWARD, Verdict
 from gateway.identity import HeaderLookup
 from gateway.store import Store
-from tests.mock_io import MockLoop, MockTransport, settle
+from tests.rig.mock_io import MockLoop, MockTransport, settle
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 TIMEOUT = 30.0

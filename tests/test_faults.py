@@ -21,8 +21,9 @@ import orjson
 import pytest
 from yarl import URL
 
-from tests.conftest import free_port, until
-from tests.counting_upstream import (
+from tests.rig.faults import FaultProxy, rst
+from tests.rig.system import free_port
+from tests.rig.upstream import (
     MALFORMED,
     MARK,
     CountingUpstream,
@@ -32,7 +33,7 @@ from tests.counting_upstream import (
     Slow,
     Stream,
 )
-from tests.faults import FaultProxy, rst
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,9 @@ from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.model import Device, HistoryEntry
 from gateway.store import Store
 from gateway.store.keys import KeySchema
-from tests.conftest import FakeClock, RedisServer, free_port
+from tests.rig.clock import FakeClock
+from tests.rig.redis_server import RedisServer
+from tests.rig.system import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -54,8 +54,8 @@ from gateway.loadtest.runner import LoadRunner, error_kind, latency_us, post_bod
 from gateway.loadtest.schedule import arrivals, arrivals_until, post_choices
 from gateway.loadtest.spec import LoadSpec, connection_limit
 from gateway.model import Bucket
-from tests.conftest import free_port
-from tests.loadtest_report import REPORT_KEYS
+from tests.rig.loadtest_report import REPORT_KEYS
+from tests.rig.system import free_port
 
 # ---------------------------------------------------------------- the fleet
 

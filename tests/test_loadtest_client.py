@@ -28,7 +28,7 @@ from gateway.loadtest.runner import (
     request_prefix,
 )
 from gateway.loadtest.spec import LoadSpec
-from tests.conftest import free_port
+from tests.rig.system import free_port
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

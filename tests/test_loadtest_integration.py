@@ -28,7 +28,7 @@ from gateway.loadtest import cli
 from gateway.loadtest.fleet import build_fleet, choose_blocked
 from gateway.model import Bucket
 from gateway.store import Store
-from tests.loadtest_report import REPORT_KEYS
+from tests.rig.loadtest_report import REPORT_KEYS
 
 pytestmark = pytest.mark.integration
 

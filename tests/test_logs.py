@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from gateway.logs import ACCESS_LOGGER, RepeatFilter, flush_logs, setup_logging
-from tests.conftest import FakeClock, until
+from tests.rig.clock import FakeClock
+from tests.rig.waits import until
 
 STORE_DOWN = "store unavailable (on_error=%s): %s"
 

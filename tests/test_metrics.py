@@ -13,7 +13,7 @@ from gateway.dataplane import DataPlane, start_public
 from gateway.metrics import Metrics, render
 from gateway.store import Store
 from gateway.store.blocked import BlockedSeed
-from tests.conftest import free_port
+from tests.rig.system import free_port
 
 TOKEN = "metrics-test-token-0123456789"
 

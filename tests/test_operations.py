@@ -39,13 +39,13 @@ from typing import Final, Literal
 import orjson
 import pytest
 
-from tests.conftest import TESTS_DIR, RedisServer, children, free_port
-from tests.counting_upstream import MARK, CountingUpstream, Reply, Slow, Stream
-from tests.gateway_rig import figure
+from tests.rig.gateway import figure
+from tests.rig.redis_server import RedisServer
+from tests.rig.system import REPO, children, free_port
+from tests.rig.upstream import MARK, CountingUpstream, Reply, Slow, Stream
 
 pytestmark = pytest.mark.integration
 
-REPO: Final = TESTS_DIR.parent
 WAIT: Final = 15.0  # bounds every wait for a process, a line of output or an answer
 TOKEN: Final = "operations-admin-token-0123456789"
 LISTENING: Final = '"message":"listening"'

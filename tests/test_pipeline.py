@@ -12,7 +12,7 @@ import redis
 
 from gateway.errors import StoreUnavailable
 from gateway.store.pipeline import ScriptPipeline
-from tests.conftest import RedisServer, calls, command_stats
+from tests.rig.redis_server import RedisServer, calls, command_stats
 
 pytestmark = pytest.mark.integration
 
@@ -177,7 +177,7 @@ async def test_auth_and_database_selection() -> None:
 
 
 async def test_unreachable_redis_fails_fast() -> None:
-    from tests.conftest import free_port
+    from tests.rig.system import free_port
 
     p = ScriptPipeline(f"redis://127.0.0.1:{free_port()}/0", SCRIPT, timeout=0.2)
     started = time.monotonic()

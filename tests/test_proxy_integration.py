@@ -35,9 +35,9 @@ from gateway.enforce import FORWARD, Verdict
 from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
 from gateway.store import Store
-from tests.conftest import free_port
-from tests.faults import rst
-from tests.raw_http import head_fields, read_answer
+from tests.rig.client import head_fields, read_answer
+from tests.rig.faults import rst
+from tests.rig.system import free_port
 
 pytestmark = pytest.mark.integration
 

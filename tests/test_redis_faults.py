@@ -36,28 +36,23 @@ from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
 from gateway.store.snapshot import snapshot_name
-from tests.conftest import RedisServer, calls, command_stats, free_port, reset_stats, until
-from tests.counting_upstream import MARK, CountingUpstream
-from tests.faults import FaultProxy, rst
-from tests.gateway_rig import (
+from tests.rig.faults import FaultProxy, rst
+from tests.rig.gateway import (
     TIMEOUT,
     TOKEN,
-    WAIT,
     Answer,
     OnError,
     StartGateway,
     assert_envelope,
     assert_no_traceback,
-    bounded,
     figure,
     make_settings,
     send,
 )
-from tests.gateway_rig import gateway_log as gateway_log
-from tests.gateway_rig import http as http
-from tests.gateway_rig import proxies as proxies
-from tests.gateway_rig import start_gateway as start_gateway
-from tests.gateway_rig import upstream as upstream
+from tests.rig.redis_server import RedisServer, calls, command_stats, reset_stats
+from tests.rig.system import free_port
+from tests.rig.upstream import MARK, CountingUpstream
+from tests.rig.waits import WAIT, bounded, until
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from gateway.store.snapshot import (
     snapshot_name,
     write_snapshot,
 )
-from tests.conftest import until
+from tests.rig.waits import until
 
 URL = "redis://gw:s3cret@10.0.0.5:6379/0"
 PUBLIC = "redis://10.0.0.5:6379/0"

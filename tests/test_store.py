@@ -14,7 +14,9 @@ from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, ReplyCode, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
-from tests.conftest import EPOCH_US, FakeClock, RedisServer, command_stats, free_port, reset_stats
+from tests.rig.clock import EPOCH_US, FakeClock
+from tests.rig.redis_server import RedisServer, command_stats, reset_stats
+from tests.rig.system import free_port
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(

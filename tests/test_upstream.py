@@ -1,6 +1,6 @@
 """The upstream protocol and pool without sockets: responses fed byte by byte to an
 UpstreamConnection over a mock transport, its events recorded by a sink; the pool's
-connections handed out by a MockLoop (tests/mock_io.py)."""
+connections handed out by a MockLoop (tests/rig/mock_io.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from gateway.dataplane.upstream import (
 )
 from gateway.dataplane.wire import RawHeaders
 from gateway.errors import ClientBusy, PoolExhausted, UpstreamUnreachable
-from tests.mock_io import MockLoop, MockTransport
+from tests.rig.mock_io import MockLoop, MockTransport
 
 
 class Recorder(ResponseSink):

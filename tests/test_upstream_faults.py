@@ -32,19 +32,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config import Settings
-from tests.conftest import RedisServer, free_port, until
-from tests.counting_upstream import (
-    MALFORMED,
-    MARK,
-    Behaviour,
-    CountingUpstream,
-    RawUpstream,
-    ResetMidBody,
-    Slow,
-    Stream,
-)
-from tests.faults import FaultProxy
-from tests.gateway_rig import (
+from tests.rig.client import head_fields, read_answer
+from tests.rig.faults import FaultProxy
+from tests.rig.gateway import (
     Answer,
     Gateway,
     StartGateway,
@@ -54,12 +44,19 @@ from tests.gateway_rig import (
     make_settings,
     send,
 )
-from tests.gateway_rig import gateway_log as gateway_log
-from tests.gateway_rig import http as http
-from tests.gateway_rig import proxies as proxies
-from tests.gateway_rig import start_gateway as start_gateway
-from tests.gateway_rig import upstream as upstream
-from tests.raw_http import head_fields, read_answer
+from tests.rig.redis_server import RedisServer
+from tests.rig.system import free_port
+from tests.rig.upstream import (
+    MALFORMED,
+    MARK,
+    Behaviour,
+    CountingUpstream,
+    RawUpstream,
+    ResetMidBody,
+    Slow,
+    Stream,
+)
+from tests.rig.waits import until
 
 # The `x as x` imports above are the rig's fixtures: imported into this module's namespace,
 # pytest finds them here (the redundant alias tells ruff it is a re-export, not an unused

@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from gateway.metrics import Metrics, SharedCounters, render
-from tests.conftest import RedisServer, children, free_port
+from tests.rig.redis_server import RedisServer
+from tests.rig.system import children, free_port
 
 pytestmark = pytest.mark.integration
 

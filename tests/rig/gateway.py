@@ -1,18 +1,16 @@
-"""The in-process gateway rig the fault tests share: settings, fixtures, answers.
+"""The in-process gateway the fault tests share: its settings, what `start_gateway` gives,
+and the answers read through it.
 
 The data plane runs on a loopback port over a Store of its own (following the blocked ids),
-in front of a `CountingUpstream`, with `FaultProxy`s to put between them. Test modules take
-the fixtures by importing them (`from tests.gateway_rig import http as http`): pytest finds
-a fixture in the module that uses it, and the alias tells ruff the name is a re-export.
+in front of a `CountingUpstream`, with `FaultProxy`s to put between them; the fixtures that
+start them are in tests/rig/fixtures.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,16 +20,14 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import Settings, parse_config
-from gateway.dataplane import DataPlane, start_public
+from gateway.dataplane import DataPlane
 from gateway.logs import JsonFormatter
 from gateway.store import Store
-from tests.counting_upstream import MARK, CountingUpstream
-from tests.faults import FaultProxy
+from tests.rig.upstream import MARK, CountingUpstream
 
 OnError = Literal["open", "closed"]
 
 TIMEOUT = 0.1  # redis.timeout under test
-WAIT = 10.0  # bounds every wait for a server, a process or a response
 TOKEN = "gateway-rig-admin-token-0123456789"
 
 
@@ -61,53 +57,7 @@ def make_settings(
     return parse_config(text, "faults.yaml", env)
 
 
-# ---------------------------------------------------------------- fixtures
-
-
-async def bounded(step: Awaitable[None], what: str) -> None:
-    """A teardown step bounded by WAIT; past it, the tasks still running are printed and the
-    step fails by name (rather than a silent wait until pytest-timeout)."""
-    task = asyncio.ensure_future(step)
-    done, _ = await asyncio.wait({task}, timeout=WAIT)
-    if not done:
-        for other in asyncio.all_tasks():
-            if other is not asyncio.current_task():
-                other.print_stack()
-        task.cancel()
-        pytest.fail(f"{what} did not finish within {WAIT} s")
-    task.result()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await bounded(up.close(), "closing the upstream")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(limit=200)
-    timeout = aiohttp.ClientTimeout(total=WAIT)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        yield session
-
-
-@pytest.fixture
-async def proxies() -> AsyncIterator[Callable[[int], Awaitable[FaultProxy]]]:
-    """Factory: a started FaultProxy in front of a loopback port."""
-    made: list[FaultProxy] = []
-
-    async def start(port: int) -> FaultProxy:
-        proxy = FaultProxy("127.0.0.1", port)
-        await proxy.start()
-        made.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in made:
-        await bounded(proxy.close(), "closing a fault proxy")
+# ---------------------------------------------------------------- the running gateway
 
 
 @dataclass(frozen=True)
@@ -120,39 +70,6 @@ class Gateway:
 
 
 StartGateway = Callable[[Settings], Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
-    running: list[tuple[Gateway, asyncio.Server]] = []
-
-    async def start(settings: Settings) -> Gateway:
-        store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
-        await store.start(follow_blocked=True)
-        # Known before serving, as a process that read its snapshot (or its supervisor) at
-        # start would: a fault injected right away then meets on_error, not the 503 of a
-        # process that does not know the blocked ids yet.
-        await asyncio.wait_for(store.blocked.synced.wait(), WAIT)
-        plane = DataPlane(settings, store)
-        server = await start_public(plane, "127.0.0.1", 0)
-        gw = Gateway(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", store, plane)
-        running.append((gw, server))
-        return gw
-
-    yield start
-    for gw, server in running:
-        server.close()
-        await bounded(gw.plane.shutdown(1.0), "the data plane's shutdown")
-        await bounded(server.wait_closed(), "closing the public listener")
-        await bounded(gw.store.close(), "closing the store")
-
-
-@pytest.fixture
-def gateway_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """Every record at INFO and up (the gateway's own from DEBUG), for `assert_no_traceback`."""
-    caplog.set_level(logging.INFO)
-    caplog.set_level(logging.DEBUG, logger="gateway")
-    return caplog
 
 
 def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:

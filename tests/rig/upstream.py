@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tests.faults import rst
+from tests.rig.faults import rst
 
 MARK: Final = "X-Counting-Upstream"  # on every answer the upstream itself makes
 LOOPBACK: Final = "127.0.0.1"

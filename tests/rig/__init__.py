@@ -1,0 +1,16 @@
+"""The suite's rig: one of each thing the tests need, shared by every module.
+
+fixtures        every fixture and hook (the plugin tests/conftest.py registers)
+clock           FakeClock, the one fake clock
+waits           until / until_sync / bounded: bounded polls, never fixed sleeps
+system          repository paths, free loopback ports, child pids
+redis_server    RedisServer (a real redis-server on a free port) and its commandstats
+upstream        CountingUpstream and RawUpstream, the one upstream factory
+client          RawClient and read_answer, the one raw HTTP client
+faults          FaultProxy (a TCP proxy that delays, drops, resets or cuts) and rst()
+gateway         the in-process gateway's settings, answers and envelope checks
+mock_io         MockTransport and MockLoop: the data plane's protocols without sockets
+bucket_model    a pure model of the token bucket (the property test)
+loadtest_report the load-test report's documented fields
+node_js         the admin page's modules run under node
+"""
