@@ -10,6 +10,8 @@
     │                            a body (-> 400)
     ├── StoreError               the store failed; raised only through its subclass
     │   └── StoreUnavailable     the store could not be asked (down, slow, refused) -> on_error
+    │       └── StoreRedirect    a cluster node sent the call elsewhere (MOVED, ASK,
+    │                            TRYAGAIN): followed once by the router, else on_error
     ├── SnapshotError            a blocked-ids snapshot file cannot be used (ignored, with a
     │                            warning saying why)
     ├── UpstreamError            the upstream could not give an answer; raised only through
@@ -77,6 +79,22 @@ class StoreError(GatewayError):
 
 class StoreUnavailable(StoreError):
     """The store could not be asked in time; raised only in gateway.store."""
+
+
+class StoreRedirect(StoreUnavailable):
+    """A Redis Cluster node answered MOVED, ASK or TRYAGAIN: the slot is served elsewhere,
+    or is moving. Raised by the pipelined connection; the cluster's router follows it once,
+    and a redirect it does not follow is, like its base, a store that could not be asked."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(f"Redis redirected the call: {reply}")
+        kind, _, rest = reply.partition(" ")
+        slot, _, address = rest.partition(" ")
+        self.kind = kind  # MOVED, ASK or TRYAGAIN
+        self.slot = int(slot) if slot.isdigit() else -1
+        host, _, port = address.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port) if port.isdigit() else 0
 
 
 class SnapshotError(GatewayError):

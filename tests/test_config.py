@@ -76,12 +76,21 @@ BAD_CONFIGS: dict[str, str] = {
     "bool_as_int.yaml": "upstream.max_connections: must be a whole number",
     "int_as_bool.yaml": "upstream.preserve_host: must be true or false",
     "bad_redis_scheme.yaml": (
-        "redis.url: must start with memory://, redis://, rediss:// or unix://"
+        "redis.url: must start with memory://, redis://, rediss://, unix://, redis+cluster://, "
+        "rediss+cluster://, redis+sentinel:// or rediss+sentinel://"
     ),
     "redis_url_without_slashes.yaml": (
-        "redis.url: must start with memory://, redis://, rediss:// or unix://"
+        "redis.url: must start with memory://, redis://, rediss://, unix://, redis+cluster://, "
+        "rediss+cluster://, redis+sentinel:// or rediss+sentinel://"
     ),
     "redis_bad_port.yaml": "redis.url: has an invalid host or port",
+    "redis_cluster_no_nodes.yaml": "redis.url: names no node (host:port[,host:port...])",
+    "redis_cluster_bad_port.yaml": "redis.url: has an invalid host or port",
+    "redis_cluster_db.yaml": "redis.url: a cluster has only database 0: leave the path out",
+    "redis_sentinel_no_service.yaml": (
+        "redis.url: names no service: redis+sentinel://host:port[,...]/<service>"
+    ),
+    "redis_sentinel_bad_db.yaml": "redis.url: has an invalid database number",
     "redis_timeout_too_long.yaml": (
         "redis.timeout: must be <= 10 seconds (it bounds every request)"
     ),
@@ -384,7 +393,8 @@ BAD_ENV = [
     (
         "GATEWAY_REDIS_URL",
         "localhost:6379",
-        "redis.url: must start with memory://, redis://, rediss:// or unix://",
+        "redis.url: must start with memory://, redis://, rediss://, unix://, redis+cluster://, "
+        "rediss+cluster://, redis+sentinel:// or rediss+sentinel://",
     ),
     ("GATEWAY_LISTEN", "8080", "server.listen: must be host:port, got '8080'"),
     ("GATEWAY_ADMIN_LISTEN", "localhost", "admin.listen: must be host:port, got 'localhost'"),

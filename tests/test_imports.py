@@ -24,6 +24,7 @@ PURE_MODULES = [
     "gateway.typedefs",
     "gateway.metrics",
     "gateway.identity",
+    "gateway.redis_topology",
     "gateway.ratelimit",
     "gateway.envelope",
     "gateway.dataplane.wire",

@@ -34,7 +34,7 @@ def own_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def pipeline(own_redis: RedisServer) -> AsyncIterator[ScriptPipeline]:
-    p = ScriptPipeline(own_redis.url, SCRIPT, timeout=TIMEOUT)
+    p = ScriptPipeline.for_url(own_redis.url, SCRIPT, timeout=TIMEOUT)
     yield p
     await p.close()
 
@@ -159,7 +159,7 @@ async def test_cancelled_callers_never_shift_the_answers(pipeline: ScriptPipelin
 async def test_auth_and_database_selection() -> None:
     server = RedisServer(extra_args=["--requirepass", "s3cret-pass"])
     try:
-        good = ScriptPipeline(
+        good = ScriptPipeline.for_url(
             f"redis://:s3cret-pass@127.0.0.1:{server.port}/3",
             "return redis.call('SET', KEYS[1], ARGV[1])",
             timeout=0.5,
@@ -168,7 +168,9 @@ async def test_auth_and_database_selection() -> None:
         with redis.Redis(port=server.port, password="s3cret-pass", db=3) as check:
             assert check.get("where") == b"db3"
         await good.close()
-        bad = ScriptPipeline(f"redis://:wrong@127.0.0.1:{server.port}/0", SCRIPT, timeout=0.5)
+        bad = ScriptPipeline.for_url(
+            f"redis://:wrong@127.0.0.1:{server.port}/0", SCRIPT, timeout=0.5
+        )
         with pytest.raises(StoreUnavailable, match="session setup"):
             await bad.call(["k"], ["1"])
         await bad.close()
@@ -179,7 +181,7 @@ async def test_auth_and_database_selection() -> None:
 async def test_unreachable_redis_fails_fast() -> None:
     from tests.rig.system import free_port
 
-    p = ScriptPipeline(f"redis://127.0.0.1:{free_port()}/0", SCRIPT, timeout=0.2)
+    p = ScriptPipeline.for_url(f"redis://127.0.0.1:{free_port()}/0", SCRIPT, timeout=0.2)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="connect failed"):
         await p.call(["k"], ["1"])

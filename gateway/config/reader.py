@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from gateway.config.settings import Listen
 from gateway.errors import ConfigError
+from gateway.redis_topology import parse_redis_url
 
 T = TypeVar("T")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -157,21 +158,14 @@ class Reader:
 
     def redis_url(self, value: Any, path: str) -> str:
         text = self.string(value, path)
-        scheme, sep, rest = text.partition("://")
-        scheme = scheme.lower()
-        if not sep or scheme not in ("memory", "redis", "rediss", "unix"):
-            raise self.fail(path, "must start with memory://, redis://, rediss:// or unix://")
-        if scheme in ("redis", "rediss"):
-            # Caught here rather than at the first request, when redis-py would parse it. The
-            # message leaves the URL out: it may carry a password.
-            try:
-                port = urlsplit(text).port
-            except ValueError:
-                raise self.fail(path, "has an invalid host or port") from None
-            if port == 0:
-                raise self.fail(path, "has an invalid host or port")
+        # Caught here rather than at the first request, when the store would connect. The
+        # message leaves the URL out: it may carry a password.
+        try:
+            topology = parse_redis_url(text)
+        except ValueError as exc:
+            raise self.fail(path, str(exc)) from None
         # The scheme in lower case, so the store can dispatch on it with a plain comparison.
-        return f"{scheme}://{rest}"
+        return topology.url
 
     def cidrs(self, value: Any, path: str) -> tuple[Network, ...]:
         if not isinstance(value, list):

@@ -10,13 +10,12 @@ admin side is redis-py and needs no compiling. `Store.enforce` is this class's `
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, EnforceReply, ReplyCode
 from gateway.store.breaker import CircuitBreaker
 from gateway.store.keys import SEPARATOR, KeySchema
-from gateway.store.pipeline import ScriptPipeline
 from gateway.typedefs import Clock
 
 _CODES: Final = tuple(ReplyCode)  # reply code -> ReplyCode, without the enum constructor
@@ -27,6 +26,17 @@ _POLICY_REGISTRATION: Final = "registration"
 ScriptCall = Callable[[Sequence[str], Sequence[str | int]], Awaitable[Any]]
 
 
+class ScriptCaller(Protocol):
+    """A pipelined caller of enforce.lua: one server's (gateway.store.pipeline) or a
+    cluster's (gateway.store.cluster_scripts)."""
+
+    async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> Any: ...
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class EnforceScript:
     """enforce.lua per request: over the pipelined connection, or `fallback` (memory://)."""
 
@@ -35,7 +45,7 @@ class EnforceScript:
         keys: KeySchema,
         breaker: CircuitBreaker,
         *,
-        pipeline: ScriptPipeline | None,
+        pipeline: ScriptCaller | None,
         fallback: ScriptCall,
         history_size: int,
         clock: Clock | None,

@@ -5,11 +5,18 @@ same event-loop tick is packed with hiredis and written to the socket in one wri
 answers in order, so replies are matched to callers first-in first-out and parsed by
 hiredis' C reader. The connection is opened on first use and again after any failure.
 
+Where it connects is asked of `resolve` each time it opens: a fixed server, or the
+primary the sentinels name now (gateway.store.routes); a cluster keeps one pipeline per
+primary (gateway.store.cluster_scripts).
+
 Failure handling, at one place: a reply that does not come within `timeout` of its batch's
 write, a reset, or a refused connection fails every call in flight with `StoreUnavailable`
 and drops the connection (a reply stream can never be matched again once one reply is
-missing). A `NOSCRIPT` reply (Redis restarted or flushed its script cache) loads the script
-on this connection and sends the call again, once.
+missing). A `READONLY`, `LOADING` or `MASTERDOWN` reply means the server is not (or no
+longer) a usable primary: the same, so the next call resolves the primary again. A
+`NOSCRIPT` reply (Redis restarted or flushed its script cache) loads the script on this
+connection and sends the call again, once. `MOVED`, `ASK` and `TRYAGAIN` fail that call
+alone with `StoreRedirect`, for the cluster's router to follow.
 """
 
 from __future__ import annotations
@@ -18,15 +25,18 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, cast
 
 import hiredis
 from redis.connection import parse_url as _parse_url
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import StoreRedirect, StoreUnavailable
 
 MAX_IN_FLIGHT: Final = 20_000  # calls waiting for a reply; past it, refuse at once
+# Replies of a server that is not a writable primary (any more): drop the connection.
+_NOT_PRIMARY: Final = ("READONLY", "LOADING", "MASTERDOWN")
+_REDIRECTS: Final = ("MOVED", "ASK", "TRYAGAIN")
 
 parse_url = cast(Callable[[str], dict[str, Any]], _parse_url)
 # hiredis' stub types the argument tuple too narrowly: typed here once, not per call.
@@ -36,6 +46,51 @@ _pack_command = cast(Callable[[tuple[str | int | bytes, ...]], bytes], hiredis.p
 def pack(*parts: str | int | bytes) -> bytes:
     """One command in RESP, packed by hiredis."""
     return _pack_command(parts)
+
+
+class ConnectTo:
+    """Where and how to open one connection: a TCP address or a Unix socket, TLS, AUTH, db."""
+
+    __slots__ = ("db", "host", "password", "path", "port", "tls", "username")
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 6379,
+        *,
+        path: str | None = None,
+        tls: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.path = path
+        self.tls = tls
+        self.username = username
+        self.password = password
+        self.db = db
+
+    @classmethod
+    def from_url(cls, url: str) -> ConnectTo:
+        """A single server's redis://, rediss:// or unix:// URL, as redis-py reads it."""
+        p = parse_url(url)
+        return cls(
+            str(p.get("host", "localhost")),
+            int(p.get("port", 6379)),
+            path=p.get("path"),
+            tls=p.get("connection_class") is not None and "SSL" in str(p["connection_class"]),
+            username=p.get("username"),
+            password=p.get("password"),
+            db=int(p.get("db") or 0),
+        )
+
+    def __repr__(self) -> str:
+        return f"ConnectTo({self.path or f'{self.host}:{self.port}'})"
+
+
+Resolve = Callable[[], Awaitable[ConnectTo]]
 
 
 class _Call:
@@ -75,8 +130,8 @@ class _Protocol(asyncio.Protocol):
 class ScriptPipeline:
     """Calls one Lua script by EVALSHA, batching concurrent calls into one write per tick."""
 
-    def __init__(self, url: str, script: str, *, timeout: float) -> None:
-        self._params = parse_url(url)
+    def __init__(self, resolve: Resolve, script: str, *, timeout: float) -> None:
+        self._resolve = resolve
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()  # Redis names scripts by SHA1
         self._timeout = timeout
@@ -98,8 +153,22 @@ class ScriptPipeline:
         """The script's SHA1, as Redis knows it."""
         return self._sha.decode()
 
-    async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        """Run the script; raises StoreUnavailable when Redis cannot answer in time."""
+    @classmethod
+    def for_url(cls, url: str, script: str, *, timeout: float) -> ScriptPipeline:
+        """A pipeline to the one server a redis://, rediss:// or unix:// URL names."""
+        target = ConnectTo.from_url(url)
+
+        async def fixed() -> ConnectTo:
+            return target
+
+        return cls(fixed, script, timeout=timeout)
+
+    async def call(
+        self, keys: Sequence[str], args: Sequence[str | int], *, asking: bool = False
+    ) -> Any:
+        """Run the script; raises StoreUnavailable when Redis cannot answer in time.
+
+        `asking` sends ASKING ahead of it (a cluster's ASK redirect, followed once)."""
         if self._transport is None:
             await self._connect()
         if len(self._pending) + len(self._outbox) >= MAX_IN_FLIGHT:
@@ -107,6 +176,8 @@ class ScriptPipeline:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         command = _pack_command((b"EVALSHA", self._sha, len(keys), *keys, *args))
+        if asking:
+            self._outbox.append(_Call(pack("ASKING"), None))
         self._outbox.append(_Call(command, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -142,24 +213,19 @@ class ScriptPipeline:
 
     async def _open(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        p = self._params
         try:
             async with asyncio.timeout(self._timeout):
-                if "path" in p:
+                to = await self._resolve()
+                if to.path is not None:
                     transport, protocol = await loop.create_unix_connection(
-                        lambda: _Protocol(self), p["path"]
+                        lambda: _Protocol(self), to.path
                     )
                 else:
-                    context = None
-                    if p.get("connection_class") is not None and "SSL" in str(
-                        p["connection_class"]
-                    ):
-                        context = ssl.create_default_context()
                     transport, protocol = await loop.create_connection(
                         lambda: _Protocol(self),
-                        p.get("host", "localhost"),
-                        p.get("port", 6379),
-                        ssl=context,
+                        to.host,
+                        to.port,
+                        ssl=ssl.create_default_context() if to.tls else None,
                     )
         except (OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"Redis connect failed: {exc!r}") from exc
@@ -168,11 +234,11 @@ class ScriptPipeline:
         self._last_error = None
         # Session setup and the script travel ahead of any call on this connection.
         setup: list[tuple[str | int | bytes, ...]] = []
-        if p.get("password"):
-            user = p.get("username")
-            setup.append(("AUTH", user, p["password"]) if user else ("AUTH", p["password"]))
-        if p.get("db"):
-            setup.append(("SELECT", p["db"]))
+        if to.password:
+            user = to.username
+            setup.append(("AUTH", user, to.password) if user else ("AUTH", to.password))
+        if to.db:
+            setup.append(("SELECT", to.db))
         setup.append(("SCRIPT", "LOAD", self._script))
         self._outbox[:0] = [_Call(pack(*c), None) for c in setup]
         self._reloading = False
@@ -238,6 +304,18 @@ class ScriptPipeline:
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+                return
+            if message.startswith(_REDIRECTS):
+                if not future.done():
+                    future.set_exception(StoreRedirect(message))
+                return
+            if message.startswith(_NOT_PRIMARY):
+                # A replica, a demoted primary or one still loading: every call in flight
+                # meets the same, and the next connection resolves the primary again.
+                error = StoreUnavailable(f"Redis is not a usable primary: {message}")
+                if not future.done():
+                    future.set_exception(error)
+                self._fail_all(error)
                 return
             if not future.done():
                 future.set_exception(StoreUnavailable(f"Redis error: {message}"))

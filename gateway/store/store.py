@@ -16,20 +16,19 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, Device, HistoryEntry
+from gateway.redis_topology import parse_redis_url
 from gateway.store import keys as K
 from gateway.store.blocked import BlockedSet
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.enforce_script import EnforceScript
+from gateway.store.clients import close_client, redis_client, script_caller
+from gateway.store.enforce_script import EnforceScript, ScriptCaller
 from gateway.store.keys import KeySchema
 from gateway.store.listing import BlockedFilter, DeviceListing
-from gateway.store.pipeline import ScriptPipeline
 from gateway.store.records import device_from_flat, device_from_hash, history_entry
 from gateway.store.scripts import load_script
 from gateway.typedefs import Clock
@@ -40,24 +39,10 @@ log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
 ADMIN_TIMEOUT: Final = 5.0  # seconds, per admin round trip (each is a bounded chunk)
-HOT_POOL_SIZE: Final = 64
 
 
 def _script(name: str) -> str:
     return load_script(name)  # the record's field names rendered in from gateway.schema
-
-
-def _connect(url: str, timeout: float, decode: bool) -> aioredis.Redis:
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=HOT_POOL_SIZE,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        decode_responses=decode,
-    )
-    return aioredis.Redis(connection_pool=pool)
 
 
 class Store:
@@ -73,7 +58,7 @@ class Store:
         admin_timeout: float = ADMIN_TIMEOUT,
         history_size: int = 50,
         clock: Clock | None = None,
-        pipeline: ScriptPipeline | None = None,
+        pipeline: ScriptCaller | None = None,
         breaker: CircuitBreaker | None = None,
         restore_blocks: bool = True,
     ) -> None:
@@ -108,19 +93,21 @@ class Store:
     def from_settings(
         cls, settings: RedisSettings, *, history_size: int = 50, clock: Clock | None = None
     ) -> Store:
-        """Connect as configured: `memory://` embeds an in-process Redis (fakeredis)."""
-        if settings.url.startswith("memory:"):
+        """Connect as configured (one server, a Sentinel service or a Redis Cluster:
+        gateway.store.clients); `memory://` embeds an in-process Redis (fakeredis)."""
+        topology = parse_redis_url(settings.url)
+        if topology.kind == "memory":
             return cls.memory(
                 key_prefix=settings.key_prefix, history_size=history_size, clock=clock
             )
         return cls(
-            _connect(settings.url, settings.timeout, decode=False),
-            _connect(settings.url, ADMIN_TIMEOUT, decode=True),
+            redis_client(topology, settings.timeout, decode=False),
+            redis_client(topology, ADMIN_TIMEOUT, decode=True),
             key_prefix=settings.key_prefix,
             timeout=settings.timeout,
             history_size=history_size,
             clock=clock,
-            pipeline=ScriptPipeline(settings.url, _script("enforce.lua"), timeout=settings.timeout),
+            pipeline=script_caller(topology, _script("enforce.lua"), timeout=settings.timeout),
             restore_blocks=settings.restore_blocks,
         )
 
@@ -174,8 +161,8 @@ class Store:
         await self.blocked.close()
         if self._pipeline is not None:
             await self._pipeline.close()
-        await self._hot.aclose(close_connection_pool=True)
-        await self._admin.aclose(close_connection_pool=True)
+        await close_client(self._hot)
+        await close_client(self._admin)
 
     async def ping(self) -> bool:
         """True when Redis answers in time; never raises."""
