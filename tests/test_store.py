@@ -484,7 +484,7 @@ async def test_new_devices_are_charged_to_their_address_budget(
     assert total == 4
 
 
-async def test_a_known_device_costs_one_call_a_new_one_three(clock: FakeClock) -> None:
+async def test_a_device_new_or_known_costs_one_call(clock: FakeClock) -> None:
     store = Store.memory(clock=clock)
     await store.start()  # the script is loaded: no NOSCRIPT retry in the count
     calls: list[int] = []  # the number of keys of each enforce.lua call
@@ -498,15 +498,15 @@ async def test_a_known_device_costs_one_call_a_new_one_three(clock: FakeClock) -
     hot.evalsha = counting  # type: ignore[method-assign]
     try:
         await register(store, "fresh")
-        assert calls == [4, 1, 4]  # enforce (asks), the address budget (one key), enforce again
+        assert calls == [5]  # the device's keys and its address's budget, in one call
         calls.clear()
         await register(store, "fresh")
-        assert calls == [4]
+        assert calls == [5]  # the budget's key travels along, untouched for a known device
     finally:
         await store.close()
 
 
-async def test_a_known_device_costs_one_round_trip_on_real_redis(
+async def test_a_device_new_or_known_costs_one_round_trip_on_real_redis(
     real_redis: RedisServer, clock: FakeClock
 ) -> None:
     settings = RedisSettings(url=real_redis.url, timeout=2.0)
@@ -515,7 +515,7 @@ async def test_a_known_device_costs_one_round_trip_on_real_redis(
     try:
         reset_stats(real_redis)
         await register(store, "fresh")
-        assert command_stats(real_redis)["evalsha"]["calls"] == 3
+        assert command_stats(real_redis)["evalsha"]["calls"] == 1
         reset_stats(real_redis)
         await register(store, "fresh")
         assert command_stats(real_redis)["evalsha"]["calls"] == 1

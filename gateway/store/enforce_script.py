@@ -1,6 +1,8 @@
 """The data plane's client of enforce.lua: its keys and arguments, the circuit breaker, and
-its reply turned into a `EnforceReply`; one call per request (three for a new device with a
-registration budget).
+its reply turned into a `EnforceReply`; one call per request. A new device with a
+registration budget is one call too where every key lives on one node (one server,
+Sentinel, the embedded store); on a cluster, where the address's budget is on another
+slot, it is three: the device's (asks), the budget's, the device's (registers).
 
 Kept apart from the admin side (`gateway.store.store.Store`) so that the compiled build
 (setup.py) compiles it with the rest of the request's path: every request runs it, the
@@ -22,6 +24,7 @@ _CODES: Final = tuple(ReplyCode)  # reply code -> ReplyCode, without the enum co
 _POLICY_DEVICE: Final = "device"
 _POLICY_ANONYMOUS: Final = "anonymous"
 _POLICY_REGISTRATION: Final = "registration"
+_REFUSED_NEW: Final = 2  # reply[6]: the registration budget refused a new device
 
 ScriptCall = Callable[[Sequence[str], Sequence[str | int]], Awaitable[Any]]
 
@@ -49,6 +52,7 @@ class EnforceScript:
         fallback: ScriptCall,
         history_size: int,
         clock: Clock | None,
+        one_node: bool = True,
     ) -> None:
         self._keys = keys
         self._breaker = breaker
@@ -56,6 +60,7 @@ class EnforceScript:
         self._fallback = fallback  # bounded in time, failures as StoreUnavailable
         self._history_size = str(history_size)
         self._clock = clock
+        self._one_node = one_node  # every key on one node: a registration is one call
 
     def now(self) -> str:
         """The scripts' clock argument: "" (they read Redis TIME), or the injected clock."""
@@ -72,9 +77,9 @@ class EnforceScript:
     ) -> EnforceReply:
         """Run enforce.lua once: block check, token bucket, upsert, history, indexes.
 
-        With a `registration` budget, a device never seen costs more: its address's budget
-        (a bucket under the address's own hash tag) is charged first, and a refused device
-        leaves no record. A known device costs exactly one call.
+        With a `registration` budget, a device never seen is charged to its address's budget
+        (a bucket under the address's own hash tag) first, and a refused device leaves no
+        record. A known device costs exactly one call, a new one too on one node.
         """
         if identity is None:
             keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
@@ -92,6 +97,13 @@ class EnforceScript:
             SEPARATOR.join([value or "" for value in identity.fields()]),
             "0" if registration is None else "1",
         )
+        if registration is not None and self._one_node:
+            keys = (*keys, self._keys.registration_bucket(client_ip))
+            args = (*args[:-1], registration.rate_milli, registration.burst)
+            reply = await self.call(keys, args)
+            if reply[6] == _REFUSED_NEW:
+                return _reply(reply, registration, _POLICY_REGISTRATION)
+            return _reply(reply, bucket, _POLICY_DEVICE)
         reply = await self.call(keys, args)
         if registration is not None and reply[0] == ReplyCode.UNREGISTERED:
             budget = await self.call(
@@ -132,5 +144,5 @@ def _reply(reply: list[int], bucket: Bucket, policy: str) -> EnforceReply:
         else Bucket(rate=rate_milli / 1000, burst=burst)
     )
     return EnforceReply(
-        _CODES[outcome], remaining, retry_after, full_after, applied, policy, bool(new)
+        _CODES[outcome], remaining, retry_after, full_after, applied, policy, new == 1
     )

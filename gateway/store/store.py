@@ -61,6 +61,7 @@ class Store:
         pipeline: ScriptCaller | None = None,
         breaker: CircuitBreaker | None = None,
         restore_blocks: bool = True,
+        one_node: bool = True,
     ) -> None:
         self._hot = hot
         self._pipeline = pipeline
@@ -84,6 +85,7 @@ class Store:
             fallback=self._run_enforce,
             history_size=history_size,
             clock=clock,
+            one_node=one_node,
         )
         # enforce(identity, client_ip, bucket, *, upload, registration=None) -> EnforceReply:
         # the data plane's call, compiled in the compiled build (store/enforce_script.py).
@@ -109,6 +111,7 @@ class Store:
             clock=clock,
             pipeline=script_caller(topology, _script("enforce.lua"), timeout=settings.timeout),
             restore_blocks=settings.restore_blocks,
+            one_node=topology.kind != "cluster",
         )
 
     @classmethod

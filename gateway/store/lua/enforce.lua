@@ -3,9 +3,14 @@
 -- (a known device that declares what it declared before costs TIME, HMGET and HSET; the
 -- index only moves once a second).
 --
--- Two modes, told apart by the number of KEYS:
+-- Three modes, told apart by the number of KEYS:
 --   device (4 KEYS): KEYS[1] record hash (its field `tb` holds the device's bucket),
 --                    KEYS[2] history list, KEYS[3] active zset, KEYS[4] blocked zset
+--   device with a registration budget (5 KEYS): the same, and KEYS[5] the budget (a
+--                    bucket string) of the client address: a new device is charged to it
+--                    in this same call. Its key is under the address's hash tag, so this
+--                    mode runs where every key lives on one node (one server, Sentinel);
+--                    a cluster uses ARGV[8] = "1" instead (gateway.store.enforce_script)
 --   anonymous (1 KEY): KEYS[1] bucket string of the client address
 -- ARGV[1]  now in microseconds since the epoch, or "" to read Redis TIME (production)
 -- ARGV[2]  default rate, milli-tokens per second (integer >= 1)
@@ -20,13 +25,17 @@
 --          nor compared.
 -- ARGV[8]  "1": a new device must first be approved by its address's registration budget
 --          (answer 3 and write nothing); "0": register it (approved, or no budget)
+--          (4 KEYS); with 5 KEYS, the budget's rate (milli-tokens per second)
+-- ARGV[9]  with 5 KEYS: the budget's burst (whole tokens)
 --
 -- Reply: {outcome, remaining, retry_after_us, full_after_us, rate, burst, new_device}
 --   outcome 0 allowed, 1 blocked (no token taken), 2 rate-limited,
 --   3 new device awaiting the registration budget (nothing written)
 --   remaining whole tokens left; retry_after_us until the next whole token (0 when full);
 --   full_after_us until the bucket is full; rate/burst of the bucket that applied (the
---   record's override `rr`/`rb` when set); new_device 1 when this call created the record.
+--   record's override `rr`/`rb` when set); new_device 1 when this call created the record,
+--   2 when the registration budget refused a new device (outcome 2, the budget's numbers,
+--   nothing written for the device).
 --
 -- A bucket is "<milli-tokens>:<timestamp us>": a device's in its record (field `tb`, read
 -- and written by the HMGET and HSET the upsert makes anyway: no command of its own), an
@@ -117,7 +126,18 @@ local denied = tonumber(current[2] or '0')
 local is_new = not current[1]
 local is_blocked = current[3] ~= false
 local last = tonumber(current[4] or '0')
-if is_new and ARGV[8] == '1' then
+if is_new and #KEYS == 5 then
+  -- Charge the address's budget first: a refused device leaves no trace but the budget.
+  local device_rate, device_burst = rate, burst
+  rate, burst = tonumber(ARGV[8]), tonumber(ARGV[9])
+  local budget, budget_state = take(redis.call('GET', KEYS[5]))
+  if not budget_state then
+    budget[7] = 2
+    return budget
+  end
+  redis.call('SET', KEYS[5], budget_state, 'PX', int(math.floor(budget[4] / 1000) + 1))
+  rate, burst = device_rate, device_burst
+elseif is_new and ARGV[8] == '1' then
   return {3, 0, 0, 0, rate, burst, 1}
 end
 
