@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -83,16 +83,16 @@ class RedisCluster:
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self.dir = Path(tempfile.mkdtemp(prefix="devicegate-cluster-"))
-        self.by_port: dict[int, RedisNode] = {}
+        self.processes: dict[int, RedisNode] = {}
         self._killed_at: dict[int, float] = {}
         self._kill_view: dict[int, dict[int, ClusterNode]] = {}
         try:
             for _ in range(primaries * (1 + replicas)):
                 node = launch(self.server, self.dir, "node", self._node_args, bus=True)
-                self.by_port[node.port] = node
+                self.processes[node.port] = node
             self._run_cli(
                 "create",
-                *(f"127.0.0.1:{port}" for port in self.by_port),
+                *(f"127.0.0.1:{port}" for port in self.processes),
                 "--cluster-replicas", str(replicas),
             )  # fmt: skip
             self.wait_healthy(timeout=2 * WAIT)
@@ -122,7 +122,7 @@ class RedisCluster:
     @property
     def ports(self) -> list[int]:
         """Every node's port, in creation order (the first `primaries` began as primaries)."""
-        return list(self.by_port)
+        return list(self.processes)
 
     @property
     def seeds(self) -> list[tuple[str, int]]:
@@ -138,10 +138,10 @@ class RedisCluster:
 
     def view(self, port: int) -> dict[int, ClusterNode]:
         """CLUSTER NODES as one node sees it."""
-        return parse_cluster_nodes(self.by_port[port].client.execute_command("CLUSTER", "NODES"))
+        return parse_cluster_nodes(self.processes[port].client.execute_command("CLUSTER", "NODES"))
 
     def _live(self) -> list[RedisNode]:
-        return [node for node in self.by_port.values() if node.alive]
+        return [node for node in self.processes.values() if node.alive]
 
     def _agreed_view(self) -> tuple[dict[int, ClusterNode] | None, str]:
         """The view every live node holds, or None and the first difference."""
@@ -174,6 +174,15 @@ class RedisCluster:
         view = self.agreed_view()
         return sorted(view.values(), key=lambda n: (n.role != "primary", self.ports.index(n.port)))
 
+    def node(self, port: int) -> ClusterNode:
+        """One node, as every live node agrees."""
+        return self.agreed_view()[port]
+
+    def replicas_of(self, port: int) -> list[ClusterNode]:
+        """The replicas following a primary."""
+        view = self.agreed_view()
+        return [n for n in view.values() if n.primary_id == view[port].node_id]
+
     @staticmethod
     def slot_for_key(key: str | bytes) -> int:
         """The hash slot of a key (hash tags honoured)."""
@@ -191,7 +200,7 @@ class RedisCluster:
 
     def _problem(self) -> str | None:
         """Why the cluster is not whole and healthy (None when it is)."""
-        for node in self.by_port.values():
+        for node in self.processes.values():
             if not node.alive:
                 return f"node {node.port} is down"
             info = info_fields(node.client.execute_command("CLUSTER", "INFO"))
@@ -201,7 +210,7 @@ class RedisCluster:
         view, why = self._agreed_view()
         if view is None:
             return why
-        if not all(n.healthy for n in view.values()) or len(view) != len(self.by_port):
+        if not all(n.healthy for n in view.values()) or len(view) != len(self.processes):
             return f"not every node is known and connected: {sorted(view)}"
         primaries = {n.node_id: n for n in view.values() if n.role == "primary" and n.slots}
         if len(primaries) != self.primaries:
@@ -211,7 +220,7 @@ class RedisCluster:
             if len(followers) != self.replicas:
                 return f"primary {primary.port} has {len(followers)} replicas"
             for replica in followers:
-                repl = self.by_port[replica.port].client.info("replication")
+                repl = self.processes[replica.port].client.info("replication")
                 if repl.get("master_link_status") != "up" or repl.get("master_sync_in_progress"):
                     return f"replica {replica.port} is not in sync with {primary.port}"
         return None
@@ -222,23 +231,29 @@ class RedisCluster:
         return wait_until(self._problem, "a whole, healthy cluster", timeout)
 
     def ensure_healthy(self) -> None:
-        """Restart any node a test left down, then wait until the cluster is whole."""
-        for node in self.by_port.values():
-            if not node.alive:
+        """Thaw or restart any node a test left frozen or down, close any slot it left
+        half-migrated (`redis-cli --cluster fix`), then wait until the cluster is whole."""
+        for node in self.processes.values():
+            if node.alive:
+                node.thaw()
+            else:
                 node.restart()
+        views = [self.view(node.port) for node in self.processes.values()]
+        if any(n.open_slots for view in views for n in view.values()):
+            self._run_cli("fix", f"127.0.0.1:{self.ports[0]}")
         self.wait_healthy(timeout=FAILOVER_WAIT)
 
     # --- faults --------------------------------------------------------------------------
 
-    def node(self, port: int) -> RedisNode:
-        """The process behind a port (freeze/thaw/kill it directly)."""
-        return self.by_port[port]
+    def process(self, port: int) -> RedisNode:
+        """The process behind a port (freeze/thaw it directly)."""
+        return self.processes[port]
 
     def kill(self, port: int) -> None:
         """SIGKILL one node."""
         self._kill_view[port] = self.agreed_view()
         self._killed_at[port] = time.monotonic()
-        self.by_port[port].kill()
+        self.processes[port].kill()
 
     def kill_primary(self, port: int) -> None:
         """SIGKILL a primary (the test fails if the node is not one)."""
@@ -273,7 +288,7 @@ class RedisCluster:
         """Start a killed node again on its port and config file (same node id): it rejoins,
         as a replica if it was failed over. Waits until every live node sees it connected,
         its replication link (if a replica) is up and cluster_state is ok everywhere."""
-        node = self.by_port[port]
+        node = self.processes[port]
         started = time.monotonic()
         node.restart()
 
@@ -337,18 +352,25 @@ class RedisCluster:
         view = self.agreed_view()
         from_port = next(n.port for n in view.values() if slot in n.slots)
         if from_port != to_port:
-            target, source = self.by_port[to_port].client, self.by_port[from_port].client
+            target, source = self.processes[to_port].client, self.processes[from_port].client
             target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", view[from_port].node_id)
             source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", view[to_port].node_id)
         return from_port
 
-    def migrate_keys(self, slot: int, from_port: int, to_port: int) -> int:
-        """MIGRATE every key of a MIGRATING slot to the target; returns how many moved."""
+    def migrate_keys(
+        self, slot: int, from_port: int, to_port: int, keys: Sequence[str | bytes] = ()
+    ) -> int:
+        """MIGRATE these keys (default: every key) of a MIGRATING slot to the target;
+        returns how many moved. Moving some leaves the slot half-migrated: ASK answers."""
         moved = 0
         with redis.Redis(port=from_port, socket_timeout=WAIT) as source:  # keys stay bytes
-            while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-                source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
-                moved += len(keys)
+            batch = list(keys) or source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            while batch:
+                source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *batch)
+                moved += len(batch)
+                batch = (
+                    [] if keys else source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                )
         return moved
 
     def finish_migration(self, slot: int, from_port: int, to_port: int) -> None:
@@ -357,7 +379,9 @@ class RedisCluster:
         order = [to_port, from_port]
         order += [n.port for n in self._live() if n.port not in order and self._is_primary(n)]
         for port in order:
-            self.by_port[port].client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            self.processes[port].client.execute_command(
+                "CLUSTER", "SETSLOT", slot, "NODE", target_id
+            )
 
     def _is_primary(self, node: RedisNode) -> bool:
         return bool(node.client.execute_command("ROLE")[0] == "master")
@@ -403,6 +427,6 @@ class RedisCluster:
 
     def stop(self) -> None:
         """Stop every node (bounded) and remove the directory."""
-        for node in self.by_port.values():
+        for node in self.processes.values():
             node.terminate()
         shutil.rmtree(self.dir, ignore_errors=True)

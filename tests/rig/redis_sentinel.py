@@ -173,9 +173,12 @@ class RedisSentinel:
         return wait_until(self._problem, "a whole, healthy sentinel deployment", timeout)
 
     def ensure_healthy(self) -> None:
-        """Restart any process a test left down, then wait until the deployment is whole."""
+        """Thaw or restart any process a test left frozen or down, then wait until the
+        deployment is whole."""
         for node in self.data + self.sentinels:
-            if not node.alive:
+            if node.alive:
+                node.thaw()
+            else:
                 node.restart()
                 if node in self.sentinels:
                     self._shorten_timers(node)
@@ -221,7 +224,7 @@ class RedisSentinel:
         self.wait_healthy(timeout)
         return time.monotonic() - started
 
-    def node(self, port: int) -> RedisNode:
+    def process(self, port: int) -> RedisNode:
         """The process behind a port (freeze/thaw/kill it directly)."""
         return next(node for node in self.data + self.sentinels if node.port == port)
 
