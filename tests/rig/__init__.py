@@ -5,6 +5,7 @@ clock           FakeClock, the one fake clock
 waits           until / until_sync / bounded: bounded polls, never fixed sleeps
 system          repository paths, free loopback ports, child pids
 redis_server    RedisServer (a real redis-server on a free port) and its commandstats
+redis_cluster   RedisCluster, redis_sentinel RedisSentinel (+ redis_nodes, plugin engine_fixtures)
 upstream        CountingUpstream and RawUpstream, the one upstream factory
 client          RawClient and read_answer, the one raw HTTP client
 faults          FaultProxy (a TCP proxy that delays, drops, resets or cuts) and rst()

@@ -1,0 +1,49 @@
+"""The real multi-process Redis engines as fixtures, a second plugin (tests/conftest.py
+registers it beside fixtures.py): `redis_cluster` and `redis_sentinel` start once per
+session, when a test first asks, and stop at its end; `real_cluster` and `real_sentinel`
+hand a test the engine whole (any node an earlier test left down restarted) and empty."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.rig.redis_cluster import RedisCluster
+from tests.rig.redis_sentinel import RedisSentinel
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One real 3-primary / 3-replica Redis Cluster for the whole session."""
+    cluster = RedisCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """One real primary + replica + 3 sentinels for the whole session."""
+    sentinel = RedisSentinel()
+    try:
+        yield sentinel
+    finally:
+        sentinel.stop()
+
+
+@pytest.fixture
+def real_cluster(redis_cluster: RedisCluster) -> RedisCluster:
+    """The session's cluster, whole again and emptied for this test."""
+    redis_cluster.ensure_healthy()
+    redis_cluster.flush()
+    return redis_cluster
+
+
+@pytest.fixture
+def real_sentinel(redis_sentinel: RedisSentinel) -> RedisSentinel:
+    """The session's sentinel deployment, whole again and emptied for this test."""
+    redis_sentinel.ensure_healthy()
+    redis_sentinel.flush()
+    return redis_sentinel
