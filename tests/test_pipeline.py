@@ -7,11 +7,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import hiredis
 import pytest
 import redis
 
-from gateway.errors import StoreUnavailable
-from gateway.store.pipeline import ScriptPipeline
+from gateway.errors import StoreRedirect, StoreUnavailable
+from gateway.store.pipeline import ConnectTo, ScriptPipeline
 from tests.rig.redis_server import RedisServer, calls, command_stats
 
 pytestmark = pytest.mark.integration
@@ -189,3 +190,92 @@ async def test_unreachable_redis_fails_fast() -> None:
     await p.close()
     with pytest.raises(StoreUnavailable, match="closed"):
         await p.call(["k"], ["1"])
+
+
+class ScriptedNode:
+    """A loopback server speaking just enough RESP: `+OK`-style replies to session setup
+    (SCRIPT LOAD, ASKING), and `reply` (raw RESP) to every EVALSHA; counts what it got."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.commands: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        parser = hiredis.Reader()
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    name = bytes(command[0]).upper()
+                    self.commands.append(name)
+                    writer.write(self.reply if name == b"EVALSHA" else b"+OK\r\n")
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_read_only_reply_drops_the_connection_and_resolves_again() -> None:
+    """A replica or a demoted primary answers READONLY: that call fails, and the next one
+    asks `resolve` for the primary again on a new connection (Sentinel's failover)."""
+    node = ScriptedNode(b"-READONLY You can't write against a read only replica.\r\n")
+    port = await node.start()
+    resolved = 0
+
+    async def resolve() -> ConnectTo:
+        nonlocal resolved
+        resolved += 1
+        return ConnectTo("127.0.0.1", port)
+
+    p = ScriptPipeline(resolve, SCRIPT, timeout=TIMEOUT)
+    try:
+        for attempt in (1, 2):
+            with pytest.raises(StoreUnavailable, match="not a usable primary"):
+                await p.call(["k"], ["1"])
+            assert (resolved, node.connections) == (attempt, attempt)
+    finally:
+        await p.close()
+        await node.close()
+
+
+@pytest.mark.parametrize(
+    "reply, kind",
+    [
+        (b"-MOVED 3999 127.0.0.1:7002\r\n", "MOVED"),
+        (b"-ASK 3999 127.0.0.1:7002\r\n", "ASK"),
+        (b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n", "TRYAGAIN"),
+    ],
+)
+async def test_cluster_redirects_fail_only_their_call_as_store_redirect(
+    reply: bytes, kind: str
+) -> None:
+    node = ScriptedNode(reply)
+    port = await node.start()
+    p = ScriptPipeline.for_url(f"redis://127.0.0.1:{port}/0", SCRIPT, timeout=TIMEOUT)
+    try:
+        with pytest.raises(StoreRedirect) as caught:
+            await p.call(["k"], ["1"])
+        assert caught.value.kind == kind
+        if kind != "TRYAGAIN":
+            assert (caught.value.slot, caught.value.host, caught.value.port) == (
+                3999,
+                "127.0.0.1",
+                7002,
+            )
+        with pytest.raises(StoreRedirect):
+            await p.call(["k"], ["1"], asking=True)
+        assert node.connections == 1  # a redirect keeps the connection
+        assert node.commands[-2:] == [b"ASKING", b"EVALSHA"]  # ASKING right before the call
+    finally:
+        await p.close()
+        await node.close()

@@ -126,5 +126,9 @@ async def close_client(client: aioredis.Redis) -> None:
     made: object = client  # typed as Redis by redis_client; a RedisCluster closes alone
     if isinstance(made, RedisCluster):
         await made.aclose()
-    else:
-        await client.aclose(close_connection_pool=True)
+        return
+    await client.aclose(close_connection_pool=True)
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if isinstance(manager, Sentinel):
+        for sentinel in manager.sentinels:  # the clients it asks the sentinels with
+            await sentinel.aclose(close_connection_pool=True)

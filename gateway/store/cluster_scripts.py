@@ -7,11 +7,14 @@ the seeds) at the first call, and again, in the background and at most every
 `REFRESH_GAP` seconds, after a MOVED reply or a failed call: while it is being learnt, a
 call to a node that is gone fails as `StoreUnavailable` (on_error decides), never waits.
 
-Redirects, each followed once and never in a loop: MOVED (the slot has a new owner: the map
-is corrected at once and the call sent there), ASK (the slot is migrating: the call goes to
-the importing node behind ASKING), TRYAGAIN (a migration holds some of the keys: the call is
-sent again after a short pause, while the call's time budget lasts). A second redirect fails
-the call as StoreUnavailable.
+Redirects: MOVED (the slot has a new owner: the map is corrected at once and the call sent
+there, once: a second MOVED fails the call), ASK (the slot is migrating and these keys have
+left: the call goes to the importing node behind ASKING), TRYAGAIN (a migration holds some of
+the keys: the call is sent to the slot's owner again after a short pause). ASK and TRYAGAIN
+are followed while the call's time budget (`timeout`) lasts, then the call fails as
+StoreUnavailable and `on_error` decides. A slot being migrated answers TRYAGAIN to every
+call whose keys are not all on one side (a device's history or the shard's blocked index
+often does not exist at all), so its devices wait for the migration's end, or the budget's.
 """
 
 from __future__ import annotations
@@ -81,25 +84,37 @@ class ClusterScripts:
     async def _follow(
         self, redirect: StoreRedirect, keys: Sequence[str], args: Sequence[str | int]
     ) -> Any:
-        if redirect.kind == "TRYAGAIN":
-            deadline = time.monotonic() + self._timeout
-            while True:
-                await asyncio.sleep(TRYAGAIN_PAUSE)
-                address = self._slots[key_slot(keys[0])]
-                if address is None:
+        """Follow redirects while the call's time budget lasts: MOVED once (a second one
+        fails the call), ASK and TRYAGAIN for as long as a migration of the slot goes on."""
+        deadline = time.monotonic() + self._timeout
+        moved = False
+        while True:
+            if redirect.kind == "MOVED":
+                if moved:
                     raise redirect
-                try:
-                    return await self._pipeline(address).call(keys, args)
-                except StoreRedirect as again:
-                    if again.kind != "TRYAGAIN" or time.monotonic() >= deadline:
-                        raise
-        target = NodeAddress(redirect.host, redirect.port)
-        if redirect.kind == "MOVED":
-            if 0 <= redirect.slot < SLOTS_COUNT:
-                self._slots[redirect.slot] = target
-            self.refresh_soon()  # one MOVED often means many slots moved
-            return await self._pipeline(target).call(keys, args)
-        return await self._pipeline(target).call(keys, args, asking=True)  # ASK
+                moved = True
+                target = NodeAddress(redirect.host, redirect.port)
+                if 0 <= redirect.slot < SLOTS_COUNT:
+                    self._slots[redirect.slot] = target
+                self.refresh_soon()  # one MOVED often means many slots moved
+                call = self._pipeline(target).call(keys, args)
+            elif redirect.kind == "ASK":
+                target = NodeAddress(redirect.host, redirect.port)
+                call = self._pipeline(target).call(keys, args, asking=True)
+            else:  # TRYAGAIN: the slot is half moved; ask its owner again shortly
+                if time.monotonic() + TRYAGAIN_PAUSE >= deadline:
+                    raise redirect
+                await asyncio.sleep(TRYAGAIN_PAUSE)
+                owner = self._slots[key_slot(keys[0])]
+                if owner is None:
+                    raise redirect
+                call = self._pipeline(owner).call(keys, args)
+            try:
+                return await call
+            except StoreRedirect as again:
+                if time.monotonic() >= deadline:
+                    raise
+                redirect = again
 
     def _pipeline(self, address: NodeAddress) -> ScriptPipeline:
         pipeline = self._nodes.get(address)
