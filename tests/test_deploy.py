@@ -34,6 +34,7 @@ import gateway
 from gateway.admin.hosts import is_loopback
 from gateway.cli import _parser as gateway_arguments
 from gateway.config import ENV_OVERRIDES, ConfigError, Settings, parse_config
+from gateway.redis_topology import parse_redis_url
 from gateway.state import state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,27 +155,8 @@ def redis_seeds(url: str) -> list[tuple[str, int]]:
     return seeds
 
 
-def gateway_accepts_redis_url(url: str) -> bool:
-    """Whether this gateway's config parser takes the URL."""
-    try:
-        parse_config("", "probe", {REDIS_ENV: url})
-    except ConfigError:
-        return False
-    return True
-
-
 def settings_for(text: str, source: str, env: Mapping[str, str]) -> Settings:
-    """The gateway's settings from `text` and `env`, as it would parse them at start.
-
-    A cluster or sentinel URL this gateway does not parse yet (that support is built
-    separately; test_redis_url_is_accepted_by_the_gateway follows it) is replaced by a
-    plain redis:// URL to its first seed, so the rest of the file is still checked.
-    """
-    env = dict(env)
-    url = env.get(REDIS_ENV)
-    if url is not None and not gateway_accepts_redis_url(url):
-        host, port = redis_seeds(url)[0]
-        env[REDIS_ENV] = f"redis://{host}:{port}"
+    """The gateway's settings from `text` and `env`, as it would parse them at start."""
     try:
         return parse_config(text, source, env)
     except ConfigError as exc:
@@ -405,7 +387,7 @@ def k8s_placeholder_token(k: Kube) -> Iterator[str]:
         return
     source, text = k.config_text
     try:
-        parse_config(text, source, {**k.env, REDIS_ENV: "redis://127.0.0.1:6379"})
+        parse_config(text, source, k.env)
     except ConfigError as exc:
         if exc.path == "admin.token":
             return  # refused, as it must be
@@ -936,16 +918,12 @@ def redis_urls() -> dict[str, str]:
 
 @pytest.mark.parametrize("where", ["kubernetes", "compose gateway-1", "compose gateway-2"])
 def test_redis_url_is_accepted_by_the_gateway(where: str) -> None:
-    """The cluster and sentinel URL forms are being added to the gateway separately: while
-    its parser refuses their scheme this is an expected failure; then it must parse as is."""
+    """The cluster URL each gateway is given parses, as a cluster of the seeds it names."""
     url = redis_urls()[where]
-    redis_seeds(url)
-    try:
-        parse_config("", "probe", {REDIS_ENV: url})
-    except ConfigError as exc:
-        if exc.message.startswith("must start with memory://"):
-            pytest.xfail(f"this gateway does not parse {url.partition('://')[0]}:// URLs yet")
-        raise
+    settings = parse_config("", "probe", {REDIS_ENV: url})
+    topology = parse_redis_url(settings.redis.url)
+    assert topology.kind == "cluster"
+    assert [(a.host, a.port) for a in topology.seeds] == redis_seeds(url)
 
 
 # ---- every check can fail -----------------------------------------------------------
