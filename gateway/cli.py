@@ -17,6 +17,7 @@ from typing import TextIO
 from gateway.config import Settings, load_config
 from gateway.errors import AdminClientError, AdminTokenError, ConfigError, WorkerFailed
 from gateway.loadtest import cli as loadtest_cli
+from gateway.redis_topology import describe, parse_redis_url
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -147,6 +148,7 @@ def main(
         return EXIT_USAGE
     if args.command == "check-config":
         print(f"config ok: {_config_path(args.config, env) or '<defaults>'}", file=out)
+        print(f"store: {describe(parse_redis_url(settings.redis.url))}", file=out)
         return EXIT_OK
     if args.command == "run":
         if args.log_level:

@@ -61,6 +61,23 @@ class RedisTopology:
     sentinel_password: str | None = None
 
 
+def describe(topology: RedisTopology) -> str:
+    """What the gateway will connect to, in words, without credentials (check-config)."""
+    tls = " over TLS" if topology.tls else ""
+    nodes = ", ".join(str(a) for a in topology.seeds)
+    if topology.kind == "memory":
+        return "embedded (memory://: one process, state lost on restart)"
+    if topology.kind == "cluster":
+        return f"Redis Cluster{tls}, discovered from {nodes}"
+    if topology.kind == "sentinel":
+        return (
+            f"the primary the sentinels {nodes} name for {topology.service!r}{tls}, "
+            f"db {topology.db}"
+        )
+    parts = urlsplit(topology.url)
+    return f"one Redis server{tls}: {parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
 def parse_redis_url(text: str) -> RedisTopology:
     """The topology a URL names; ValueError (a message without the URL) when it is not one."""
     scheme, sep, rest = text.partition("://")

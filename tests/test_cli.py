@@ -54,7 +54,34 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, st
 def test_check_config_accepts_the_repository_config() -> None:
     code, out, err = run_cli("check-config", "--config", str(CONFIG))
     assert (code, err) == (0, "")
-    assert out == f"config ok: {CONFIG}\n"
+    assert (
+        out
+        == f"config ok: {CONFIG}\nstore: embedded (memory://: one process, state lost on restart)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "store"),
+    [
+        ("redis://:secret@cache:6380/2", "one Redis server: cache:6380/2"),
+        ("unix:///run/redis.sock", "one Redis server: /run/redis.sock"),
+        (
+            "rediss+cluster://:secret@10.0.0.1:7000,10.0.0.2",
+            "Redis Cluster over TLS, discovered from 10.0.0.1:7000, 10.0.0.2:6379",
+        ),
+        (
+            "redis+sentinel://s1,s2:26380/devicegate?sentinel_password=secret",
+            "the primary the sentinels s1:26379, s2:26380 name for 'devicegate', db 0",
+        ),
+    ],
+)
+def test_check_config_says_which_store_without_credentials(url: str, store: str) -> None:
+    code, out, err = run_cli(
+        "check-config", "--config", str(CONFIG), env={"GATEWAY_REDIS_URL": url}
+    )
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == f"store: {store}"
+    assert "secret" not in out
 
 
 @pytest.mark.parametrize(
