@@ -11,7 +11,6 @@ from typing import Any, Literal, cast
 import aiohttp
 import pytest
 import redis
-from aiohttp import web
 
 from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
@@ -21,6 +20,7 @@ from gateway.store.blocked import BlockedSeed, BlockedSet, BlockedStatus
 from gateway.store.keys import KeySchema
 from gateway.store.reset import RESTORE_CHUNK, StoreReset
 from tests.rig.redis_server import RedisServer
+from tests.rig.upstream import CountingUpstream
 from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
@@ -76,30 +76,13 @@ async def test_a_missed_message_is_caught_up_by_the_poll(own_redis: RedisServer)
     await admin.close()
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[str, list[str]]]:
-    seen: list[str] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("X-Device-Id", "-"))
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    await runner.cleanup()
-
-
 @pytest.mark.parametrize("on_error", ["open", "closed"])
 async def test_a_blocked_device_stays_blocked_while_redis_is_down(
     own_redis: RedisServer,
-    upstream: tuple[str, list[str]],
+    upstream: CountingUpstream,
     on_error: Literal["open", "closed"],
 ) -> None:
-    origin, seen = upstream
+    origin = upstream.url
     settings = parse_config(
         f"upstream: {{url: '{origin}'}}\nredis: {{url: '{own_redis.url}', timeout: 0.1, "
         f"on_error: {on_error}}}",
@@ -122,7 +105,7 @@ async def test_a_blocked_device_stays_blocked_while_redis_is_down(
             async with http.get(url, headers={"X-Device-Id": "honest"}) as r:
                 honest = r.status
         assert statuses == [403] * 20
-        assert "stolen" not in seen  # none of them reached the upstream
+        assert "stolen" not in [s.device_id for s in upstream.seen]  # none reached it
         assert honest == (200 if on_error == "open" else 503)
     finally:
         server.close()
@@ -132,9 +115,9 @@ async def test_a_blocked_device_stays_blocked_while_redis_is_down(
 
 
 async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_second(
-    own_redis: RedisServer, upstream: tuple[str, list[str]]
+    own_redis: RedisServer, upstream: CountingUpstream
 ) -> None:
-    origin, _ = upstream
+    origin = upstream.url
     settings = parse_config(
         f"upstream: {{url: '{origin}'}}\nredis: {{url: '{own_redis.url}', timeout: 0.2}}",
         "test",

@@ -36,11 +36,10 @@ from typing import Final
 
 import orjson
 import pytest
-from aiohttp import web
 
 from tests.rig.faults import rst
 from tests.rig.system import free_port
-from tests.rig.upstream import MARK, CountingUpstream, Stream
+from tests.rig.upstream import MARK, CountingUpstream, MakeUpstream, Reply, Stream
 
 pytestmark = pytest.mark.integration
 
@@ -170,15 +169,6 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         if gw.alive():
             gw.proc.kill()
             await asyncio.to_thread(gw.proc.wait, WAIT)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    """A CountingUpstream that answers every path with a JSON report of the request."""
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await up.close()
 
 
 # ---------------------------------------------------------------- raw HTTP helpers
@@ -497,60 +487,24 @@ READ_STEP: Final = 0.1  # seconds between two reads of each reader
 READ_BYTES: Final = 100  # per read: 1 KB/s per reader
 
 
-@dataclass
-class FirehoseStats:
-    """What the fast upstream managed to send."""
-
-    pushed: int = 0  # bytes its writes accepted (into the socket or aiohttp's buffer)
-    started: int = 0
-    completed: int = 0  # answers written to their end
-    open: int = 0  # handlers still running
-
-
 @pytest.fixture
-async def firehose() -> AsyncIterator[tuple[str, FirehoseStats]]:
-    """An upstream that writes a 10 MB answer to /big as fast as its socket takes it."""
-    stats = FirehoseStats()
-    chunk = b"f" * BIG_CHUNK
-
-    async def big(request: web.Request) -> web.StreamResponse:
-        stats.started += 1
-        stats.open += 1
-        response = web.StreamResponse(headers={MARK: "1"})
-        response.content_length = BIG
-        try:
-            await response.prepare(request)
-            for _ in range(BIG // BIG_CHUNK):
-                await response.write(chunk)
-                stats.pushed += BIG_CHUNK
-            stats.completed += 1
-        except ConnectionError:
-            pass  # the gateway dropped the connection: the reader went away
-        finally:
-            stats.open -= 1
-        return response
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok", headers={MARK: "1"})
-
-    app = web.Application()
-    app.router.add_get("/big", big)
-    app.router.add_get("/ok", ok)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
+async def firehose(make_upstream: MakeUpstream) -> CountingUpstream:
+    """The rig's upstream, streaming a 10 MB answer to /big as fast as its socket takes it
+    (`streamed` counts the bytes its writes took, `streams_finished` the whole answers)."""
     listener = socket.socket()
-    # Accepted sockets inherit both: `pushed` then counts what the gateway took in, not
+    # Accepted sockets inherit both: `streamed` then counts what the gateway took in, not
     # what waits in the upstream's own kernel buffer.
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, ETHERNET_MSS)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     listener.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, listener).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}", stats
-    await runner.cleanup()
+    upstream = await make_upstream(Reply(body=b"ok"), listener=listener)
+    big = Stream((b"f" * BIG_CHUNK,) * (BIG // BIG_CHUNK), declare_length=True)
+    upstream.behave(big, path="/big")
+    return upstream
 
 
 async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
-    start_gateway: StartGateway, firehose: tuple[str, FirehoseStats], sockets: Sockets
+    start_gateway: StartGateway, firehose: CountingUpstream, sockets: Sockets
 ) -> None:
     """200 clients fetch a 10 MB answer the upstream writes as fast as it can, and read it at
     about 1 KB/s through an 8 KB receive buffer.
@@ -565,8 +519,7 @@ async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
     otherwise buffer ~7 MB per connection on its own, in no process's RSS. Then the
     clients go: the gateway still serves and its fds return to the baseline.
     """
-    origin, stats = firehose
-    gw = await start_gateway(origin)
+    gw = await start_gateway(firehose.url)
     assert (await get(gw.port)).status == 200  # warm: one pooled upstream connection
     baseline_fds = gw.fds()
     baseline_rss = gw.rss()
@@ -593,20 +546,20 @@ async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
     total_read = sum(got)
     print(
         f"\nslow readers: RSS {baseline_rss / MB:.1f} MB -> peak {peak_rss / MB:.1f} MB "
-        f"(+{growth / MB:.1f} MB); upstream pushed {stats.pushed / MB:.0f} MB of "
-        f"{SLOW_READERS * BIG / MB:.0f} MB ({stats.started} answers started, "
-        f"{stats.completed} complete); clients read {total_read / 1024:.0f} KB"
+        f"(+{growth / MB:.1f} MB); upstream pushed {firehose.streamed / MB:.0f} MB of "
+        f"{SLOW_READERS * BIG / MB:.0f} MB ({firehose.started.count('/big')} answers started, "
+        f"{firehose.streams_finished} complete); clients read {total_read / 1024:.0f} KB"
     )
     assert all(r.startswith(b"HTTP/1.1 200 ") for r in received), {r[:20] for r in received}
-    assert stats.started == SLOW_READERS
+    assert firehose.started.count("/big") == SLOW_READERS
     assert growth < 100 * MB
-    assert stats.completed == 0
-    assert stats.pushed < SLOW_READERS * BIG // 4
+    assert firehose.streams_finished == 0
+    assert firehose.streamed < SLOW_READERS * BIG // 4
 
     sockets.close_all()  # unread data: the kernel resets these connections
     assert (await get(gw.port)).status == 200
     async with asyncio.timeout(WAIT):
-        while stats.open:  # every upstream handler met its closed connection
+        while firehose.in_progress:  # every upstream handler met its closed connection
             await asyncio.sleep(0.05)
     fds = await gw.wait_fds(baseline_fds, within=3.0)
     assert fds <= baseline_fds, os.listdir(f"/proc/{gw.pid}/fd")

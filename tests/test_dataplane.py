@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.store import Store
+from tests.rig.upstream import Handle, MakeUpstream, Reply
 
 pytestmark = pytest.mark.integration
 
@@ -35,21 +36,19 @@ def server_yaml() -> str:
 
 
 @pytest.fixture
-async def running(server_yaml: str) -> AsyncIterator[Running]:
+async def running(server_yaml: str, make_upstream: MakeUpstream) -> AsyncIterator[Running]:
+    """The data plane in front of the rig's upstream, whose /slow answers wait for
+    `release`."""
     release = asyncio.Event()
 
-    async def handle(request: web.Request) -> web.Response:
-        if request.path == "/slow":
-            await release.wait()
+    async def held(request: web.BaseRequest) -> web.Response:
+        await release.wait()
         await request.read()  # an upload endpoint reads the whole body before answering
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    upstream = await make_upstream(Reply(body=b"ok"))
+    upstream.behave(Handle(held), path="/slow")
+    origin = upstream.url
     store = Store.memory()
     settings = parse_config(f"upstream: {{url: '{origin}'}}\nserver: {server_yaml}", "test")
     plane = DataPlane(settings, store)
@@ -59,7 +58,6 @@ async def running(server_yaml: str) -> AsyncIterator[Running]:
     server.close()
     await plane.shutdown(1.0)
     await server.wait_closed()
-    await runner.cleanup()
     await store.close()
 
 

@@ -1,8 +1,8 @@
 """The fault-injection tools themselves: FaultProxy, CountingUpstream and RawUpstream.
 
-Each FaultProxy mode is proved against a tiny echo server on loopback; each upstream
-behaviour against a plain client. These tools carry the fault tests, so they must do exactly
-what they claim.
+Each FaultProxy mode is proved against an echo server on loopback (a RawUpstream running
+`Echo.serve`); each upstream behaviour against a plain client. These tools carry the fault
+tests, so they must do exactly what they claim.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tests.rig.upstream import (
     MALFORMED,
     MARK,
     CountingUpstream,
+    MakeRawUpstream,
     RawUpstream,
     Reply,
     ResetMidBody,
@@ -54,59 +55,37 @@ def quiet(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 class Echo:
-    """A loopback TCP server that sends back every byte it reads, and counts them."""
+    """How the proxy's target answers here (a RawUpstream's `serve`): it sends back every
+    byte it reads, and counts them."""
 
     def __init__(self) -> None:
         self.received = 0
         self.open = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection; RawUpstream closes it after."""
         self.open += 1
         try:
             while data := await reader.read(65536):
                 self.received += len(data)
                 writer.write(data)
                 await writer.drain()
-        except ConnectionError:
-            pass
         finally:
             self.open -= 1
-            self._writers.discard(writer)
-            self._tasks.discard(task)
-            writer.close()
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
 
 @pytest.fixture
-async def echo() -> AsyncIterator[Echo]:
+async def echo(make_raw_upstream: MakeRawUpstream) -> Echo:
+    """A loopback echo server (the rig's RawUpstream running `Echo.serve`)."""
     server = Echo()
-    await server.start()
-    yield server
-    await server.close()
+    server.port = (await make_raw_upstream(serve=server.serve)).port
+    return server
 
 
 @pytest.fixture
 async def proxy(echo: Echo) -> AsyncIterator[FaultProxy]:
-    assert echo._server is not None
-    p = FaultProxy("127.0.0.1", echo._server.sockets[0].getsockname()[1])
+    p = FaultProxy("127.0.0.1", echo.port)
     await p.start()
     yield p
     await p.close()
@@ -278,20 +257,6 @@ async def test_close_cuts_every_connection_and_stops_listening(
 
 
 # ---------------------------------------------------------------- CountingUpstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await up.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as session:
-        yield session
 
 
 async def test_counting_upstream_records_every_request_and_reports_it(

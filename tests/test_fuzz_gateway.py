@@ -1,7 +1,7 @@
 """Property: random requests through the whole gateway never get a 5xx of the gateway's own.
 
 One gateway (DataPlane, the real Enforcer on an embedded memory store, generous limits) runs
-in front of an upstream that answers every request 200 and marks its answers, for the whole
+in front of the rig's upstream answering every request 200 (marked as its own), for the whole
 module, on one event loop kept across hypothesis examples (as test_bucket_model.py does).
 Each example sends one random request (method, target, version, header names and values,
 identity headers valid or not, a small body framed by Content-Length or chunked) on a new
@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import orjson
 import pytest
-from aiohttp import web
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -33,11 +32,11 @@ from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.metrics import Metrics
 from gateway.store import Store
+from tests.rig.upstream import MARK, CountingUpstream, Reply
 
 pytestmark = pytest.mark.integration
 
 WAIT = 10.0  # seconds: the bound on every connect, read and close
-MARK = "X-Fuzz-Upstream"
 # What the gateway may answer itself (README: "What a request goes through", "Failure
 # behaviour"); 5xx of its own are never acceptable for requests a client sends.
 GATEWAY_STATUSES = frozenset({400, 401, 403, 405, 413, 414, 429, 431, 501, 505})
@@ -66,31 +65,18 @@ class Env:
     runner: asyncio.Runner
     errors: ErrorRecords
     port: int = 0
-    upstream_requests: int = 0
+    # No decompression on its side: a random Content-Encoding is not the upstream's worry.
+    upstream: CountingUpstream = field(default_factory=lambda: CountingUpstream(Reply(body=b"ok")))
     _closers: list[object] = field(default_factory=list)
 
-    async def start(self) -> None:
-        async def ok(request: web.BaseRequest) -> web.Response:
-            self.upstream_requests += 1
-            await request.read()
-            return web.Response(text="ok", headers={MARK: "1"})
+    @property
+    def upstream_requests(self) -> int:
+        return self.upstream.arrived
 
-        upstream = web.ServerRunner(
-            web.Server(
-                ok,
-                max_line_size=64 * 1024,
-                max_field_size=64 * 1024,
-                max_headers=1024,
-                auto_decompress=False,  # a random Content-Encoding is not the upstream's worry
-                access_log=None,
-            )
-        )
-        await upstream.setup()
-        site = web.TCPSite(upstream, "127.0.0.1", 0)
-        await site.start()
-        host, port = upstream.addresses[0][:2]
+    async def start(self) -> None:
+        url = await self.upstream.start()
         config = {
-            "upstream": {"url": f"http://{host}:{port}", "timeout": 5.0},
+            "upstream": {"url": url, "timeout": 5.0},
             "rate_limits": {"device": GENEROUS, "anonymous": GENEROUS},
             "devices": {"registration_limit": GENEROUS},
             "limits": {"max_body_bytes": 4096},
@@ -102,17 +88,17 @@ class Env:
         plane = DataPlane(settings, store, Metrics())
         server = await start_public(plane, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
-        self._closers = [server, plane, store, upstream]
+        self._closers = [server, plane, store]
 
     async def close(self) -> None:
-        server, plane, store, upstream = self._closers
+        server, plane, store = self._closers
         assert isinstance(server, asyncio.Server) and isinstance(plane, DataPlane)
-        assert isinstance(store, Store) and isinstance(upstream, web.ServerRunner)
+        assert isinstance(store, Store)
         server.close()
         await plane.shutdown(1.0)
         await server.wait_closed()
         await store.close()
-        await upstream.cleanup()
+        await self.upstream.close()
 
 
 @pytest.fixture(scope="module")

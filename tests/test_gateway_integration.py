@@ -1,8 +1,8 @@
 """The gateway end to end: real sockets, a real redis-server and a real upstream app.
 
-Every gateway here is the data plane (or `serve`) on a loopback port in front of `Upstream`,
-an aiohttp app that records each request it saw, so a test can say "the upstream never saw
-it". Stores get the fake clock: the token bucket is driven by `clock.advance`, never sleep.
+Every gateway here is the data plane (or `serve`) on a loopback port in front of the rig's
+`CountingUpstream`, which records each request it saw, so a test can say "the upstream never
+saw it". Stores get the fake clock: the token bucket is driven by `clock.advance`, never sleep.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
@@ -37,6 +36,7 @@ from gateway.store.keys import KeySchema
 from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import free_port
+from tests.rig.upstream import CountingUpstream, MakeUpstream, Reply, Seen
 
 pytestmark = pytest.mark.integration
 
@@ -68,69 +68,22 @@ WAIT = 10.0  # seconds: the bound on every wait for a server, a process or a res
 # ---------------------------------------------------------------- the upstream
 
 
-@dataclass(frozen=True)
-class Seen:
-    """One request as the upstream received it."""
-
-    method: str
-    raw_path: str
-    headers: CIMultiDictProxy[str]
-    body_sha256: str
-    body_size: int
-
-
-@dataclass
-class Upstream:
-    """A real upstream on a free loopback port that records every request it saw."""
-
-    seen: list[Seen] = field(default_factory=list)
-    url: str = ""
-    runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        digest = hashlib.sha256()
-        size = 0
-        async for chunk in request.content.iter_any():
-            digest.update(chunk)
-            size += len(chunk)
-        self.seen.append(
-            Seen(request.method, request.raw_path, request.headers, digest.hexdigest(), size)
-        )
-        return web.json_bytes_response(
-            {"upstream": True, "path": request.raw_path}, dumps=orjson.dumps
-        )
-
-    async def start(self) -> None:
-        app = web.Application(handler_args={"auto_decompress": False})
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", free_port()).start()
-        host, port = self.runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-
-    async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    def paths(self) -> list[str]:
-        """The raw paths seen, in order."""
-        return [s.raw_path for s in self.seen]
+def path_report(seen: Seen) -> bytes:
+    """What these tests' upstream answers: that it was reached, and the raw path."""
+    return orjson.dumps({"upstream": True, "path": seen.raw_path})
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    """A started recording upstream."""
-    up = Upstream()
-    await up.start()
-    yield up
-    await up.close()
+async def upstream(make_upstream: MakeUpstream) -> CountingUpstream:
+    """The rig's upstream, answering `{"upstream": true, "path": <raw path>}`."""
+    json = {"Content-Type": "application/json"}
+    return await make_upstream(Reply(body=path_report, headers=json))
 
 
 # ---------------------------------------------------------------- gateways
 
 
-def make_settings(upstream: Upstream, redis_url: str, yaml_text: str = "") -> Settings:
+def make_settings(upstream: CountingUpstream, redis_url: str, yaml_text: str = "") -> Settings:
     """Settings from YAML, pointed at the upstream and the store through env overrides."""
     env = {
         "GATEWAY_UPSTREAM_URL": upstream.url,
@@ -267,7 +220,7 @@ def split_raw(answer: bytes) -> tuple[int, CIMultiDict[str], bytes]:
 
 async def test_device_request_is_forwarded_and_registers_the_device(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -362,7 +315,7 @@ async def test_device_request_is_forwarded_and_registers_the_device(
 
 async def test_block_and_unblock_take_effect_across_two_gateways_sharing_redis(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -407,7 +360,7 @@ async def test_block_and_unblock_take_effect_across_two_gateways_sharing_redis(
 
 async def test_an_id_blocked_in_advance_is_denied_on_its_first_request(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -441,7 +394,7 @@ rate_limits:
 
 async def test_token_bucket_end_to_end_with_an_injected_clock(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -522,7 +475,7 @@ async def test_token_bucket_end_to_end_with_an_injected_clock(
 
 async def test_anonymous_requests_are_limited_by_client_ip(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -598,7 +551,7 @@ async def timed(coro: Awaitable[Answer]) -> tuple[Answer, float]:
 async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
     on_error: str,
     own_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -637,7 +590,7 @@ async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
 
 async def test_a_hung_redis_costs_at_most_the_timeout(
     own_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -702,7 +655,7 @@ async def test_invalid_identity_is_400_and_writes_nothing(
     headers: list[tuple[str, str]],
     reason: str,
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -717,7 +670,7 @@ async def test_invalid_identity_is_400_and_writes_nothing(
 
 async def test_require_id_answers_401_to_anonymous_requests(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -734,7 +687,7 @@ async def test_require_id_answers_401_to_anonymous_requests(
 
 async def test_declared_body_over_the_limit_is_413_before_anything_else(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -763,7 +716,7 @@ async def test_declared_body_over_the_limit_is_413_before_anything_else(
 
 async def test_connect_is_405_and_never_forwarded(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
 ) -> None:
     gw = await start_gateway(make_settings(upstream, real_redis.url))
@@ -782,7 +735,7 @@ async def test_connect_is_405_and_never_forwarded(
 
 async def test_the_admin_api_is_not_reachable_through_the_public_port(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -823,7 +776,7 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 
 async def test_every_request_gets_one_json_access_log_line(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
@@ -884,7 +837,7 @@ def test_json_formatter_escapes_line_separators_in_fields() -> None:
 
 
 async def test_serve_runs_both_listeners_until_stop_is_set(
-    upstream: Upstream, http: aiohttp.ClientSession
+    upstream: CountingUpstream, http: aiohttp.ClientSession
 ) -> None:
     public_port, admin_port = free_port(), free_port()
     settings = parse_config(

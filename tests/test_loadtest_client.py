@@ -29,6 +29,8 @@ from gateway.loadtest.runner import (
 )
 from gateway.loadtest.spec import LoadSpec
 from tests.rig.system import free_port
+from tests.rig.upstream import RawUpstream
+from tests.rig.waits import bounded
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -38,32 +40,30 @@ Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class Scripted:
-    """A loopback server that answers every request head with `answer`; counts connections."""
+    """How a loopback server (the rig's RawUpstream) answers here: every request head with
+    `answer`; it keeps the heads it read and counts connections."""
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
-        self.connections = 0
         self.heads: list[bytes] = []
-        self.server: asyncio.Server | None = None
+        self.raw = RawUpstream(serve=self.handle)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                self.heads.append(head)
-                await self.answer(reader, writer)
-                if writer.is_closing():
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        """One connection (RawUpstream's `serve`); RawUpstream closes it after."""
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            await self.answer(reader, writer)
+            if writer.is_closing():
+                return
+
+    @property
+    def connections(self) -> int:
+        return self.raw.connections
 
     @property
     def url(self) -> URL:
-        assert self.server is not None
-        return URL(f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/x")
+        return URL(f"{self.raw.url}/x")
 
 
 @pytest.fixture
@@ -72,15 +72,13 @@ async def serve() -> AsyncIterator[Callable[[Answer], Awaitable[Scripted]]]:
 
     async def start(answer: Answer) -> Scripted:
         scripted = Scripted(answer)
-        scripted.server = await asyncio.start_server(scripted.handle, "127.0.0.1", 0)
         servers.append(scripted)
+        await scripted.raw.start()
         return scripted
 
     yield start
     for scripted in servers:
-        assert scripted.server is not None
-        scripted.server.close()
-        await scripted.server.wait_closed()
+        await bounded(scripted.raw.close(), "closing a scripted server")
 
 
 def reply(data: bytes, *, close: bool = False) -> Answer:

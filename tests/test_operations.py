@@ -42,7 +42,7 @@ import pytest
 from tests.rig.gateway import figure
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import REPO, children, free_port
-from tests.rig.upstream import MARK, CountingUpstream, Reply, Slow, Stream
+from tests.rig.upstream import MARK, CountingUpstream, MakeUpstream, Reply, Slow, Stream
 
 pytestmark = pytest.mark.integration
 
@@ -160,13 +160,12 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    up = CountingUpstream()
+async def upstream(make_upstream: MakeUpstream) -> CountingUpstream:
+    """The rig's upstream, with slow answers at /slow and streamed ones at /stream."""
+    up = await make_upstream()
     up.behave(Slow(SLOW_DELAY, Reply(body=SLOW_BODY)), path="/slow")
     up.behave(Stream(STREAM_CHUNKS, delay=STREAM_DELAY), path="/stream")
-    await up.start()
-    yield up
-    await asyncio.wait_for(up.close(), WAIT)
+    return up
 
 
 def assert_no_traceback(gateway: GatewayProcess) -> None:
@@ -517,10 +516,12 @@ UPSTREAM_MAIN: Final = "from tests.test_operations import serve_upstream; serve_
 
 
 def serve_upstream() -> None:
-    """The overload test's upstream process: a CountingUpstream answering FAST_BODY at once.
+    """The overload test's upstream process: the rig's CountingUpstream answering FAST_BODY
+    at once.
 
-    Its own process, so the load generator does not compete with it for one event loop.
-    It prints its URL and runs until its stdin ends.
+    Not the `make_upstream` fixture: the upstream runs in a process of its own, so the load
+    generator does not compete with it for one event loop. It prints its URL and runs until
+    its stdin ends.
     """
 
     async def main() -> None:

@@ -9,16 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.metrics import Metrics, SharedCounters, render
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import children, free_port
+from tests.rig.upstream import CountingUpstream
 
 pytestmark = pytest.mark.integration
 
@@ -47,21 +47,6 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[str]:
-    async def handle(request: web.Request) -> web.Response:
-        return web.Response(text=f"pid {os.getpid()}")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
-
-
 async def wait_for(url: str, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + WAIT
     async with aiohttp.ClientSession() as http:
@@ -77,14 +62,14 @@ async def wait_for(url: str, headers: dict[str, str] | None = None) -> None:
 
 
 async def test_two_workers_share_the_port_the_counters_and_the_store(
-    tmp_path: Path, own_redis: RedisServer, upstream: str
+    tmp_path: Path, own_redis: RedisServer, upstream: CountingUpstream
 ) -> None:
     public, admin = free_port(), free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
         f"server: {{listen: '127.0.0.1:{public}'}}\n"
         f"admin: {{listen: '127.0.0.1:{admin}', token: '{TOKEN}'}}\n"
-        f"upstream: {{url: '{upstream}'}}\n"
+        f"upstream: {{url: '{upstream.url}'}}\n"
         f"redis: {{url: '{own_redis.url}'}}\n"
         "log: {access: false, level: warning}\n"
     )
@@ -181,31 +166,13 @@ def test_memory_store_runs_one_worker(tmp_path: Path) -> None:
     assert "memory:// store: running 1 worker" in stderr
 
 
-@pytest.fixture
-async def recording_upstream() -> AsyncIterator[tuple[str, list[str]]]:
-    """An upstream that records the device id of every request it sees."""
-    seen: list[str] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("X-Device-Id", "-"))
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    await runner.cleanup()
-
-
 LISTENING = b'"message":"listening"'
 
 
 async def test_a_worker_respawned_while_redis_is_frozen_still_refuses_a_blocked_device(
-    tmp_path: Path, own_redis: RedisServer, recording_upstream: tuple[str, list[str]]
+    tmp_path: Path, own_redis: RedisServer, upstream: CountingUpstream
 ) -> None:
-    origin, seen = recording_upstream
+    origin = upstream.url
     public, admin = free_port(), free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
@@ -273,7 +240,7 @@ async def test_a_worker_respawned_while_redis_is_frozen_still_refuses_a_blocked_
             async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
                 text = await r.text()
         assert statuses == [403] * 30
-        assert "stolen" not in seen  # none reached the upstream
+        assert "stolen" not in [s.device_id for s in upstream.seen]  # none reached it
         # The respawned worker knew the block from its supervisor, Redis frozen meanwhile.
         assert re.search(
             r'devicegate_blocked_ids_known\{process="worker-\d",source="supervisor"\} 1\n', text

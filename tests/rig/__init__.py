@@ -5,7 +5,8 @@ clock           FakeClock, the one fake clock
 waits           until / until_sync / bounded: bounded polls, never fixed sleeps
 system          repository paths, free loopback ports, child pids
 redis_server    RedisServer (a real redis-server on a free port) and its commandstats
-upstream        CountingUpstream and RawUpstream, the one upstream factory
+upstream        CountingUpstream and RawUpstream, the one upstream factory (make_upstream,
+                make_raw_upstream and upstream are their fixtures)
 client          RawClient and read_answer, the one raw HTTP client
 faults          FaultProxy (a TCP proxy that delays, drops, resets or cuts) and rst()
 gateway         the in-process gateway's settings, answers and envelope checks
