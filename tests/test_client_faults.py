@@ -37,7 +37,7 @@ from typing import Final
 import orjson
 import pytest
 
-from tests.rig.faults import rst
+from tests.rig.client import Answer, OpenRawClient, RawClient, answers_in
 from tests.rig.system import free_port
 from tests.rig.upstream import MARK, CountingUpstream, MakeUpstream, Reply, Stream
 
@@ -174,58 +174,29 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
 # ---------------------------------------------------------------- raw HTTP helpers
 
 
-@dataclass
-class Answer:
-    """One HTTP answer read off a raw connection."""
-
-    status: int
-    head: bytes
-    body: bytes
-
-    def json(self) -> object:
-        """The body parsed as JSON."""
-        return orjson.loads(self.body)
-
-
-async def read_answer(reader: asyncio.StreamReader) -> Answer:
-    """Read one answer framed by Content-Length (the only framing these tests meet)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-    assert match is not None, head
-    return Answer(status, head, await reader.readexactly(int(match.group(1))))
-
-
 async def get(port: int, path: str = "/ok") -> Answer:
     """One GET on a new connection that asks to be closed after the answer."""
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
-            return await read_answer(reader)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    client = await RawClient.connect(port, timeout=WAIT, framed=True)
+    try:
+        client.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+        return await client.read_answer()
+    finally:
+        await client.close()
 
 
 async def recv_answer(sock: socket.socket) -> Answer:
-    """Read one Content-Length answer off a raw non-blocking socket (bounded)."""
+    """Read one answer off a raw non-blocking socket (bounded): its bytes, once they hold a
+    whole answer, parsed by the rig's read_answer."""
     loop = asyncio.get_running_loop()
     data = b""
     async with asyncio.timeout(WAIT):
-        while b"\r\n\r\n" not in data:
+        while True:
             chunk = await loop.sock_recv(sock, 65536)
-            assert chunk, f"closed before an answer: {data!r}"
+            assert chunk, f"closed before a whole answer: {data!r}"
             data += chunk
-        head, body = data.split(b"\r\n\r\n", 1)
-        match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-        assert match is not None, head
-        while len(body) < int(match.group(1)):
-            chunk = await loop.sock_recv(sock, 65536)
-            assert chunk, f"closed mid-answer: {data!r}"
-            body += chunk
-    return Answer(int(head.split(b" ", 2)[1]), head + b"\r\n\r\n", body)
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                [answer] = await answers_in(data)
+                return answer
 
 
 async def connect_raw(port: int, *, rcvbuf: int | None = None) -> socket.socket:
@@ -290,41 +261,40 @@ def sockets() -> Iterator[Sockets]:
 UPLOAD_SIZE: Final = 1_000_000
 
 
-def leave(writer: asyncio.StreamWriter, close: str) -> float:
+def leave(client: RawClient, close: str) -> float:
     """Hang up as `close` says ("rst": a reset, else a FIN); when it happened."""
     left = time.monotonic()
     if close == "rst":
-        rst(writer.transport)
+        client.reset()
     else:
-        writer.close()
+        client.writer.close()  # the FIN; the test does not wait for the close to complete
     return left
 
 
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_mid_upload_aborts_the_upstream_request(
-    start_gateway: StartGateway, upstream: CountingUpstream, close: str
+    start_gateway: StartGateway, upstream: CountingUpstream, raw_client: OpenRawClient, close: str
 ) -> None:
     """Streamed (request buffering off): half of a Content-Length body, then the client
     goes: the upstream's request is cut within 1 s and never complete, and the gateway
     holds no socket for it 2 s later."""
     gw = await start_gateway(upstream.url, limits="request_buffering: false")
     baseline = gw.fds()
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    client = await raw_client(gw.port, timeout=WAIT)
     try:
         head = f"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {UPLOAD_SIZE}\r\n\r\n"
-        writer.write(head.encode() + b"u" * (UPLOAD_SIZE // 2))
-        await asyncio.wait_for(writer.drain(), WAIT)
+        await client.send(head.encode() + b"u" * (UPLOAD_SIZE // 2))
         async with asyncio.timeout(WAIT):
             while upstream.arrived < 1:  # the head is upstream: the body is being forwarded
                 await asyncio.sleep(0.01)
         assert not upstream.seen
-        left = leave(writer, close)
+        left = leave(client, close)
         async with asyncio.timeout(WAIT):
             while not upstream.seen:
                 await asyncio.sleep(0.01)
         aborted_after = time.monotonic() - left
     finally:
-        writer.close()
+        client.writer.close()
     seen = upstream.seen[0]
     print(
         f"\n[{close}] upstream request cut {aborted_after * 1000:.0f} ms after the client left,"
@@ -341,7 +311,11 @@ async def test_client_leaving_mid_upload_aborts_the_upstream_request(
 
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
-    start_gateway: StartGateway, upstream: CountingUpstream, close: str, tmp_path: Path
+    start_gateway: StartGateway,
+    upstream: CountingUpstream,
+    raw_client: OpenRawClient,
+    close: str,
+    tmp_path: Path,
 ) -> None:
     """Buffered (the default), past the memory part into a file: the client goes, the
     upstream never hears of the request, the file and the socket are gone."""
@@ -351,18 +325,17 @@ async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
         upstream.url, limits=f"buffer_memory_bytes: 65536, buffer_dir: '{spill}'"
     )
     baseline = gw.fds()
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    client = await raw_client(gw.port, timeout=WAIT)
     try:
         head = f"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {UPLOAD_SIZE}\r\n\r\n"
-        writer.write(head.encode() + b"u" * (UPLOAD_SIZE // 2))
-        await asyncio.wait_for(writer.drain(), WAIT)
+        await client.send(head.encode() + b"u" * (UPLOAD_SIZE // 2))
         # The half is past the memory part: the gateway holds it in a (deleted) file.
         async with asyncio.timeout(WAIT):
             while gw.fds() < baseline + 2:  # the client's socket and the file
                 await asyncio.sleep(0.01)
-        leave(writer, close)
+        leave(client, close)
     finally:
-        writer.close()
+        client.writer.close()
     # A bounded wait for the state, not a timing claim (the streamed test makes that one).
     assert await gw.wait_fds(baseline, within=WAIT) <= baseline, os.listdir(f"/proc/{gw.pid}/fd")
     assert upstream.arrived == 0
@@ -375,30 +348,16 @@ async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
 # ---------------------------------------------------------------- half-closed clients
 
 
-async def half_closed(port: int, data: bytes) -> bytes:
-    """Send `data`, shut the sending side (SHUT_WR, as `printf ... | socat` does), then read
-    until the gateway closes (bounded)."""
-    sock = await connect_raw(port)
+async def half_closed(port: int, data: bytes) -> list[Answer]:
+    """Send `data`, shut the sending side (a FIN, as `printf ... | socat` does), then read
+    until the gateway closes (bounded); the answers that came."""
+    client = await RawClient.connect(port, timeout=WAIT)
     try:
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, data)
-        sock.shutdown(socket.SHUT_WR)
-        return await read_until_closed(sock)
+        await client.send(data)
+        client.half_close()
+        return await answers_in(await client.read_to_eof())
     finally:
-        sock.close()
-
-
-def answers_in(data: bytes) -> list[tuple[int, bytes]]:
-    """(status, body) of each Content-Length answer in `data`, in order."""
-    found = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-        assert match is not None, head
-        length = int(match.group(1))
-        found.append((int(head.split(b" ", 2)[1]), rest[:length]))
-        data = rest[length:]
-    return found
+        await client.close()
 
 
 async def test_a_half_closed_client_gets_its_answers_then_the_close(
@@ -406,18 +365,18 @@ async def test_a_half_closed_client_gets_its_answers_then_the_close(
 ) -> None:
     gw = await start_gateway(upstream.url)
     one = await half_closed(gw.port, b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
-    assert [status for status, _ in answers_in(one)] == [200]
-    assert orjson.loads(answers_in(one)[0][1])["path"] == "/one"
+    assert [answer.status for answer in one] == [200]
+    assert one[0].json()["path"] == "/one"
     body = b"x" * 100_000
     posted = await half_closed(
         gw.port, b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n" + body
     )
-    assert [status for status, _ in answers_in(posted)] == [200]
+    assert [answer.status for answer in posted] == [200]
     assert upstream.seen[-1].complete and upstream.seen[-1].body_size == len(body)
     pipelined = await half_closed(
         gw.port, b"".join(b"GET /p%d HTTP/1.1\r\nHost: gw\r\n\r\n" % i for i in range(3))
     )
-    assert [orjson.loads(b)["path"] for _, b in answers_in(pipelined)] == ["/p0", "/p1", "/p2"]
+    assert [answer.json()["path"] for answer in pipelined] == ["/p0", "/p1", "/p2"]
     await gw.stop()
 
 
@@ -426,12 +385,12 @@ async def test_a_request_cut_short_by_a_half_close_is_refused_and_never_forwarde
 ) -> None:
     gw = await start_gateway(upstream.url)
     head_only = await half_closed(gw.port, b"GET /never HTTP/1.1\r\nHost: g")
-    assert answers_in(head_only)[0][0] == 400
+    assert head_only[0].status == 400
     part = await half_closed(
         gw.port, b"POST /cut HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\nabc"
     )
-    ((status, body),) = answers_in(part)
-    assert (status, orjson.loads(body)["result"]) == (400, "Request body incomplete")
+    (answer,) = part
+    assert (answer.status, answer.json()["result"]) == (400, "Request body incomplete")
     assert all(s.complete is False for s in upstream.seen if s.raw_path == "/cut")
     assert (await get(gw.port)).status == 200
     await gw.stop()
@@ -445,28 +404,28 @@ SLOW_DOWNLOAD: Final = Stream(chunks=(b"d" * 65536,) * 1600, delay=0.01, declare
 
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_mid_download_releases_the_upstream_connection(
-    start_gateway: StartGateway, upstream: CountingUpstream, close: str
+    start_gateway: StartGateway, upstream: CountingUpstream, raw_client: OpenRawClient, close: str
 ) -> None:
     """The client reads the head of a long streamed answer and goes: the upstream's handler
     sees its connection closed within 1 s, and the gateway's fds are back to the baseline."""
     upstream.behave(SLOW_DOWNLOAD, path="/download")
     gw = await start_gateway(upstream.url)
     baseline = gw.fds()
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    client = await raw_client(gw.port, timeout=WAIT)
     try:
-        writer.write(b"GET /download HTTP/1.1\r\nHost: gw\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        client.write(b"GET /download HTTP/1.1\r\nHost: gw\r\n\r\n")
+        head = await client.read_until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         assert MARK.lower().encode() in head.lower()
-        assert b"d" * 1000 in await asyncio.wait_for(reader.readexactly(65536), WAIT)
+        assert b"d" * 1000 in await client.read_exactly(65536)
         assert upstream.in_progress == 1
-        left = leave(writer, close)
+        left = leave(client, close)
         async with asyncio.timeout(WAIT):
             while upstream.in_progress:  # the handler ends once a write meets the close
                 await asyncio.sleep(0.01)
         released_after = time.monotonic() - left
     finally:
-        writer.close()
+        client.writer.close()
     print(
         f"\n[{close}] upstream handler released {released_after * 1000:.0f} ms after the "
         "client left"
@@ -626,15 +585,15 @@ async def test_pipelining_flood_is_read_no_faster_than_it_is_answered(
     assert peak_rss - baseline_rss < 50 * MB
     assert written > FLOOD_READ
 
-    reader, writer = await asyncio.open_connection(sock=flooder)
+    flood = await RawClient.over(flooder, timeout=WAIT, framed=True)
     sockets.open.remove(flooder)
     try:
         for i in range(FLOOD_READ):
-            flood_answer = await asyncio.wait_for(read_answer(reader), WAIT)
+            flood_answer = await flood.read_answer()
             assert flood_answer.status == 200, flood_answer.head
             assert orjson.loads(flood_answer.body)["path"] == f"/flood/{i}"
     finally:
-        writer.close()  # unread answers: the gateway sees a reset and drops the rest
+        flood.writer.close()  # unread answers: the gateway sees a reset and drops the rest
     assert (await get(gw.port)).status == 200
     await gw.stop()
 

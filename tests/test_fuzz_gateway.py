@@ -26,12 +26,12 @@ import orjson
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict
 
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.metrics import Metrics
 from gateway.store import Store
+from tests.rig.client import Answer, RawClient
 from tests.rig.upstream import MARK, CountingUpstream, Reply
 
 pytestmark = pytest.mark.integration
@@ -253,44 +253,6 @@ def requests(draw: st.DrawFn) -> Request:
 # ---------------------------------------------------------------- reading answers
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    fields: CIMultiDict[str]
-    body: bytes
-
-
-async def read_answer(reader: asyncio.StreamReader, *, head_request: bool) -> Answer:
-    """One final answer (1xx interim answers skipped), its framing undone."""
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        assert status_line.startswith("HTTP/1.1 "), status_line
-        status = int(status_line.split(" ", 2)[1])
-        fields: CIMultiDict[str] = CIMultiDict()
-        for line in lines:
-            name, sep, value = line.partition(":")
-            assert sep, f"malformed header line {line!r}"
-            fields.add(name, value.strip())
-        if status >= 200:
-            break
-        assert status == 100, status_line
-    if head_request or status in (204, 304):
-        body = b""
-    elif "Content-Length" in fields:
-        body = await reader.readexactly(int(fields["Content-Length"]))
-    elif fields.get("Transfer-Encoding") == "chunked":
-        parts = []
-        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
-            parts.append(await reader.readexactly(size))
-            assert await reader.readexactly(2) == b"\r\n"
-        assert await reader.readuntil(b"\r\n") == b"\r\n"
-        body = b"".join(parts)
-    else:
-        body = await reader.read()  # delimited by the close
-    return Answer(status, fields, body)
-
-
 def closes(answer: Answer, version: str) -> bool:
     """Whether the answer announces the end of the connection."""
     connection = answer.fields.get("Connection", "").lower()
@@ -303,13 +265,15 @@ def closes(answer: Answer, version: str) -> bool:
 
 async def check(env: Env, request: Request) -> None:
     before = len(env.errors.records)
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    client = await RawClient.connect(env.port, timeout=WAIT)
     try:
         async with asyncio.timeout(WAIT):
-            writer.write(request.encode())
-            await writer.drain()
-            answer = await read_answer(reader, head_request=request.method == "HEAD")
+            await client.send(request.encode())
+            # One final answer (1xx interim answers skipped), its framing undone.
+            answer = await client.read_answer(
+                head_request=request.method == "HEAD", skip_interim=True
+            )
+            assert answer.head.startswith(b"HTTP/1.1 "), answer.head
             if answer.fields.get(MARK) == "1":
                 event(f"upstream {answer.status}")
             elif request.method == "HEAD":
@@ -332,26 +296,25 @@ async def check(env: Env, request: Request) -> None:
 
             if closes(answer, request.version):
                 try:
-                    rest = await reader.read()
+                    rest = await client.read_to_eof()
                 except ConnectionResetError:
                     pytest.fail("the connection was reset instead of closed")
                 assert rest == b"", rest
             else:
-                writer.write(b"GET /next HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-                await writer.drain()
-                following = await read_answer(reader, head_request=False)
+                await client.send(b"GET /next HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+                following = await client.read_answer(skip_interim=True)
                 assert (following.status, following.fields.get(MARK)) == (200, "1"), following
     finally:
-        await abort(writer)
+        await abort(client)
     assert [r.getMessage() for r in env.errors.records[before:]] == []
 
 
-async def abort(writer: asyncio.StreamWriter) -> None:
+async def abort(client: RawClient) -> None:
     """Drop a client connection at once (nothing left to flush), bounded."""
-    writer.transport.abort()
+    client.abort()
     try:
         async with asyncio.timeout(WAIT):
-            await writer.wait_closed()
+            await client.writer.wait_closed()
     except ConnectionError:
         pass
 
@@ -371,17 +334,16 @@ def raw_exchange(env: Env, request: bytes) -> tuple[bytes, bytes]:
     """Send `request`, read until the gateway closes (bounded): (head, everything after)."""
 
     async def run() -> bytes:
-        async with asyncio.timeout(WAIT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        client = await RawClient.connect(env.port, timeout=WAIT)
         try:
-            writer.write(request)
+            client.write(request)
             try:
                 async with asyncio.timeout(3.0):
-                    return await reader.read()
+                    return await client.read_to_eof()
             except TimeoutError:
                 return b"<no close within 3 s>"
         finally:
-            await abort(writer)
+            await abort(client)
 
     data = env.runner.run(run())
     head, _, rest = data.partition(b"\r\n\r\n")

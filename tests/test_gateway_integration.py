@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
@@ -33,6 +33,8 @@ from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.model import Device, HistoryEntry
 from gateway.store import Store
 from gateway.store.keys import KeySchema
+from tests.rig.client import Answer as RawAnswer
+from tests.rig.client import RawClient, answers_in
 from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import free_port
@@ -191,28 +193,17 @@ async def redis_keys(url: str) -> list[bytes]:
         await client.aclose()
 
 
-async def raw_request(url: URL, data: bytes) -> bytes:
-    """Send raw bytes to the server at `url` and read the answer until it closes the socket."""
+async def raw_request(url: URL, data: bytes) -> RawAnswer:
+    """Send raw bytes to the server at `url`, read until it closes the socket: the one
+    answer that came."""
     assert url.host is not None and url.port is not None
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), WAIT)
+    client = await RawClient.connect(url.port, url.host, timeout=WAIT)
     try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), WAIT)
+        await client.send(data)
+        [answer] = await answers_in(await client.read_to_eof())
     finally:
-        writer.close()
-        await writer.wait_closed()
-
-
-def split_raw(answer: bytes) -> tuple[int, CIMultiDict[str], bytes]:
-    """(status, headers, body) of a raw HTTP/1.x answer."""
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.add(name, value.strip())
-    return int(status_line.split()[1]), headers, body
+        await client.close()
+    return answer
 
 
 # ---------------------------------------------------------------- forwarding and registration
@@ -725,7 +716,7 @@ async def test_connect_is_405_and_never_forwarded(
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
         b"X-Device-Id: phone-1\r\nConnection: close\r\n\r\n",
     )
-    status, headers, body = split_raw(raw)
+    status, headers, body = raw.status, raw.fields, raw.body
     assert status == 405
     assert orjson.loads(body) == {"status": False, "result": "Method not allowed"}
     assert "CONNECT" not in headers["Allow"] and "GET" in headers["Allow"]
@@ -792,14 +783,14 @@ async def test_every_request_gets_one_json_access_log_line(
         "GET /api/odd HTTP/1.1\r\nHost: gw\r\nX-Device-Id: phone-3\r\n"
         "X-App-Name: evil\u2028app\r\nConnection: close\r\n\r\n".encode(),
     )
-    assert split_raw(odd)[0] == 400
+    assert odd.status == 400
     # An ANSI escape is refused by aiohttp's own parser before any handler: a plain 400.
     ansi = await raw_request(
         gw.url,
         b"GET /api/ansi HTTP/1.1\r\nHost: gw\r\nX-Device-Id: phone-4\r\n"
         b"X-App-Name: \x1b[31mred\r\nConnection: close\r\n\r\n",
     )
-    assert split_raw(ansi)[0] == 400
+    assert ansi.status == 400
     assert upstream.paths() == ["/api/log?q=1"]
 
     lines = access_lines(caplog)

@@ -39,6 +39,7 @@ from typing import Final, Literal
 import orjson
 import pytest
 
+from tests.rig.client import Progress, RawClient
 from tests.rig.gateway import figure
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import REPO, children, free_port
@@ -229,50 +230,24 @@ def request_bytes(path: str, *, keep_alive: bool, device: str = "ops-1") -> byte
     ).encode()
 
 
-async def read_answer(reader: asyncio.StreamReader, answer: Answer) -> None:
-    """Read one answer into `answer` (Content-Length or chunked); never raises for a cut."""
-
-    async def take(data: bytes) -> bytes:
-        answer.received += len(data)
-        return data
-
+async def read_into(client: RawClient, answer: Answer) -> None:
+    """Read one answer into `answer` (the rig's read_answer, its progress kept: a cut one
+    shows how far it got); never raises for a cut."""
+    got = Progress()
     try:
-        head = await take(await reader.readuntil(b"\r\n\r\n"))
-        answer.head_at = time.monotonic()
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        answer.status = int(status_line.split(" ", 2)[1])
-        for line in lines:
-            name, _, value = line.partition(":")
-            answer.headers[name.strip().lower()] = value.strip()
-        if answer.headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int((await take(await reader.readuntil(b"\r\n"))).split(b";")[0], 16)
-                if size == 0:
-                    while await take(await reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass  # trailer fields
-                    break
-                answer.body += (await take(await reader.readexactly(size + 2)))[:-2]
-        else:
-            answer.body += await take(
-                await reader.readexactly(int(answer.headers["content-length"]))
-            )
+        await client.read_answer(progress=got)
         answer.complete = True
-    except asyncio.IncompleteReadError as exc:
-        answer.received += len(exc.partial)
+    except asyncio.IncompleteReadError:
         answer.error = "eof"
     except ConnectionResetError:
         answer.error = "reset"
     finally:
         answer.ended_at = time.monotonic()
-
-
-async def read_end(reader: asyncio.StreamReader) -> str:
-    """How a connection ends after its last answer: "eof" (clean), "reset", or "more"."""
-    try:
-        data = await asyncio.wait_for(reader.read(1), WAIT)
-    except ConnectionResetError:
-        return "reset"
-    return "eof" if data == b"" else "more"
+        answer.received = got.received
+        answer.head_at = got.head_at
+        answer.status = got.status
+        answer.headers = {name.lower(): value for name, value in got.fields.items()}
+        answer.body += got.body
 
 
 _tags = itertools.count()
@@ -288,8 +263,8 @@ def next_path(kind: Kind) -> str:
 ROUND: Final[tuple[Kind, ...]] = ("slow", "fast", "stream", "fast")
 
 
-class Client:
-    """A client sending requests one after the other until the gateway refuses it.
+class Caller:
+    """A caller sending requests one after the other until the gateway refuses it.
 
     Fresh clients open a connection per request (`Connection: close`); kept-alive ones
     reuse theirs until the gateway closes it, checking how it ended, then connect again.
@@ -307,35 +282,34 @@ class Client:
     async def run(self) -> None:
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                client = await RawClient.connect(self.port, timeout=WAIT)
             except (ConnectionRefusedError, ConnectionResetError):
                 # Reset: the handshake had completed in the listener's backlog when the
                 # listener closed, so the gateway never accepted it. No request was sent.
                 self.refused_at = time.monotonic()
                 return
             try:
-                await self._serve(reader, writer)
+                await self._serve(client)
             finally:
-                writer.transport.abort()
+                client.abort()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, client: RawClient) -> None:
         while True:
             kind = next(self.kinds)
             answer = Answer(kind, next_path(kind), self.keep_alive, sent_at=time.monotonic())
             self.answers.append(answer)
             self.current = answer
             try:
-                writer.write(request_bytes(answer.path, keep_alive=self.keep_alive))
-                await writer.drain()
+                await client.send(request_bytes(answer.path, keep_alive=self.keep_alive))
             except ConnectionError:
                 answer.error = "reset"
                 return
-            await read_answer(reader, answer)
+            await read_into(client, answer)
             self.current = None
             if not (answer.complete and self.keep_alive):
                 return
             if answer.says_close:
-                self.ends.append((answer, await read_end(reader)))
+                self.ends.append((answer, await client.ending()))
                 return
 
 
@@ -347,10 +321,10 @@ async def probe_refused(port: int) -> float:
     """
     while True:
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = await RawClient.connect(port, timeout=WAIT)
         except (ConnectionRefusedError, ConnectionResetError):
             return time.monotonic()
-        writer.transport.abort()
+        client.abort()
         await asyncio.sleep(0.01)
 
 
@@ -375,7 +349,7 @@ async def test_sigterm_under_load_finishes_every_started_answer_and_exits_0(
                                   shutdown_timeout=shutdown_timeout)  # fmt: skip
     worker_pids = children(gateway.proc.pid)
     assert len(worker_pids) == (workers if workers > 1 else 0)
-    clients = [Client(gateway.port, i, keep_alive=i % 2 == 0) for i in range(10)]
+    clients = [Caller(gateway.port, i, keep_alive=i % 2 == 0) for i in range(10)]
     tasks = [asyncio.create_task(c.run()) for c in clients]
 
     def seen_tags() -> set[str]:
@@ -473,13 +447,13 @@ async def test_shutdown_timeout_bounds_the_stop_and_cuts_what_is_still_in_flight
 
     async def one(kind_path: str) -> Answer:
         answer = Answer("slow", f"{kind_path}?n={next(_tags)}", keep_alive=True)
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        client = await RawClient.connect(gateway.port, timeout=WAIT)
         try:
-            writer.write(request_bytes(answer.path, keep_alive=True))
+            client.write(request_bytes(answer.path, keep_alive=True))
             answer.sent_at = time.monotonic()
-            await read_answer(reader, answer)
+            await read_into(client, answer)
         finally:
-            writer.transport.abort()
+            client.abort()
         return answer
 
     # The held request has no head yet; the stalled one has its head and a first chunk out.
@@ -556,21 +530,17 @@ async def upstream_process() -> AsyncIterator[str]:
             await proc.wait()
 
 
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-async def get(conn: Connection, *, device: str = "ops-1") -> Answer:
+async def get(conn: RawClient, *, device: str = "ops-1") -> Answer:
     """One GET of the fast path on a kept-alive connection, read whole."""
-    reader, writer = conn
     answer = Answer("fast", next_path("fast"), keep_alive=True, sent_at=time.monotonic())
-    writer.write(request_bytes(answer.path, keep_alive=True, device=device))
-    await read_answer(reader, answer)
+    conn.write(request_bytes(answer.path, keep_alive=True, device=device))
+    await read_into(conn, answer)
     return answer
 
 
 async def sequential_median(port: int, n: int = 20) -> float:
     """Median seconds of `n` sequential GETs on one new kept-alive connection."""
-    conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    conn = await RawClient.connect(port, timeout=WAIT)
     took = []
     try:
         for _ in range(n):
@@ -578,7 +548,7 @@ async def sequential_median(port: int, n: int = 20) -> float:
             assert answer.complete and answer.status == 200 and bytes(answer.body) == FAST_BODY
             took.append(answer.ended_at - answer.sent_at)
     finally:
-        conn[1].transport.abort()
+        conn.abort()
     return statistics.median(took)
 
 
@@ -589,14 +559,14 @@ async def closed_loop_rate(port: int, clients: int, duration: float) -> float:
 
     async def client(i: int) -> None:
         nonlocal done
-        conn = await asyncio.open_connection("127.0.0.1", port)
+        conn = await RawClient.connect(port, timeout=WAIT)
         try:
             while time.monotonic() < stop_at:
                 answer = await get(conn, device=f"ops-{i % 8}")
                 assert answer.complete and answer.status == 200, answer
                 done += 1
         finally:
-            conn[1].transport.abort()
+            conn.abort()
 
     started = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients))), WAIT)
@@ -610,9 +580,9 @@ class Pipe:
     STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
     KEEP = 12  # bytes kept between reads: a status line split by a read is still found
 
-    def __init__(self, load: OpenLoop, conn: Connection) -> None:
+    def __init__(self, load: OpenLoop, conn: RawClient) -> None:
         self.load = load
-        self.reader, self.writer = conn
+        self.reader, self.writer = conn.reader, conn.writer
         self.pending: deque[float] = deque()  # intended starts of requests not yet answered
         self.batch: list[bytes] = []
         self.closed = False
@@ -674,8 +644,7 @@ class OpenLoop:
     replaced: int = 0
 
     async def _connect(self) -> Pipe:
-        conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), WAIT)
-        return Pipe(self, conn)
+        return Pipe(self, await RawClient.connect(self.port, timeout=WAIT))
 
     async def run(self) -> None:
         requests = [request_bytes("/fast", keep_alive=True, device=f"ops-{i}") for i in range(64)]
@@ -803,12 +772,12 @@ async def test_refusals_keep_their_status_on_either_loop(
     # refusal raised in a parser callback then carried that error and became a 400.
     gateway = await start_gateway(upstream.url, "memory://", loop=loop)
     for request, status in LOOP_REFUSALS:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        client = await RawClient.connect(gateway.port, timeout=WAIT)
         try:
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            client.write(request)
+            head = await client.read_until(b"\r\n\r\n")
         finally:
-            writer.transport.abort()
+            client.abort()
         assert int(head.split(b" ", 2)[1]) == status, head
     assert upstream.arrived == 0
     assert_no_traceback(gateway)

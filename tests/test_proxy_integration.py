@@ -35,8 +35,7 @@ from gateway.enforce import FORWARD, Verdict
 from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
 from gateway.store import Store
-from tests.rig.client import head_fields, read_answer
-from tests.rig.faults import rst
+from tests.rig.client import OpenRawClient, RawClient, head_fields
 from tests.rig.system import free_port
 from tests.rig.upstream import (
     Behaviour,
@@ -205,63 +204,28 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
 
 async def raw_http(gw: Gateway, request: bytes) -> tuple[bytes, bytes]:
     """Send `request` as bytes on a new connection; read to EOF; return (head, body)."""
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        try:
-            writer.write(request)
-            await writer.drain()
-            data = await reader.read()
-        finally:
-            writer.close()
-            await writer.wait_closed()
+    client = await RawClient.connect(gw.port, timeout=WAIT)
+    try:
+        await client.send(request)
+        data = await client.read_to_eof()
+    finally:
+        await client.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return head, body
 
 
-@dataclass
-class Client:
-    """A raw client connection to the gateway."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        async with asyncio.timeout(WAIT):
-            await self.writer.drain()
-
-    async def at_eof(self) -> bool:
-        """Whether the gateway closed the connection (nothing more arrives before EOF)."""
-        async with asyncio.timeout(WAIT):
-            try:
-                return await self.reader.read() == b""
-            except ConnectionResetError:
-                return True
-
-
-Connect = Callable[[Gateway], Awaitable[Client]]
+Connect = Callable[[Gateway], Awaitable[RawClient]]
 
 
 @pytest.fixture
-async def connect() -> AsyncIterator[Connect]:
-    """Open raw client connections to a gateway; all closed at teardown."""
-    clients: list[Client] = []
+def connect(raw_client: OpenRawClient) -> Connect:
+    """Open raw client connections (the rig's RawClient) to a gateway; all aborted at
+    teardown."""
 
-    async def open_(gw: Gateway) -> Client:
-        async with asyncio.timeout(WAIT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        client = Client(reader, writer)
-        clients.append(client)
-        return client
+    async def open_(gw: Gateway) -> RawClient:
+        return await raw_client(gw.port, timeout=WAIT)
 
-    yield open_
-    for client in clients:
-        # abort, not close: a close waits to flush what a stalled upload left unsent.
-        client.writer.transport.abort()
-        try:
-            await client.writer.wait_closed()
-        except ConnectionError:
-            pass
+    return open_
 
 
 # ------------------------------------------------------------------------ bodies
@@ -359,12 +323,12 @@ async def test_declared_body_over_the_limit_is_413_before_anything_is_forwarded(
     # Only the start of the body: the answer must come from the declaration alone.
     await client.send(b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 1025\r\n\r\n")
     await client.send(b"x" * 100)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 413
     assert orjson.loads(answer.body) == envelope("Request body too large")
     # The unread body makes the connection unusable for another request.
     assert answer.fields["Connection"] == "close"
-    assert await client.at_eof()
+    assert await client.closed()
     assert upstream.arrived == 0
 
 
@@ -379,7 +343,7 @@ async def test_declared_body_over_the_limit_that_a_verdict_let_through_is_still_
     await client.send(b"x" * 1000)
     await until(lambda: upstream.arrived, "the upstream to have the request")
     await client.send(b"x" * 25)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 413
     assert orjson.loads(answer.body) == envelope("Request body too large")
     kind, size = await outcome(upstream)
@@ -394,9 +358,9 @@ async def test_a_client_still_sending_an_over_limit_body_reads_the_413(
     gw = await start_gateway(upstream.url, max_body_bytes=MiB, enforcer="real")
     client = await connect(gw)
     size = 8 * MiB
-    client.writer.write(b"PUT /big HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
-    client.writer.write(b"z" * size)  # the whole body at once, as a plain client does
-    answer = await read_answer(client.reader)
+    client.write(b"PUT /big HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+    client.write(b"z" * size)  # the whole body at once, as a plain client does
+    answer = await client.read_answer()
     assert answer.status == 413
     assert orjson.loads(answer.body) == envelope("Request body too large")
     assert upstream.arrived == 0
@@ -431,12 +395,11 @@ async def test_client_abandoning_its_upload_never_yields_a_complete_upstream_req
 ) -> None:
     upstream = await make_upstream()
     gw = await start_gateway(upstream.url, limits=STREAMING)
-    async with asyncio.timeout(WAIT):
-        _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(b"POST /upload HTTP/1.1\r\nHost: gw\r\n" + start)
-        await until(lambda: upstream.arrived, "the upstream to have the request")
-        writer.transport.abort()
-        kind, size = await outcome(upstream)
+    client = await RawClient.connect(gw.port, timeout=WAIT)
+    client.write(b"POST /upload HTTP/1.1\r\nHost: gw\r\n" + start)
+    await until(lambda: upstream.arrived, "the upstream to have the request")
+    client.abort()
+    kind, size = await outcome(upstream)
     assert kind == "broken"
     assert size <= 16384
 
@@ -463,23 +426,23 @@ async def test_upstream_answering_before_reading_the_upload_leaves_no_stuck_conn
     )
     client = await connect(gw)
     size = 32 * MiB
-    client.writer.write(b"PUT /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+    client.write(b"PUT /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
     uploading = asyncio.ensure_future(client.send(b"u" * size))
     try:
         # The upload stalls: the upstream reads nothing and the gateway applies backpressure.
         done, _ = await asyncio.wait([uploading], timeout=0.5)
         assert not done
         answer_now.set()
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert answer.status == 401
         assert answer.body == b"nope"
         if answer.fields.get("Connection") == "close":
-            assert await client.at_eof()
+            assert await client.closed()
             return
         # The gateway reads (and drops) the rest of the body; ~28 MiB on loopback.
         await asyncio.wait_for(uploading, DRAIN)
         await client.send(b"GET /next HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-        assert (await read_answer(client.reader)).status in (200, 401, 502)
+        assert (await client.read_answer()).status in (200, 401, 502)
     finally:
         uploading.cancel()
         await asyncio.gather(uploading, return_exceptions=True)
@@ -708,7 +671,7 @@ async def test_request_trailers_never_become_upstream_headers(
         b"POST /t HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
         b"\r\n3\r\nabc\r\n0\r\nX-Injected: 1\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
     )
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     report = orjson.loads(answer.body)
     assert report["size"] == 3
@@ -880,13 +843,13 @@ async def test_upstream_body_delimited_by_its_close_reaches_a_1_1_client_chunked
     gw = await start_gateway(await start_raw_upstream(old_style))
     client = await connect(gw)
     await client.send(b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n")
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     assert answer.fields["Transfer-Encoding"] == "chunked"
     assert answer.body == b"all of it, until the close"
     # The framing was the gateway's own, so the client's connection stays usable.
     await client.send(b"GET /b HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    assert (await read_answer(client.reader)).body == b"all of it, until the close"
+    assert (await client.read_answer()).body == b"all of it, until the close"
 
 
 EMPTY_CASES = {
@@ -934,10 +897,10 @@ async def test_head_then_get_on_one_client_connection(
     gw = await start_gateway(await start_upstream(doc))
     client = await connect(gw)
     await client.send(b"HEAD /doc HTTP/1.1\r\nHost: gw\r\n\r\n")
-    head = await read_answer(client.reader, head_request=True)
+    head = await client.read_answer(head_request=True)
     assert (head.status, head.fields["Content-Length"], head.body) == (200, "1234", b"")
     await client.send(b"GET /doc HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    get = await read_answer(client.reader)
+    get = await client.read_answer()
     assert (get.status, get.body) == (200, b"d" * 1234)
 
 
@@ -947,12 +910,12 @@ async def test_head_gets_only_the_head_of_an_envelope_answer(
     gw = await start_gateway(f"http://127.0.0.1:{free_port()}")
     client = await connect(gw)
     await client.send(b"HEAD /x HTTP/1.1\r\nHost: gw\r\n\r\n")
-    head = await read_answer(client.reader, head_request=True)
+    head = await client.read_answer(head_request=True)
     assert head.status == 502
     assert int(head.fields["Content-Length"]) == len(orjson.dumps(envelope("Upstream unreachable")))
     # No body followed: the next bytes on the connection are the next answer's.
     await client.send(b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    get = await read_answer(client.reader)
+    get = await client.read_answer()
     assert get.status == 502
     assert orjson.loads(get.body) == envelope("Upstream unreachable")
 
@@ -1324,7 +1287,7 @@ async def test_keep_alive_answers_three_requests_on_one_connection_in_order(
     client = await connect(gw)
     for n in range(3):
         await client.send(b"GET /r%d HTTP/1.1\r\nHost: gw\r\n\r\n" % n)
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert answer.status == 200
         assert "Connection" not in answer.fields
         assert orjson.loads(answer.body)["raw_path"] == f"/r{n}"
@@ -1346,9 +1309,9 @@ async def test_pipelined_requests_are_answered_in_order(
         b"POST /post HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\nabc"
         b"GET /fast HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
     )
-    bodies = [(await read_answer(client.reader)).body for _ in range(3)]
+    bodies = [(await client.read_answer()).body for _ in range(3)]
     assert bodies == [b"/slow ", b"/post abc", b"/fast "]
-    assert await client.at_eof()
+    assert await client.closed()
 
 
 async def test_many_pipelined_requests_past_the_queue_bound_are_all_answered_in_order(
@@ -1359,7 +1322,7 @@ async def test_many_pipelined_requests_past_the_queue_bound_are_all_answered_in_
     count = 30  # well past the queue bound, where the gateway pauses reading
     await client.send(b"".join(b"GET /p%d HTTP/1.1\r\nHost: gw\r\n\r\n" % n for n in range(count)))
     for n in range(count):
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert orjson.loads(answer.body)["raw_path"] == f"/p{n}"
 
 
@@ -1390,7 +1353,7 @@ async def test_http_1_0_keep_alive_client_is_told_the_connection_persists(
     client = await connect(gw)
     for n in range(2):
         await client.send(b"GET /k%d HTTP/1.0\r\nHost: gw\r\nConnection: keep-alive\r\n\r\n" % n)
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert answer.fields["Connection"].lower() == "keep-alive"
         assert orjson.loads(answer.body)["raw_path"] == f"/k{n}"
 
@@ -1406,14 +1369,14 @@ async def test_upgrade_request_is_answered_as_plain_http_and_the_connection_clos
         b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
         b"Sec-WebSocket-Version: 13\r\n\r\n"
     )
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     assert answer.fields["Connection"] == "close"
     headers = seen_headers(orjson.loads(answer.body))
     assert "Upgrade" not in headers
     assert "Connection" not in headers
     assert headers["Sec-WebSocket-Version"] == "13"
-    assert await client.at_eof()
+    assert await client.closed()
 
 
 async def test_expect_100_continue_gets_100_before_the_final_answer(
@@ -1424,10 +1387,10 @@ async def test_expect_100_continue_gets_100_before_the_final_answer(
     await client.send(
         b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     )
-    interim = await read_answer(client.reader)
+    interim = await client.read_answer()
     assert interim.head == b"HTTP/1.1 100 Continue"
     await client.send(b"hello")
-    final = await read_answer(client.reader)
+    final = await client.read_answer()
     assert final.status == 200
     report = orjson.loads(final.body)
     assert report["size"] == 5
@@ -1468,11 +1431,11 @@ async def test_oversized_request_head_is_refused_and_the_connection_closed(
     gw = await start_gateway(upstream.url)
     client = await connect(gw)
     await client.send(request_)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == status
     assert orjson.loads(answer.body) == envelope(reason)
     assert answer.fields["Connection"] == "close"
-    assert await client.at_eof()
+    assert await client.closed()
     assert upstream.arrived == 0
 
 
@@ -1519,13 +1482,13 @@ async def test_conflicting_framing_is_400_and_close_and_never_forwarded(
         b"POST /x HTTP/1.1\r\nHost: gw\r\n" + framing + b"\r\n3\r\nabc\r\n0\r\n\r\n"
         b"GET /smuggled HTTP/1.1\r\nHost: gw\r\n\r\n"
     )
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 400
     report = orjson.loads(answer.body)
     assert report["status"] is False
     assert report["result"].startswith("Bad request")
     assert answer.fields["Connection"] == "close"
-    assert await client.at_eof()
+    assert await client.closed()
     assert upstream.arrived == 0
 
 
@@ -1542,8 +1505,8 @@ async def test_client_stalling_mid_head_is_closed(
     await stalled.send(b"GET / HTTP/1.1\r\nHost: gw\r\n")
     # The sweep runs once a second: a 0.2 s deadline is caught within about 1.2 s.
     async with asyncio.timeout(DRAIN):
-        assert await silent.reader.read() == b""  # not a byte sent: closed without a word
-        answer = await stalled.reader.read()
+        assert await silent.read_to_eof() == b""  # not a byte sent: closed without a word
+        answer = await stalled.read_to_eof()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b'{"status":false,"result":"Request head timeout"}')
 
@@ -1571,7 +1534,7 @@ async def test_slow_uploads_hold_no_upstream_connection(
     assert upstream.arrived == 6
     for client in trickling:
         await client.send(b"cdefghij")
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert (answer.status, answer.body) == (200, b"ok")
     assert upstream.arrived == 10
 
@@ -1634,10 +1597,9 @@ async def test_expect_continue_is_answered_by_the_gateway_once_it_decided(
     await client.send(
         b"PUT /e HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     )
-    async with asyncio.timeout(WAIT):
-        assert await client.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert await client.read_until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
     await client.send(b"hello")
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     report = orjson.loads(answer.body)
     assert report["size"] == 5
@@ -1760,7 +1722,7 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
             assert resp.status in (200, 502)
         assert pool.held_by("127.0.0.1") == 0, path
 
-    async def waiting_client() -> Client:
+    async def waiting_client() -> RawClient:
         client = await connect(gw)
         await client.send(b"GET /hang HTTP/1.1\r\nHost: gw\r\n\r\n")
         async with asyncio.timeout(WAIT):
@@ -1769,13 +1731,13 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
         return client
 
     # A reset: the client is gone for sure; its request is dropped at once.
-    rst((await waiting_client()).writer.transport)
+    (await waiting_client()).reset()
     async with asyncio.timeout(WAIT):
         while pool.held_by("127.0.0.1"):
             await asyncio.sleep(0.01)
     # A FIN after a complete request reads as a half-close: the answer is still due, so
     # the share is held until the upstream answers, then given back.
-    (await waiting_client()).writer.transport.abort()
+    (await waiting_client()).abort()
     for _ in range(10):
         await asyncio.sleep(0.01)
         assert pool.held_by("127.0.0.1") == 1
@@ -1814,7 +1776,7 @@ async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused
     size = 16 * MiB  # past the 1 MiB memory part: sent from its file
     await client.send(b"PUT /up HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
     await client.send(b"u" * size)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert (answer.status, answer.body) == (401, b"nope")
     async with gw.http.get("/next") as resp:
         assert (resp.status, await resp.text()) == (200, "ok")

@@ -36,7 +36,8 @@ from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
 from gateway.store.snapshot import snapshot_name
-from tests.rig.faults import FaultProxy, rst
+from tests.rig.client import RawClient, answers_in
+from tests.rig.faults import FaultProxy
 from tests.rig.gateway import (
     TIMEOUT,
     TOKEN,
@@ -793,16 +794,6 @@ class Outcome:
     body: bytes
 
 
-def parse_answer(raw: bytes) -> tuple[int, CIMultiDict[str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.add(name.strip(), value.strip())
-    return int(status_line.split(" ")[1]), headers, body
-
-
 async def one_client(
     port: int,
     device: str,
@@ -812,7 +803,7 @@ async def one_client(
     rng: random.Random,
 ) -> Outcome:
     """A raw client: connect, wait for the start, send; leave early when told to."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    client = await RawClient.connect(port, timeout=WAIT)
     request = (
         f"GET /c/{device} HTTP/1.1\r\nHost: gw\r\nX-Device-Id: {device}\r\n"
         "Connection: close\r\n\r\n"
@@ -823,28 +814,24 @@ async def one_client(
     try:
         await asyncio.wait_for(go.wait(), WAIT)
         if hang_up == "mid_head":
-            writer.write(request[: rng.randrange(1, len(request) - 1)])
-            await asyncio.sleep(rng.uniform(0, 0.02))
+            client.write(request[: rng.randrange(1, len(request) - 1)])
+            await asyncio.sleep(rng.uniform(0, 0.02))  # the scenario: a random moment to leave
         elif hang_up == "at_once":  # while the store call is in flight
-            writer.write(request)
+            client.write(request)
         elif hang_up == "after_head":
-            writer.write(request)
-            await asyncio.sleep(rng.uniform(0, 0.03))
+            client.write(request)
+            await asyncio.sleep(rng.uniform(0, 0.03))  # the scenario: a random moment to leave
         elif hang_up == "mid_answer":
-            writer.write(request)
-            await asyncio.wait_for(reader.read(rng.randrange(1, 64)), WAIT)
+            client.write(request)
+            await client.read_some(rng.randrange(1, 64))
         else:
-            writer.write(request)
-            status, headers, body = parse_answer(await asyncio.wait_for(reader.read(), WAIT))
+            client.write(request)
+            [answer] = await answers_in(await client.read_to_eof())
+            status, headers, body = answer.status, answer.fields, answer.body
     finally:
         if hang_up == "at_once" or (hang_up is not None and rng.random() < 0.5):
-            rst(writer.transport)  # an abrupt end
-        else:
-            writer.close()
-        try:
-            await asyncio.wait_for(writer.wait_closed(), WAIT)
-        except ConnectionError:
-            pass
+            client.reset()  # an abrupt end
+        await client.close()
     return Outcome(device, state, hang_up, status, headers, body)
 
 

@@ -33,7 +33,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Settings
-from tests.rig.client import head_fields, read_answer
+from tests.rig.client import RawClient, head_fields
 from tests.rig.faults import FaultProxy
 from tests.rig.gateway import (
     Answer,
@@ -176,22 +176,12 @@ def chunked_complete(body: bytes) -> bool:
 
 async def until_ended(gw: Gateway, request: bytes) -> Ended:
     """Send `request` on a new connection and read until the gateway ends it (FIN or RST)."""
-    received = bytearray()
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
-        try:
-            writer.write(request)
-            while True:
-                try:
-                    data = await reader.read(65536)
-                except ConnectionResetError:
-                    break  # an abort: as final as a FIN here
-                if not data:
-                    break
-                received += data
-        finally:
-            writer.transport.abort()
-    return Ended(bytes(received))
+    client = await RawClient.connect(port_of(gw.url), timeout=WAIT)
+    try:
+        client.write(request)
+        return Ended(await client.read_to_end())  # an abort is as final as a FIN here
+    finally:
+        client.abort()
 
 
 async def post(http: aiohttp.ClientSession, base: str, path: str, body: bytes) -> Answer:
@@ -388,21 +378,20 @@ async def test_a_stream_silent_past_the_timeout_is_cut_never_turned_into_a_504(
     upstream.behave(Stream((b"data: first\n\n", b"data: second\n\n"), delay=3 * timeout),
                     path="/events")  # fmt: skip
     gw = await start_gateway(settings_for(upstream, real_redis.url, timeout=timeout))
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
+    client = await RawClient.connect(port_of(gw.url), timeout=WAIT)
+    try:
+        sent_at = time.monotonic()
+        client.write(raw_request("GET", "/events", "d-events", close=False))
+        head = await client.read_until(b"\r\n\r\n")
+        first = await client.read_until(b"data: first\n\n\r\n")
+        first_at = time.monotonic()
         try:
-            sent_at = time.monotonic()
-            writer.write(raw_request("GET", "/events", "d-events", close=False))
-            head = await reader.readuntil(b"\r\n\r\n")
-            first = await reader.readuntil(b"data: first\n\n\r\n")
-            first_at = time.monotonic()
-            try:
-                rest = await reader.read()
-            except ConnectionResetError:
-                rest = b""
-            cut_at = time.monotonic()
-        finally:
-            writer.transport.abort()
+            rest = await client.read_to_eof()
+        except ConnectionResetError:
+            rest = b""
+        cut_at = time.monotonic()
+    finally:
+        client.abort()
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert head_fields(head[:-4])["Transfer-Encoding"] == "chunked"
     body = first + rest
@@ -697,17 +686,16 @@ async def test_5xx_redirects_and_gzip_pass_through_byte_identical_and_unfollowed
     await raw.start()
     try:
         gw = await start_gateway(settings_for(upstream, real_redis.url, raw.url))
-        async with asyncio.timeout(WAIT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
-            try:
-                writer.write(
-                    raw_request(
-                        "GET", "/thing", "d-untouched", close=False, extra="Accept-Encoding: gzip"
-                    )
+        client = await RawClient.connect(port_of(gw.url), timeout=WAIT)
+        try:
+            client.write(
+                raw_request(
+                    "GET", "/thing", "d-untouched", close=False, extra="Accept-Encoding: gzip"
                 )
-                got = await read_answer(reader)
-            finally:
-                writer.transport.abort()
+            )
+            got = await client.read_answer()
+        finally:
+            client.abort()
     finally:
         await asyncio.wait_for(raw.close(), WAIT)
     lines = got.head.split(b"\r\n")

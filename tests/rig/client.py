@@ -57,6 +57,8 @@ class Progress:
     received: int = 0  # bytes read, head and framing included
     head: bytes = b""
     head_at: float | None = None  # time.monotonic() when the whole head was in
+    status: int = 0  # once the head is in
+    fields: CIMultiDict[str] = field(default_factory=CIMultiDict)
     body: bytearray = field(default_factory=bytearray)
 
 
@@ -99,7 +101,7 @@ async def read_answer(
             name, sep, value = line.decode("latin-1").partition(":")
             assert sep, f"malformed header line {line!r}"
             fields.add(name.strip(), value.strip())
-        got.head, got.head_at = head, time.monotonic()
+        got.head, got.head_at, got.status, got.fields = head, time.monotonic(), status, fields
         if head_request or status in (204, 304) or 100 <= status < 200:
             pass
         elif "Content-Length" in fields:
