@@ -19,6 +19,7 @@ from gateway.store import Store
 from gateway.store.blocked import BlockedSeed, BlockedSet, BlockedStatus
 from gateway.store.keys import KeySchema
 from gateway.store.reset import RESTORE_CHUNK, StoreReset
+from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
 from tests.rig.upstream import CountingUpstream
 from tests.rig.waits import until
@@ -164,16 +165,6 @@ async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_sec
 # ---------------------------------------------------------------- knowing the ids, resets
 
 
-class Wall:
-    """An injected wall clock in epoch ms."""
-
-    def __init__(self) -> None:
-        self.now = 1_793_748_259_787
-
-    def __call__(self) -> int:
-        return self.now
-
-
 @pytest.fixture
 async def shared() -> AsyncIterator[tuple[Store, Any]]:
     """An embedded store, and a raw client of the same fakeredis server (to flush it)."""
@@ -190,12 +181,15 @@ async def shared() -> AsyncIterator[tuple[Store, Any]]:
 def follower(store: Store, *, restore: bool = True) -> BlockedSet:
     """A BlockedSet over the store's Redis that is polled by hand (never started)."""
     return BlockedSet(
-        store._admin, store.keys, restore=store._block_again if restore else None, clock=Wall()
+        store._admin,
+        store.keys,
+        restore=store._block_again if restore else None,
+        clock=FakeClock().millis,
     )
 
 
 def test_unknown_until_seeded_then_known_from_the_seed() -> None:
-    blocked = BlockedSet(cast(Any, None), KeySchema("dg"), clock=Wall())
+    blocked = BlockedSet(cast(Any, None), KeySchema("dg"), clock=FakeClock().millis)
     changes: list[BlockedStatus] = []
     blocked.watch(lambda: changes.append(blocked.status()))
     assert not blocked.known and blocked.handover() is None
@@ -239,7 +233,7 @@ async def test_a_reset_is_reported_once_the_ids_kept_and_blocked_again(
     assert len(errors) == 1 and "3 blocked ids known here" in errors[0].getMessage()
     status = blocked.status()
     assert (status.resets, status.restored, status.count) == (1, 3, 3)
-    assert status.last_reset == StoreReset(Wall().now, before or "", None, 3, True, 3, True)
+    assert status.last_reset == StoreReset(FakeClock().now_ms, before or "", None, 3, True, 3, True)
     assert status.epoch == await raw.get(store.keys.epoch) != before
     for device_id in ("b1", "b2", "b3"):
         device = await store.get_device(device_id)
@@ -302,7 +296,7 @@ async def test_a_restore_that_fails_is_retried_without_a_second_report(
             raise failures.pop()
         await store._block_again(chunk)
 
-    blocked = BlockedSet(store._admin, store.keys, restore=flaky, clock=Wall())
+    blocked = BlockedSet(store._admin, store.keys, restore=flaky, clock=FakeClock().millis)
     await blocked.poll()
     await raw.flushall()
     with caplog.at_level(logging.WARNING, logger="gateway.store.blocked"):
@@ -323,7 +317,11 @@ async def test_a_suspected_reset_is_looked_for_at_once(shared: tuple[Store, Any]
     store, raw = shared
     await store.block("b1")
     blocked = BlockedSet(
-        store._admin, store.keys, restore=store._block_again, poll_interval=30.0, clock=Wall()
+        store._admin,
+        store.keys,
+        restore=store._block_again,
+        poll_interval=30.0,
+        clock=FakeClock().millis,
     )
     blocked.start()
     try:
