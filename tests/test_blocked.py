@@ -22,7 +22,7 @@ from gateway.store.reset import RESTORE_CHUNK, StoreReset
 from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
 from tests.rig.upstream import CountingUpstream
-from tests.rig.waits import until
+from tests.rig.waits import until, until_async
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,9 @@ async def test_blocks_reach_other_processes_at_once_through_pubsub(
     admin = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
     await follower.start(follow_blocked=True)
     await asyncio.wait_for(follower.blocked.synced.wait(), WAIT)
-    await asyncio.sleep(0.2)  # the subscription is in place
+    channel = follower.keys.blocked_channel
+    with redis.Redis(port=own_redis.port) as raw:
+        await until(lambda: raw.pubsub_numsub(channel)[0][1] > 0, "the subscription")
     await admin.block("phone-1")
     assert await until(lambda: "phone-1" in follower.blocked, "the block") < 0.5
     await admin.unblock("phone-1")
@@ -147,14 +149,13 @@ async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_sec
             assert all(t < 0.2 + 0.15 for t in took)  # never more than the timeout
             assert sum(t > 0.15 for t in took) <= 4  # after 3 failures: the breaker skips
             assert max(took[4:]) < 0.1
+
             # Redis is back: within a second a probe goes through and enforcement resumes.
-            started = time.monotonic()
-            while True:
+            async def enforced() -> bool:
                 async with http.get(url, headers=headers) as r:
-                    if "RateLimit" in r.headers:
-                        break
-                assert time.monotonic() - started < 1.5, "enforcement did not resume"
-                await asyncio.sleep(0.05)
+                    return "RateLimit" in r.headers
+
+            await until_async(enforced, "enforcement to resume", timeout=1.5, every=0.05)
     finally:
         server.close()
         await plane.shutdown(1.0)

@@ -40,6 +40,7 @@ import pytest
 from tests.rig.client import Answer, OpenRawClient, RawClient, answers_in
 from tests.rig.system import free_port
 from tests.rig.upstream import MARK, CountingUpstream, MakeUpstream, Reply, Stream
+from tests.rig.waits import settle, until
 
 pytestmark = pytest.mark.integration
 
@@ -113,11 +114,9 @@ class Gateway:
         return self.proc.poll() is None
 
     async def wait_fds(self, at_most: int, within: float) -> int:
-        """Poll until the fd count is at most `at_most` (or `within` seconds pass)."""
-        deadline = time.monotonic() + within
-        while (count := self.fds()) > at_most and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return count
+        """Poll until the fd count is at most `at_most` (or `within` seconds pass); the
+        last count, for the caller to assert on."""
+        return await settle(self.fds, lambda count: count <= at_most, within, every=0.05)
 
     async def stop(self) -> None:
         """SIGTERM; the process must exit 0 and have logged no traceback."""
@@ -157,11 +156,12 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
             )
         gw = Gateway(proc, port, log_path)
         started.append(gw)
-        deadline = time.monotonic() + WAIT
-        while '"message":"listening"' not in gw.log():
+
+        def listening() -> bool:
             assert gw.alive(), f"the gateway exited: {gw.log()}"
-            assert time.monotonic() < deadline, f"the gateway did not start: {gw.log()}"
-            await asyncio.sleep(0.05)
+            return '"message":"listening"' in gw.log()
+
+        await until(listening, lambda: f"the gateway to start: {gw.log()}")
         return gw
 
     yield start
@@ -284,14 +284,11 @@ async def test_client_leaving_mid_upload_aborts_the_upstream_request(
     try:
         head = f"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {UPLOAD_SIZE}\r\n\r\n"
         await client.send(head.encode() + b"u" * (UPLOAD_SIZE // 2))
-        async with asyncio.timeout(WAIT):
-            while upstream.arrived < 1:  # the head is upstream: the body is being forwarded
-                await asyncio.sleep(0.01)
+        # The head is upstream: the body is being forwarded.
+        await until(lambda: upstream.arrived >= 1, "the head to reach the upstream")
         assert not upstream.seen
         left = leave(client, close)
-        async with asyncio.timeout(WAIT):
-            while not upstream.seen:
-                await asyncio.sleep(0.01)
+        await until(lambda: upstream.seen, "the upstream's request to end")
         aborted_after = time.monotonic() - left
     finally:
         client.writer.close()
@@ -330,9 +327,7 @@ async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
         head = f"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {UPLOAD_SIZE}\r\n\r\n"
         await client.send(head.encode() + b"u" * (UPLOAD_SIZE // 2))
         # The half is past the memory part: the gateway holds it in a (deleted) file.
-        async with asyncio.timeout(WAIT):
-            while gw.fds() < baseline + 2:  # the client's socket and the file
-                await asyncio.sleep(0.01)
+        await until(lambda: gw.fds() >= baseline + 2, "the client's socket and the file")
         leave(client, close)
     finally:
         client.writer.close()
@@ -420,9 +415,8 @@ async def test_client_leaving_mid_download_releases_the_upstream_connection(
         assert b"d" * 1000 in await client.read_exactly(65536)
         assert upstream.in_progress == 1
         left = leave(client, close)
-        async with asyncio.timeout(WAIT):
-            while upstream.in_progress:  # the handler ends once a write meets the close
-                await asyncio.sleep(0.01)
+        # The handler ends once a write meets the close.
+        await until(lambda: not upstream.in_progress, "the upstream handler to end")
         released_after = time.monotonic() - left
     finally:
         client.writer.close()
@@ -499,7 +493,7 @@ async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
                 if len(received[i]) < 64:
                     received[i] += data
         peak_rss = max(peak_rss, gw.rss())
-        await asyncio.sleep(READ_STEP)
+        await asyncio.sleep(READ_STEP)  # the readers' pace is the scenario (1 KB/s each)
     assert gw.alive()
     growth = peak_rss - baseline_rss
     total_read = sum(got)
@@ -517,9 +511,8 @@ async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
 
     sockets.close_all()  # unread data: the kernel resets these connections
     assert (await get(gw.port)).status == 200
-    async with asyncio.timeout(WAIT):
-        while firehose.in_progress:  # every upstream handler met its closed connection
-            await asyncio.sleep(0.05)
+    # Every upstream handler met its closed connection.
+    await until(lambda: not firehose.in_progress, "the upstream handlers to end")
     fds = await gw.wait_fds(baseline_fds, within=3.0)
     assert fds <= baseline_fds, os.listdir(f"/proc/{gw.pid}/fd")
     await gw.stop()
@@ -570,7 +563,7 @@ async def test_pipelining_flood_is_read_no_faster_than_it_is_answered(
         if other is None and time.monotonic() - started > FLOOD_WINDOW / 2:
             other = asyncio.ensure_future(get(gw.port, "/other"))
         peak_rss = max(peak_rss, gw.rss())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the flooder's pace: the scenario, for FLOOD_WINDOW
     assert other is not None
     answer = await other  # bounded by get()
     peak_rss = max(peak_rss, gw.rss())
@@ -621,11 +614,9 @@ def many_fds() -> Iterator[None]:
 
 
 async def wait_client_sockets(gw: Gateway, count: int) -> int:
-    """Poll until the gateway holds `count` client sockets (or WAIT passes)."""
-    deadline = time.monotonic() + WAIT
-    while (held := gw.client_sockets()) < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return held
+    """Poll until the gateway holds `count` client sockets (or WAIT passes); the last
+    count, for the caller to assert on."""
+    return await settle(gw.client_sockets, lambda held: held >= count, WAIT, every=0.05)
 
 
 @pytest.mark.usefixtures("many_fds")
@@ -692,7 +683,7 @@ async def test_the_connection_cap_holds_and_idle_connections_make_room(
     def sample() -> None:
         while not sampled.is_set():
             samples.append(gw.fds() - baseline_fds)
-            time.sleep(0.002)
+            time.sleep(0.002)  # the sampling interval of a measurement, not a wait
 
     sampled = threading.Event()
     sampler = loop.run_in_executor(None, sample)
@@ -738,12 +729,15 @@ async def test_the_connection_cap_holds_and_idle_connections_make_room(
     assert served.status == 200
     assert orjson.loads(served.body)["path"] == "/new"
     closed = 0
-    async with asyncio.timeout(WAIT):
-        while not closed:  # the longest-idle held connection was closed to make room
-            for sock in held:
-                with contextlib.suppress(BlockingIOError):
-                    closed += sock.recv(1) == b""
-            await asyncio.sleep(0.01)
+
+    def one_closed() -> bool:
+        nonlocal closed
+        for sock in held:
+            with contextlib.suppress(BlockingIOError):
+                closed += sock.recv(1) == b""
+        return closed > 0
+
+    await until(one_closed, "the longest-idle held connection to be closed to make room")
     assert closed == 1
     assert gw.client_sockets() <= CAP
     assert gw.alive()

@@ -14,7 +14,8 @@ from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.store import Store
 from tests.rig.client import OpenRawClient
-from tests.rig.upstream import Handle, MakeUpstream, Reply
+from tests.rig.upstream import CountingUpstream, Handle, MakeUpstream, Reply
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +29,11 @@ class Running:
     server: asyncio.Server
     port: int
     release: asyncio.Event
+    upstream: CountingUpstream
+
+    async def slow_at_upstream(self, count: int = 1) -> None:
+        """Wait until `count` /slow requests are held at the upstream."""
+        await until(lambda: self.upstream.started.count("/slow") >= count, "/slow upstream")
 
 
 @pytest.fixture
@@ -54,7 +60,7 @@ async def running(server_yaml: str, make_upstream: MakeUpstream) -> AsyncIterato
     settings = parse_config(f"upstream: {{url: '{origin}'}}\nserver: {server_yaml}", "test")
     plane = DataPlane(settings, store)
     server = await start_public(plane, "127.0.0.1", 0)
-    yield Running(plane, server, server.sockets[0].getsockname()[1], release)
+    yield Running(plane, server, server.sockets[0].getsockname()[1], release, upstream)
     release.set()
     server.close()
     await plane.shutdown(1.0)
@@ -81,7 +87,9 @@ async def test_a_busy_connection_is_not_closed_as_idle(
 ) -> None:
     client = await raw_client(running.port, framed=True)
     client.write(REQUEST.replace(b"/x", b"/slow"))
-    await asyncio.sleep(1.5)  # longer than the idle timeout, while the answer is pending
+    # The scenario: real time past the idle timeout (0.3 s) and a sweep (once a second),
+    # while the answer is pending.
+    await asyncio.sleep(1.5)
     running.release.set()
     answer = await client.read_answer()
     assert answer.head.startswith(b"HTTP/1.1 200")
@@ -95,11 +103,11 @@ async def test_graceful_shutdown_finishes_answers_in_flight_and_closes_idle_ones
     idle.write(REQUEST)
     await idle.read_answer()
     busy.write(REQUEST.replace(b"/x", b"/slow"))
-    await asyncio.sleep(0.2)
+    await running.slow_at_upstream()
     running.server.close()
     shutdown = asyncio.ensure_future(running.plane.shutdown(WAIT))
     assert await idle.read_to_eof() == b""  # idle: closed at once
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a quiet period, not a wait for a state: nothing may end it
     assert not shutdown.done()  # waits for the answer in flight
     running.release.set()
     answer = await busy.read_answer()
@@ -115,7 +123,7 @@ async def test_a_connection_accepted_once_shutdown_began_is_closed_not_served(
     # accept queue can still reach connection_made: it must not hold the stop.
     busy = await raw_client(running.port, framed=True)
     busy.write(REQUEST.replace(b"/x", b"/slow"))
-    await asyncio.sleep(0.2)
+    await running.slow_at_upstream()
     shutdown = asyncio.ensure_future(running.plane.shutdown(WAIT))
     await asyncio.sleep(0)
     late = await raw_client(running.port, framed=True)
@@ -138,7 +146,7 @@ async def test_at_the_cap_the_longest_idle_connection_makes_room(
         client.write(REQUEST)
         await client.read_answer()
         idle.append(client)
-        await asyncio.sleep(0.01)  # distinct idle times: the first is the longest idle
+        await asyncio.sleep(0.01)  # the scenario: distinct idle times, the first the longest
     client = await raw_client(running.port, framed=True)
     client.write(REQUEST)
     answer = await client.read_answer()
@@ -155,7 +163,7 @@ async def test_at_the_cap_with_none_idle_a_new_client_gets_503(
         client = await raw_client(running.port, framed=True)
         client.write(REQUEST.replace(b"/x", b"/slow"))
         busy.append(client)
-    await asyncio.sleep(0.2)
+    await running.slow_at_upstream(2)
     client = await raw_client(running.port, framed=True)
     refused = await client.read_to_eof()
     assert refused.startswith(b"HTTP/1.1 503 ")

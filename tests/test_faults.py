@@ -132,7 +132,7 @@ async def test_latency_holds_every_answer_and_can_be_lifted_in_order(
 
     # Lifted while an answer is still held: what follows does not overtake it.
     client.write(b"first")
-    await asyncio.sleep(0.05)  # "first" is back at the proxy and held there
+    await until(lambda: proxy.held == len(b"first"), '"first" to be back, held at the proxy')
     proxy.pass_through()
     client.write(b"second")
     got = await client.read_exactly(11)

@@ -30,7 +30,7 @@ from gateway.loadtest.runner import (
 from gateway.loadtest.spec import LoadSpec
 from tests.rig.system import free_port
 from tests.rig.upstream import RawUpstream
-from tests.rig.waits import bounded
+from tests.rig.waits import bounded, until
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -122,7 +122,7 @@ async def test_requests_beyond_the_limit_wait_for_a_connection_in_order(
     serve: Callable[..., Awaitable[Scripted]],
 ) -> None:
     async def slow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the scenario: a server slow to answer
         writer.write(OK)
 
     server = await serve(slow)
@@ -212,8 +212,7 @@ async def test_an_invalid_answer_is_a_payload_error_and_drops_the_connection(
         status, failure = await fetch(pool)
         assert status == 0 and isinstance(failure, InvalidResponse)
         assert error_kind(failure) == "payload"
-        await asyncio.sleep(0.05)
-        assert pool.connections == 0
+        await until(lambda: pool.connections == 0, "the pool to drop the connection")
 
 
 async def test_a_timeout_fails_the_request_and_takes_its_connection_down(
@@ -249,7 +248,7 @@ async def test_close_fails_what_is_in_flight_and_refuses_what_comes_after(
     server = await serve(reply(b""))  # never answers
     pool = HttpPool(server.url, limit=1, timeout=WAIT)
     pending = asyncio.ensure_future(fetch(pool))
-    await asyncio.sleep(0.05)
+    await until(lambda: server.heads, "the request to reach the server")
     pool.close()
     status, failure = await pending
     assert status == 0 and isinstance(failure, RequestFailed)

@@ -29,6 +29,7 @@ from gateway.model import Bucket
 from gateway.store import Store
 from tests.rig.loadtest_report import REPORT_KEYS
 from tests.rig.upstream import CountingUpstream, MakeUpstream
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -271,9 +272,8 @@ async def test_ctrl_c_unblocks_the_devices_the_run_blocked(
     )  # fmt: skip
     blocked = [d.id for d in build_fleet(10, seed=1) if d.index in choose_blocked(10, 0.5, 1)]
     try:
-        async with asyncio.timeout(WAIT):
-            while not gw.upstream_ids:  # the load has started: the blocks are in place
-                await asyncio.sleep(0.05)
+        # The load has started: the blocks are in place.
+        await until(lambda: gw.upstream_ids, "the load to reach the upstream")
         device = await gw.store.get_device(blocked[0])
         assert device is not None and device.blocked
         proc.send_signal(signal.SIGINT)

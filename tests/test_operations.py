@@ -44,6 +44,7 @@ from tests.rig.gateway import figure
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import REPO, children, free_port
 from tests.rig.upstream import MARK, CountingUpstream, MakeUpstream, Reply, Slow, Stream
+from tests.rig.waits import until, until_async
 
 pytestmark = pytest.mark.integration
 
@@ -146,11 +147,13 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
             )  # fmt: skip
         gateway = GatewayProcess(proc, port, stderr_path)
         started.append(gateway)
-        deadline = time.monotonic() + WAIT
-        while LISTENING not in gateway.stderr:
-            if proc.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"the gateway did not start; stderr:\n{gateway.stderr}")
-            await asyncio.sleep(0.02)
+
+        def listening() -> bool:
+            if proc.returncode is not None:
+                pytest.fail(f"the gateway exited; stderr:\n{gateway.stderr}")
+            return LISTENING in gateway.stderr
+
+        await until(listening, lambda: f"the gateway to start; stderr:\n{gateway.stderr}", WAIT)
         return gateway
 
     yield start
@@ -230,10 +233,10 @@ def request_bytes(path: str, *, keep_alive: bool, device: str = "ops-1") -> byte
     ).encode()
 
 
-async def read_into(client: RawClient, answer: Answer) -> None:
-    """Read one answer into `answer` (the rig's read_answer, its progress kept: a cut one
-    shows how far it got); never raises for a cut."""
-    got = Progress()
+async def read_into(client: RawClient, answer: Answer, got: Progress | None = None) -> None:
+    """Read one answer into `answer` (the rig's read_answer, its progress kept in `got`: a
+    cut one shows how far it got); never raises for a cut."""
+    got = Progress() if got is None else got
     try:
         await client.read_answer(progress=got)
         answer.complete = True
@@ -319,20 +322,17 @@ async def probe_refused(port: int) -> float:
     A reset during connect counts too: the handshake was queued in the listener's backlog when
     the listener closed, which is the same moment seen from the other side.
     """
-    while True:
+
+    async def refused() -> bool:
         try:
             client = await RawClient.connect(port, timeout=WAIT)
         except (ConnectionRefusedError, ConnectionResetError):
-            return time.monotonic()
+            return True
         client.abort()
-        await asyncio.sleep(0.01)
+        return False
 
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+    await until_async(refused, "new connections to be refused", WAIT)
+    return time.monotonic()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -375,6 +375,7 @@ async def test_sigterm_under_load_finishes_every_started_answer_and_exits_0(
     await until(
         lambda: upstream.in_progress >= 6 and kept_alive_slow_at_upstream() >= 2,
         "six requests at the upstream",
+        WAIT,
     )
     in_flight = upstream.in_progress
     in_flight_tags = seen_tags() - {a.tag for c in clients for a in c.answers if a.complete}
@@ -445,22 +446,23 @@ async def test_shutdown_timeout_bounds_the_stop_and_cuts_what_is_still_in_flight
     store = "memory://" if workers == 1 else real_redis.url
     gateway = await start_gateway(upstream.url, store, workers=workers, shutdown_timeout=1.0)
 
-    async def one(kind_path: str) -> Answer:
+    async def one(kind_path: str, got: Progress) -> Answer:
         answer = Answer("slow", f"{kind_path}?n={next(_tags)}", keep_alive=True)
         client = await RawClient.connect(gateway.port, timeout=WAIT)
         try:
             client.write(request_bytes(answer.path, keep_alive=True))
             answer.sent_at = time.monotonic()
-            await read_into(client, answer)
+            await read_into(client, answer, got)
         finally:
             client.abort()
         return answer
 
     # The held request has no head yet; the stalled one has its head and a first chunk out.
-    held_task = asyncio.create_task(one("/held"))
-    stalled_task = asyncio.create_task(one("/stalled"))
-    await until(lambda: upstream.in_progress == 2, "both requests at the upstream")
-    await asyncio.sleep(0.3)  # the stalled answer's head and first chunk reach the client
+    stalled = Progress()
+    held_task = asyncio.create_task(one("/held", Progress()))
+    stalled_task = asyncio.create_task(one("/stalled", stalled))
+    await until(lambda: upstream.in_progress == 2, "both requests at the upstream", WAIT)
+    await until(lambda: stalled.body == b"first", "the stalled answer's first chunk to arrive")
     sigterm_at = gateway.signal(signal.SIGTERM)
     code, exited_at = await gateway.exited(1.0 + 4.0)
     held_answer, stalled_answer = await asyncio.wait_for(
@@ -673,7 +675,7 @@ class OpenLoop:
             sent = max(sent, due)
             for pipe in pipes:
                 pipe.flush()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the generator's tick: the open loop's pace
         for pipe in pipes:
             pipe.closed = True
             pipe.writer.transport.abort()
@@ -696,7 +698,7 @@ async def test_overload_at_twice_capacity_stays_up_bounded_and_recovers(
         nonlocal rss_peak
         while True:
             rss_peak = max(rss_peak, gateway.rss_bytes())
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the sampling interval of a measurement, not a wait
 
     sampler = asyncio.create_task(sample_rss())
     try:
@@ -719,7 +721,7 @@ async def test_overload_at_twice_capacity_stays_up_bounded_and_recovers(
         recovered = time.monotonic() - load_ended
         if after <= threshold or recovered > 5.0:
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # between two measurements (a bounded poll on the latency)
     rss_after = gateway.rss_bytes()
 
     answered = sum(load.statuses.values())

@@ -419,7 +419,7 @@ async def test_upstream_answering_before_reading_the_upload_leaves_no_stuck_conn
         await asyncio.wait_for(answer_now.wait(), WAIT)
         writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
         await writer.drain()
-        await asyncio.sleep(WAIT)  # keep the connection open, body unread
+        await asyncio.sleep(WAIT)  # the scenario: silent, the connection open, body unread
 
     gw = await start_gateway(
         await start_raw_upstream(early), max_body_bytes=64 * MiB, limits=STREAMING
@@ -949,7 +949,7 @@ async def test_malformed_upstream_answer_is_502_envelope(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"SMTP ready\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(WAIT)
+        await asyncio.sleep(WAIT)  # the scenario: silent after that, the connection open
 
     gw = await start_gateway(await start_raw_upstream(garbage))
     async with gw.http.get("/") as resp:
@@ -996,7 +996,7 @@ async def test_an_oversized_upstream_head_is_502_envelope(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 2\r\n\r\nok")
         await writer.drain()
-        await asyncio.sleep(WAIT)
+        await asyncio.sleep(WAIT)  # the scenario: silent after that, the connection open
 
     gw = await start_gateway(await start_raw_upstream(oversized))
     async with gw.http.get("/") as resp:
@@ -1015,7 +1015,7 @@ async def test_unsolicited_101_from_the_upstream_is_502_envelope(
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
                      b"Upgrade: h2c\r\n\r\nPRI * HTTP/2.0")  # fmt: skip
         await writer.drain()
-        await asyncio.sleep(WAIT)
+        await asyncio.sleep(WAIT)  # the scenario: silent after that, the connection open
 
     gw = await start_gateway(await start_raw_upstream(switches))
     async with gw.http.get("/") as resp:
@@ -1069,7 +1069,7 @@ async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     for _ in range(int(WAIT / 0.05)):
         writer.write(b"X")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the dribble is the scenario
 
 
 async def test_upstream_dribbling_its_head_is_504_at_the_deadline(
@@ -1098,7 +1098,7 @@ async def test_upstream_breaking_mid_stream_cuts_the_client_connection(
         resp.content_length = length
         await resp.prepare(request)
         await resp.write(b"partial")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the scenario: the partial body goes out before the cut
         assert request.transport is not None
         request.transport.abort()
         return resp
@@ -1144,7 +1144,7 @@ async def test_client_leaving_mid_stream_closes_the_upstream_connection(
         try:
             for _ in range(int(WAIT / 0.02)):
                 await resp.write(b"data: tick\n\n")
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # the ticks' pace is the scenario
         except BaseException:
             upstream_saw_close.set_result(None)
             raise
@@ -1269,9 +1269,7 @@ async def test_a_pooled_connection_the_upstream_closed_while_idle_is_not_used(
     gw = await start_gateway(await start_raw_upstream(closes_when_idle))
     async with gw.http.get("/1") as resp:
         assert resp.status == 200
-    async with asyncio.timeout(WAIT):
-        while gw.plane.pool.open_connections:  # the gateway saw the close
-            await asyncio.sleep(0.01)
+    await until(lambda: not gw.plane.pool.open_connections, "the gateway to see the close")
     async with gw.http.request(method, "/2", data=b"x" if method == "POST" else None) as resp:
         assert (resp.status, await resp.text()) == (200, "ok")
     assert requests == [b"GET /1 HTTP/1.1", f"{method} /2 HTTP/1.1".encode()]
@@ -1548,7 +1546,7 @@ async def test_a_body_past_the_memory_part_goes_through_a_file_and_arrives_intac
         async for chunk in request.content.iter_chunked(64 * 1024):
             digest.update(chunk)
             size += len(chunk)
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # the scenario: an upstream that reads slowly
         return web.json_response(
             {"sha256": digest.hexdigest(), "size": size, "headers": list(request.headers.items())}
         )
@@ -1664,9 +1662,7 @@ async def test_one_address_holds_at_most_its_share_of_the_pool(
         connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)),
     )
     try:
-        async with asyncio.timeout(WAIT):
-            while started < 2:
-                await asyncio.sleep(0.01)
+        await until(lambda: started >= 2, "both slow requests at the upstream")
         async with gw.http.get("/third") as resp:
             assert resp.status == 429
             assert await resp.json() == envelope("Too many concurrent requests from this address")
@@ -1681,9 +1677,10 @@ async def test_one_address_holds_at_most_its_share_of_the_pool(
                 response.release()
         await other.close()
     # Every way a request ends gives its share back.
-    async with asyncio.timeout(WAIT):
-        while gw.plane.pool.held_by("127.0.0.1") or gw.plane.pool.held_by("127.0.0.2"):
-            await asyncio.sleep(0.01)
+    pool = gw.plane.pool
+    await until(
+        lambda: not (pool.held_by("127.0.0.1") or pool.held_by("127.0.0.2")), "the shares back"
+    )
     async with gw.http.get("/after") as resp:
         assert resp.status == 200
     assert gw.plane.metrics.decisions["client_busy"] == 1
@@ -1725,26 +1722,20 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
     async def waiting_client() -> RawClient:
         client = await connect(gw)
         await client.send(b"GET /hang HTTP/1.1\r\nHost: gw\r\n\r\n")
-        async with asyncio.timeout(WAIT):
-            while not pool.held_by("127.0.0.1"):
-                await asyncio.sleep(0.01)
+        await until(lambda: pool.held_by("127.0.0.1"), "the request to hold its share")
         return client
 
     # A reset: the client is gone for sure; its request is dropped at once.
     (await waiting_client()).reset()
-    async with asyncio.timeout(WAIT):
-        while pool.held_by("127.0.0.1"):
-            await asyncio.sleep(0.01)
+    await until(lambda: not pool.held_by("127.0.0.1"), "the reset request's share back")
     # A FIN after a complete request reads as a half-close: the answer is still due, so
     # the share is held until the upstream answers, then given back.
     (await waiting_client()).abort()
     for _ in range(10):
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a quiet period, watching the share stay held
         assert pool.held_by("127.0.0.1") == 1
     answer_hang.set()
-    async with asyncio.timeout(WAIT):
-        while pool.held_by("127.0.0.1"):
-            await asyncio.sleep(0.01)
+    await until(lambda: not pool.held_by("127.0.0.1"), "the answered request's share back")
 
 
 async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused(
@@ -1764,7 +1755,7 @@ async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused
             if first:
                 writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
                 await writer.drain()
-                await asyncio.sleep(WAIT)  # keeps the connection open, the body unread
+                await asyncio.sleep(WAIT)  # the scenario: silent, the connection open, body unread
                 return
             length = int(head_fields(head).get("Content-Length", "0"))
             await reader.readexactly(length)

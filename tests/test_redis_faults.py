@@ -19,7 +19,7 @@ import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,7 +126,7 @@ class Load:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.errors.append(exc)
                 return
-            await asyncio.sleep(pace)
+            await asyncio.sleep(pace)  # the load's pace is the scenario
 
 
 async def first_enforced(
@@ -139,7 +139,7 @@ async def first_enforced(
         if answer.enforced:
             return answer.done - since
         assert time.monotonic() - since < limit + 1.0, "enforcement did not resume"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # between two probes of a bounded poll
 
 
 async def upstream_alone(http: aiohttp.ClientSession, upstream: CountingUpstream) -> float:
@@ -189,15 +189,15 @@ async def test_redis_killed_under_load_then_restarted_loses_nothing_and_enforces
 
     load = Load(http, gw.url, devices, clients=8)
     load.start(pace=0.03)  # ~250 requests a second
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the scenario: half a second of enforced traffic, then the kill
     await asyncio.to_thread(crash, server)
     down = time.monotonic()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the scenario: a second of outage under load
     restarting = time.monotonic()
     await asyncio.to_thread(server.start)  # same port, same directory: the AOF is read back
     up = time.monotonic()
     await until(lambda: any(a.sent >= up and a.enforced for a in load.answers), "enforcement", 3.0)
-    await asyncio.sleep(0.5)  # a tail of enforced traffic
+    await asyncio.sleep(0.5)  # the scenario: a tail of enforced traffic
     answers = await load.stop()
     recovered_at = min(a.done for a in answers if a.sent >= up and a.enforced)
     resumed = recovered_at - up
@@ -259,7 +259,7 @@ async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_
     load = Load(http, gw.url, devices, clients=4)
     started = time.monotonic()
     load.start(pace=0.01)
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # the scenario: load against the black hole for 1.5 s
     answers = await load.stop()
     duration = time.monotonic() - started
 
@@ -546,7 +546,7 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
         while checking:
             async with http.get(f"http://127.0.0.1:{admin_port}/healthz") as r:
                 health.append((r.status, orjson.loads(await r.read())))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the sampling interval of a measurement, not a wait
 
     async def readyz(headers: dict[str, str] | None = AUTH) -> tuple[int, Any]:
         async with http.get(f"http://127.0.0.1:{admin_port}/readyz", headers=headers) as r:
@@ -578,7 +578,7 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
             assert upstream.count(device_id="early") == 0
             async with http.get(f"{running.public_url}/anonymous") as r:
                 assert (r.status, MARK in r.headers) == (200, True)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the scenario: the same answers, asked over time
         assert (await readyz(None))[0] == 401  # readiness needs the admin token
 
         await asyncio.to_thread(server.start)
@@ -586,7 +586,7 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
         while (answer := await readyz())[0] != 200:
             assert answer == (503, {"status": False, "result": "Store unavailable"})
             assert time.monotonic() - up < 2.0 + 1.0, "/readyz did not turn 200"
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # between two probes of a bounded poll
         became_ready = time.monotonic() - up
         assert answer == (200, {"status": True, "result": "ready"})
         enforced_after = await first_enforced(http, running.public_url, "early", up, 2.0)
@@ -664,7 +664,7 @@ async def admin_until(
         if done(body):
             return status, body
         assert time.monotonic() - started < WAIT, f"timed out waiting for {what}: {body}"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # between two probes of a bounded poll
 
 
 async def metrics_text(http: aiohttp.ClientSession, running: Running) -> str:
@@ -794,16 +794,25 @@ class Outcome:
     body: bytes
 
 
+@dataclass
+class Start:
+    """Clients that connect first, then send at once: `go` once `connected` says all are."""
+
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: int = 0
+
+
 async def one_client(
     port: int,
     device: str,
     state: State,
     hang_up: HangUp | None,
-    go: asyncio.Event,
+    start: Start,
     rng: random.Random,
 ) -> Outcome:
     """A raw client: connect, wait for the start, send; leave early when told to."""
     client = await RawClient.connect(port, timeout=WAIT)
+    start.connected += 1
     request = (
         f"GET /c/{device} HTTP/1.1\r\nHost: gw\r\nX-Device-Id: {device}\r\n"
         "Connection: close\r\n\r\n"
@@ -812,7 +821,7 @@ async def one_client(
     headers: CIMultiDict[str] = CIMultiDict()
     body = b""
     try:
-        await asyncio.wait_for(go.wait(), WAIT)
+        await asyncio.wait_for(start.go.wait(), WAIT)
         if hang_up == "mid_head":
             client.write(request[: rng.randrange(1, len(request) - 1)])
             await asyncio.sleep(rng.uniform(0, 0.02))  # the scenario: a random moment to leave
@@ -873,13 +882,14 @@ async def test_clients_hanging_up_at_random_points_get_their_own_decisions_and_l
     seen_before = upstream.count()
     connections_before = await asyncio.to_thread(redis_clients, server)
 
-    go = asyncio.Event()
+    start = Start()
     kinds: tuple[HangUp, ...] = ("mid_head", "at_once", "after_head", "mid_answer")
     plan = [(d, s, rng.choice(kinds) if rng.random() < 1 / 3 else None) for d, s in states.items()]
     port = int(gw.url.rsplit(":", 1)[1])
-    tasks = [asyncio.create_task(one_client(port, d, s, h, go, rng)) for d, s, h in plan]
-    await asyncio.sleep(0.2)  # let the connections be made: then all requests go at once
-    go.set()
+    tasks = [asyncio.create_task(one_client(port, d, s, h, start, rng)) for d, s, h in plan]
+    # The connections made first: then all requests go at once.
+    await until(lambda: start.connected == len(tasks), "every client to connect")
+    start.go.set()
     outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
 
     completed = [o for o in outcomes if o.status is not None]
@@ -916,13 +926,13 @@ async def test_clients_hanging_up_at_random_points_get_their_own_decisions_and_l
     # A wave of clients that all leave while their store calls are in flight, and at once
     # (within the breaker's cool-down) one request per state: the cancelled calls counted as
     # no failure of Redis, and the next calls still get their own decisions.
-    go = asyncio.Event()
+    start = Start()
     wave = [
-        asyncio.create_task(one_client(port, f"normal-{i}", "normal", "at_once", go, rng))
+        asyncio.create_task(one_client(port, f"normal-{i}", "normal", "at_once", start, rng))
         for i in range(5, 305, 3)
     ]
-    await asyncio.sleep(0.1)
-    go.set()
+    await until(lambda: start.connected == len(wave), "every client of the wave to connect")
+    start.go.set()
     await asyncio.wait_for(asyncio.gather(*wave), WAIT)
     timeout = aiohttp.ClientTimeout(total=WAIT)
     async with aiohttp.ClientSession(timeout=timeout) as after:
@@ -959,12 +969,12 @@ async def test_calls_meeting_noscript_together_reload_the_script_once(
         client.script_flush()
         client.config_resetstat()
     # Connected first, then sent at once: the calls share the first batch after the flush.
-    go = asyncio.Event()
+    start = Start()
     port = int(gw.url.rsplit(":", 1)[1])
     rng = random.Random(0)
-    tasks = [asyncio.create_task(one_client(port, d, "normal", None, go, rng)) for d in devices]
-    await asyncio.sleep(0.2)
-    go.set()
+    tasks = [asyncio.create_task(one_client(port, d, "normal", None, start, rng)) for d in devices]
+    await until(lambda: start.connected == len(tasks), "every client to connect")
+    start.go.set()
     outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert all(o.status == 200 and "RateLimit" in o.headers for o in outcomes)
     assert_no_traceback(gateway_log)

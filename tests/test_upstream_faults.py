@@ -755,14 +755,14 @@ async def test_requests_meeting_the_upstreams_idle_close_get_200_and_posts_are_n
     async def gets() -> list[Answer]:
         answers = []
         for gap in (0.0, *GAPS):
-            await asyncio.sleep(gap)
+            await asyncio.sleep(gap)  # the scenario: a gap around the upstream's idle close
             answers.append(await send(http, gets_gw.url, "d-race-get"))
         return answers
 
     async def posts() -> list[Answer]:
         answers = []
         for i, gap in enumerate((0.0, *GAPS)):
-            await asyncio.sleep(gap)
+            await asyncio.sleep(gap)  # the scenario: a gap around the upstream's idle close
             answers.append(await post(http, posts_gw.url, "/upload", f"reading-{i}".encode()))
         return answers
 

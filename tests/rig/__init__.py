@@ -2,7 +2,8 @@
 
 fixtures        every fixture and hook (the plugin tests/conftest.py registers)
 clock           FakeClock, the one fake clock
-waits           until / until_sync / bounded: bounded polls, never fixed sleeps
+waits           until / until_async / until_sync / bounded: bounded polls, never fixed
+                sleeps
 system          repository paths, free loopback ports, child pids
 redis_server    RedisServer (a real redis-server on a free port) and its commandstats
 upstream        CountingUpstream and RawUpstream, the one upstream factory (make_upstream,

@@ -314,7 +314,7 @@ class CountingUpstream:
                 async with self._queue:
                     await asyncio.sleep(behaviour.delay)  # the slowness is the behaviour
             else:
-                await asyncio.sleep(behaviour.delay)
+                await asyncio.sleep(behaviour.delay)  # the slowness is the behaviour
             behaviour = behaviour.then
         if isinstance(behaviour, Reply):
             return _reply(behaviour, seen)
