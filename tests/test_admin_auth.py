@@ -11,39 +11,32 @@ from aiohttp import web
 from gateway.admin import create_admin_app
 from gateway.admin.auth import MAX_TRACKED, FailureLimiter, auth_middleware
 from gateway.store import Store
+from tests.rig.clock import FakeClock
 
 TOKEN = "admin-auth-test-token-0123456789"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_an_address_is_refused_after_the_limit_until_its_window_passes() -> None:
-    clock = Clock()
-    limiter = FailureLimiter(limit=3, window=60, clock=clock)
+    clock = FakeClock(start_us=1_000_000_000)  # 1000 s: whole milliseconds stay exact
+    limiter = FailureLimiter(limit=3, window=60, clock=clock.seconds)
     for _ in range(2):
         limiter.failed("198.51.100.1")
         assert limiter.retry_after("198.51.100.1") is None
     limiter.failed("198.51.100.1")
     assert limiter.retry_after("198.51.100.1") == 60
     assert limiter.retry_after("198.51.100.2") is None  # other addresses are unaffected
-    clock.now += 59.5
+    clock.advance(59_500)
     assert limiter.retry_after("198.51.100.1") == 1
-    clock.now += 0.5
+    clock.advance(500)
     assert limiter.retry_after("198.51.100.1") is None
 
 
 def test_failures_in_an_old_window_do_not_add_up() -> None:
-    clock = Clock()
-    limiter = FailureLimiter(limit=3, window=60, clock=clock)
+    clock = FakeClock(start_us=1_000_000_000)  # 1000 s: whole milliseconds stay exact
+    limiter = FailureLimiter(limit=3, window=60, clock=clock.seconds)
     limiter.failed("a")
     limiter.failed("a")
-    clock.now += 61
+    clock.advance(61_000)
     limiter.failed("a")
     assert limiter.retry_after("a") is None
 
@@ -92,8 +85,8 @@ async def test_a_locked_address_still_lets_the_right_token_through(
 class CountingLimiter(FailureLimiter):
     """A FailureLimiter that records each failure it is told of."""
 
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(limit=3, window=60, clock=clock)
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(limit=3, window=60, clock=clock.seconds)
         self.failures = 0
 
     def failed(self, address: str) -> None:
@@ -104,7 +97,7 @@ class CountingLimiter(FailureLimiter):
 async def test_wrong_tokens_from_a_locked_address_are_counted_and_the_lock_ends(
     aiohttp_client: Any,
 ) -> None:
-    clock = Clock()
+    clock = FakeClock(start_us=1_000_000_000)  # 1000 s: whole milliseconds stay exact
     limiter = CountingLimiter(clock)
 
     async def devices(request: web.Request) -> web.Response:
@@ -124,7 +117,7 @@ async def test_wrong_tokens_from_a_locked_address_are_counted_and_the_lock_ends(
     resp = await client.get("/devices", headers=right)
     assert (resp.status, await resp.text()) == (200, "ok")
     assert limiter.failures == 4
-    clock.now += 60  # the window passes
+    clock.advance(60_000)  # the window passes
     assert (await client.get("/devices", headers=wrong)).status == 401
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
@@ -15,6 +14,7 @@ from pytest_aiohttp.plugin import AiohttpServer
 from gateway.admin import create_admin_app
 from gateway.admin.hosts import host_allowed, host_middleware, is_loopback
 from gateway.store import Store
+from tests.rig.client import RawClient, answers_in
 
 TOKEN = "admin-hosts-test-token-0123456789"
 WAIT = 10.0
@@ -116,16 +116,15 @@ async def server(aiohttp_server: AiohttpServer) -> AsyncIterator[TestServer]:
 
 async def raw_get(server: TestServer, head: bytes) -> tuple[int, bytes]:
     """(status, body) of one request written byte for byte (Host as the test sets it)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert server.port is not None
+    client = await RawClient.connect(server.port, timeout=WAIT)
     try:
-        writer.write(head)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), WAIT)  # the server closes: HTTP/1.0
+        await client.send(head)
+        data = await client.read_to_eof()  # the server closes: HTTP/1.0
     finally:
-        writer.close()
-        await writer.wait_closed()
-    status_line, _, rest = answer.partition(b"\r\n")
-    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+        await client.close()
+    [answer] = await answers_in(data)
+    return answer.status, answer.body
 
 
 ROUTES = ["/healthz", "/", "/static/app.js", "/devices", "/devices/d1", "/nope"]

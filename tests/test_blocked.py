@@ -11,7 +11,6 @@ from typing import Any, Literal, cast
 import aiohttp
 import pytest
 import redis
-from aiohttp import web
 
 from gateway.config import RedisSettings, parse_config
 from gateway.dataplane import DataPlane, start_public
@@ -20,8 +19,10 @@ from gateway.store import Store
 from gateway.store.blocked import BlockedSeed, BlockedSet, BlockedStatus
 from gateway.store.keys import KeySchema
 from gateway.store.reset import RESTORE_CHUNK, StoreReset
+from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
-from tests.rig.waits import until
+from tests.rig.upstream import CountingUpstream
+from tests.rig.waits import until, until_async
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,7 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.mark.timing
 async def test_blocks_reach_other_processes_at_once_through_pubsub(
     own_redis: RedisServer,
 ) -> None:
@@ -43,7 +45,9 @@ async def test_blocks_reach_other_processes_at_once_through_pubsub(
     admin = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
     await follower.start(follow_blocked=True)
     await asyncio.wait_for(follower.blocked.synced.wait(), WAIT)
-    await asyncio.sleep(0.2)  # the subscription is in place
+    channel = follower.keys.blocked_channel
+    with redis.Redis(port=own_redis.port) as raw:
+        await until(lambda: raw.pubsub_numsub(channel)[0][1] > 0, "the subscription")
     await admin.block("phone-1")
     assert await until(lambda: "phone-1" in follower.blocked, "the block") < 0.5
     await admin.unblock("phone-1")
@@ -56,6 +60,7 @@ async def test_blocks_reach_other_processes_at_once_through_pubsub(
     await admin.close()
 
 
+@pytest.mark.timing
 async def test_a_missed_message_is_caught_up_by_the_poll(own_redis: RedisServer) -> None:
     admin = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
     await admin.block("early")  # blocked before the follower starts: the first poll reads it
@@ -76,30 +81,13 @@ async def test_a_missed_message_is_caught_up_by_the_poll(own_redis: RedisServer)
     await admin.close()
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[str, list[str]]]:
-    seen: list[str] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("X-Device-Id", "-"))
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    await runner.cleanup()
-
-
 @pytest.mark.parametrize("on_error", ["open", "closed"])
 async def test_a_blocked_device_stays_blocked_while_redis_is_down(
     own_redis: RedisServer,
-    upstream: tuple[str, list[str]],
+    upstream: CountingUpstream,
     on_error: Literal["open", "closed"],
 ) -> None:
-    origin, seen = upstream
+    origin = upstream.url
     settings = parse_config(
         f"upstream: {{url: '{origin}'}}\nredis: {{url: '{own_redis.url}', timeout: 0.1, "
         f"on_error: {on_error}}}",
@@ -122,7 +110,7 @@ async def test_a_blocked_device_stays_blocked_while_redis_is_down(
             async with http.get(url, headers={"X-Device-Id": "honest"}) as r:
                 honest = r.status
         assert statuses == [403] * 20
-        assert "stolen" not in seen  # none of them reached the upstream
+        assert "stolen" not in [s.device_id for s in upstream.seen]  # none reached it
         assert honest == (200 if on_error == "open" else 503)
     finally:
         server.close()
@@ -131,10 +119,11 @@ async def test_a_blocked_device_stays_blocked_while_redis_is_down(
         await store.close()
 
 
+@pytest.mark.timing
 async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_second(
-    own_redis: RedisServer, upstream: tuple[str, list[str]]
+    own_redis: RedisServer, upstream: CountingUpstream
 ) -> None:
-    origin, _ = upstream
+    origin = upstream.url
     settings = parse_config(
         f"upstream: {{url: '{origin}'}}\nredis: {{url: '{own_redis.url}', timeout: 0.2}}",
         "test",
@@ -163,14 +152,13 @@ async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_sec
             assert all(t < 0.2 + 0.15 for t in took)  # never more than the timeout
             assert sum(t > 0.15 for t in took) <= 4  # after 3 failures: the breaker skips
             assert max(took[4:]) < 0.1
+
             # Redis is back: within a second a probe goes through and enforcement resumes.
-            started = time.monotonic()
-            while True:
+            async def enforced() -> bool:
                 async with http.get(url, headers=headers) as r:
-                    if "RateLimit" in r.headers:
-                        break
-                assert time.monotonic() - started < 1.5, "enforcement did not resume"
-                await asyncio.sleep(0.05)
+                    return "RateLimit" in r.headers
+
+            await until_async(enforced, "enforcement to resume", timeout=1.5, every=0.05)
     finally:
         server.close()
         await plane.shutdown(1.0)
@@ -179,16 +167,6 @@ async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_sec
 
 
 # ---------------------------------------------------------------- knowing the ids, resets
-
-
-class Wall:
-    """An injected wall clock in epoch ms."""
-
-    def __init__(self) -> None:
-        self.now = 1_793_748_259_787
-
-    def __call__(self) -> int:
-        return self.now
 
 
 @pytest.fixture
@@ -207,12 +185,15 @@ async def shared() -> AsyncIterator[tuple[Store, Any]]:
 def follower(store: Store, *, restore: bool = True) -> BlockedSet:
     """A BlockedSet over the store's Redis that is polled by hand (never started)."""
     return BlockedSet(
-        store._admin, store.keys, restore=store._block_again if restore else None, clock=Wall()
+        store._admin,
+        store.keys,
+        restore=store._block_again if restore else None,
+        clock=FakeClock().millis,
     )
 
 
 def test_unknown_until_seeded_then_known_from_the_seed() -> None:
-    blocked = BlockedSet(cast(Any, None), KeySchema("dg"), clock=Wall())
+    blocked = BlockedSet(cast(Any, None), KeySchema("dg"), clock=FakeClock().millis)
     changes: list[BlockedStatus] = []
     blocked.watch(lambda: changes.append(blocked.status()))
     assert not blocked.known and blocked.handover() is None
@@ -256,7 +237,7 @@ async def test_a_reset_is_reported_once_the_ids_kept_and_blocked_again(
     assert len(errors) == 1 and "3 blocked ids known here" in errors[0].getMessage()
     status = blocked.status()
     assert (status.resets, status.restored, status.count) == (1, 3, 3)
-    assert status.last_reset == StoreReset(Wall().now, before or "", None, 3, True, 3, True)
+    assert status.last_reset == StoreReset(FakeClock().now_ms, before or "", None, 3, True, 3, True)
     assert status.epoch == await raw.get(store.keys.epoch) != before
     for device_id in ("b1", "b2", "b3"):
         device = await store.get_device(device_id)
@@ -319,7 +300,7 @@ async def test_a_restore_that_fails_is_retried_without_a_second_report(
             raise failures.pop()
         await store._block_again(chunk)
 
-    blocked = BlockedSet(store._admin, store.keys, restore=flaky, clock=Wall())
+    blocked = BlockedSet(store._admin, store.keys, restore=flaky, clock=FakeClock().millis)
     await blocked.poll()
     await raw.flushall()
     with caplog.at_level(logging.WARNING, logger="gateway.store.blocked"):
@@ -340,7 +321,11 @@ async def test_a_suspected_reset_is_looked_for_at_once(shared: tuple[Store, Any]
     store, raw = shared
     await store.block("b1")
     blocked = BlockedSet(
-        store._admin, store.keys, restore=store._block_again, poll_interval=30.0, clock=Wall()
+        store._admin,
+        store.keys,
+        restore=store._block_again,
+        poll_interval=30.0,
+        clock=FakeClock().millis,
     )
     blocked.start()
     try:

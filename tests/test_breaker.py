@@ -5,24 +5,19 @@ from __future__ import annotations
 import pytest
 
 from gateway.store.breaker import CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.rig.clock import FakeClock
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    """The rig's fake clock at 100 s, where whole milliseconds stay exact in float seconds
+    (the tests step to the cooldown's very edge)."""
+    return FakeClock(start_us=100_000_000)
 
 
 @pytest.fixture
-def breaker(clock: Clock) -> CircuitBreaker:
-    return CircuitBreaker(threshold=3, cooldown=0.5, clock=clock)
+def breaker(clock: FakeClock) -> CircuitBreaker:
+    return CircuitBreaker(threshold=3, cooldown=0.5, clock=clock.seconds)
 
 
 def test_closed_lets_everything_through(breaker: CircuitBreaker) -> None:
@@ -48,12 +43,14 @@ def test_a_success_resets_the_count(breaker: CircuitBreaker) -> None:
     assert breaker.state == "closed"
 
 
-def test_half_open_lets_exactly_one_probe_through(breaker: CircuitBreaker, clock: Clock) -> None:
+def test_half_open_lets_exactly_one_probe_through(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
     for _ in range(3):
         breaker.failure()
-    clock.now += 0.49
+    clock.advance(490)
     assert not breaker.allow()
-    clock.now += 0.01
+    clock.advance(10)
     assert breaker.state == "half-open"
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # everyone else still skips Redis
@@ -63,24 +60,24 @@ def test_half_open_lets_exactly_one_probe_through(breaker: CircuitBreaker, clock
 
 
 def test_a_failed_probe_opens_again_for_a_full_cooldown(
-    breaker: CircuitBreaker, clock: Clock
+    breaker: CircuitBreaker, clock: FakeClock
 ) -> None:
     for _ in range(3):
         breaker.failure()
-    clock.now += 0.5
+    clock.advance(500)
     assert breaker.allow()
     breaker.failure()
     assert breaker.state == "open"
-    clock.now += 0.49
+    clock.advance(490)
     assert not breaker.allow()
-    clock.now += 0.01
+    clock.advance(10)
     assert breaker.allow()
 
 
-def test_an_abandoned_probe_frees_the_slot(breaker: CircuitBreaker, clock: Clock) -> None:
+def test_an_abandoned_probe_frees_the_slot(breaker: CircuitBreaker, clock: FakeClock) -> None:
     for _ in range(3):
         breaker.failure()
-    clock.now += 0.5
+    clock.advance(500)
     assert breaker.allow()
     breaker.abandon()  # the probe's caller was cancelled
     assert breaker.allow()  # another probe may go at once

@@ -22,7 +22,6 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
@@ -32,6 +31,7 @@ from gateway.store import Store
 from gateway.typedefs import Clock
 from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
+from tests.rig.upstream import CountingUpstream
 
 pytestmark = pytest.mark.integration
 
@@ -51,24 +51,9 @@ StartPlane = Callable[..., Awaitable[Plane]]
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[str]:
-    """A loopback upstream that answers every request 200."""
-
-    async def ok(request: web.BaseRequest) -> web.Response:
-        await request.read()
-        return web.Response(text="ok")
-
-    runner = web.ServerRunner(web.Server(ok, access_log=None))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def start_plane(real_redis: RedisServer, upstream: str) -> AsyncIterator[StartPlane]:
+async def start_plane(
+    real_redis: RedisServer, upstream: CountingUpstream
+) -> AsyncIterator[StartPlane]:
     """Factory: a DataPlane with a Store of its own on the shared real Redis."""
     prefix = f"acc{uuid.uuid4().hex[:6]}"
     started: list[tuple[asyncio.Server, DataPlane, Store]] = []
@@ -76,7 +61,7 @@ async def start_plane(real_redis: RedisServer, upstream: str) -> AsyncIterator[S
     async def start(*, clock: Clock | None = None, device: tuple[float, int] = (10, 20)) -> Plane:
         rate, burst = device
         config = {
-            "upstream": {"url": upstream},
+            "upstream": {"url": upstream.url},
             # Generous: a slow call must not become an unenforced (on_error: open) answer.
             "redis": {"url": real_redis.url, "timeout": 2.0, "key_prefix": prefix},
             "rate_limits": {"device": {"rate": rate, "burst": burst}},

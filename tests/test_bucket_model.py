@@ -19,16 +19,8 @@ from gateway.config import RedisSettings
 from gateway.model import Bucket, DeviceIdentity, ReplyCode
 from gateway.store import Store
 from tests.rig.bucket_model import BucketModel
-from tests.rig.clock import EPOCH_US
+from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now_us = EPOCH_US
-
-    def __call__(self) -> int:
-        return self.now_us
 
 
 @pytest.fixture(scope="module", params=["fake", "real"])
@@ -71,7 +63,7 @@ def test_lua_bucket_matches_the_model(
     anonymous: bool,
 ) -> None:
     loop, url = runner
-    clock = _Clock()
+    clock = FakeClock()
     store = Store.from_settings(
         RedisSettings(url=url, timeout=2.0, key_prefix=f"m{uuid.uuid4().hex[:8]}"), clock=clock
     )

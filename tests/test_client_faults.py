@@ -36,11 +36,11 @@ from typing import Final
 
 import orjson
 import pytest
-from aiohttp import web
 
-from tests.rig.faults import rst
+from tests.rig.client import Answer, OpenRawClient, RawClient, answers_in
 from tests.rig.system import free_port
-from tests.rig.upstream import MARK, CountingUpstream, Stream
+from tests.rig.upstream import MARK, CountingUpstream, MakeUpstream, Reply, Stream
+from tests.rig.waits import settle, until
 
 pytestmark = pytest.mark.integration
 
@@ -114,11 +114,9 @@ class Gateway:
         return self.proc.poll() is None
 
     async def wait_fds(self, at_most: int, within: float) -> int:
-        """Poll until the fd count is at most `at_most` (or `within` seconds pass)."""
-        deadline = time.monotonic() + within
-        while (count := self.fds()) > at_most and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return count
+        """Poll until the fd count is at most `at_most` (or `within` seconds pass); the
+        last count, for the caller to assert on."""
+        return await settle(self.fds, lambda count: count <= at_most, within, every=0.05)
 
     async def stop(self) -> None:
         """SIGTERM; the process must exit 0 and have logged no traceback."""
@@ -158,11 +156,12 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
             )
         gw = Gateway(proc, port, log_path)
         started.append(gw)
-        deadline = time.monotonic() + WAIT
-        while '"message":"listening"' not in gw.log():
+
+        def listening() -> bool:
             assert gw.alive(), f"the gateway exited: {gw.log()}"
-            assert time.monotonic() < deadline, f"the gateway did not start: {gw.log()}"
-            await asyncio.sleep(0.05)
+            return '"message":"listening"' in gw.log()
+
+        await until(listening, lambda: f"the gateway to start: {gw.log()}")
         return gw
 
     yield start
@@ -172,70 +171,32 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
             await asyncio.to_thread(gw.proc.wait, WAIT)
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    """A CountingUpstream that answers every path with a JSON report of the request."""
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await up.close()
-
-
 # ---------------------------------------------------------------- raw HTTP helpers
-
-
-@dataclass
-class Answer:
-    """One HTTP answer read off a raw connection."""
-
-    status: int
-    head: bytes
-    body: bytes
-
-    def json(self) -> object:
-        """The body parsed as JSON."""
-        return orjson.loads(self.body)
-
-
-async def read_answer(reader: asyncio.StreamReader) -> Answer:
-    """Read one answer framed by Content-Length (the only framing these tests meet)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-    assert match is not None, head
-    return Answer(status, head, await reader.readexactly(int(match.group(1))))
 
 
 async def get(port: int, path: str = "/ok") -> Answer:
     """One GET on a new connection that asks to be closed after the answer."""
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
-            return await read_answer(reader)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    client = await RawClient.connect(port, timeout=WAIT, framed=True)
+    try:
+        client.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+        return await client.read_answer()
+    finally:
+        await client.close()
 
 
 async def recv_answer(sock: socket.socket) -> Answer:
-    """Read one Content-Length answer off a raw non-blocking socket (bounded)."""
+    """Read one answer off a raw non-blocking socket (bounded): its bytes, once they hold a
+    whole answer, parsed by the rig's read_answer."""
     loop = asyncio.get_running_loop()
     data = b""
     async with asyncio.timeout(WAIT):
-        while b"\r\n\r\n" not in data:
+        while True:
             chunk = await loop.sock_recv(sock, 65536)
-            assert chunk, f"closed before an answer: {data!r}"
+            assert chunk, f"closed before a whole answer: {data!r}"
             data += chunk
-        head, body = data.split(b"\r\n\r\n", 1)
-        match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-        assert match is not None, head
-        while len(body) < int(match.group(1)):
-            chunk = await loop.sock_recv(sock, 65536)
-            assert chunk, f"closed mid-answer: {data!r}"
-            body += chunk
-    return Answer(int(head.split(b" ", 2)[1]), head + b"\r\n\r\n", body)
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                [answer] = await answers_in(data)
+                return answer
 
 
 async def connect_raw(port: int, *, rcvbuf: int | None = None) -> socket.socket:
@@ -300,41 +261,38 @@ def sockets() -> Iterator[Sockets]:
 UPLOAD_SIZE: Final = 1_000_000
 
 
-def leave(writer: asyncio.StreamWriter, close: str) -> float:
+def leave(client: RawClient, close: str) -> float:
     """Hang up as `close` says ("rst": a reset, else a FIN); when it happened."""
     left = time.monotonic()
     if close == "rst":
-        rst(writer.transport)
+        client.reset()
     else:
-        writer.close()
+        client.writer.close()  # the FIN; the test does not wait for the close to complete
     return left
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_mid_upload_aborts_the_upstream_request(
-    start_gateway: StartGateway, upstream: CountingUpstream, close: str
+    start_gateway: StartGateway, upstream: CountingUpstream, raw_client: OpenRawClient, close: str
 ) -> None:
     """Streamed (request buffering off): half of a Content-Length body, then the client
     goes: the upstream's request is cut within 1 s and never complete, and the gateway
     holds no socket for it 2 s later."""
     gw = await start_gateway(upstream.url, limits="request_buffering: false")
     baseline = gw.fds()
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    client = await raw_client(gw.port, timeout=WAIT)
     try:
         head = f"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {UPLOAD_SIZE}\r\n\r\n"
-        writer.write(head.encode() + b"u" * (UPLOAD_SIZE // 2))
-        await asyncio.wait_for(writer.drain(), WAIT)
-        async with asyncio.timeout(WAIT):
-            while upstream.arrived < 1:  # the head is upstream: the body is being forwarded
-                await asyncio.sleep(0.01)
+        await client.send(head.encode() + b"u" * (UPLOAD_SIZE // 2))
+        # The head is upstream: the body is being forwarded.
+        await until(lambda: upstream.arrived >= 1, "the head to reach the upstream")
         assert not upstream.seen
-        left = leave(writer, close)
-        async with asyncio.timeout(WAIT):
-            while not upstream.seen:
-                await asyncio.sleep(0.01)
+        left = leave(client, close)
+        await until(lambda: upstream.seen, "the upstream's request to end")
         aborted_after = time.monotonic() - left
     finally:
-        writer.close()
+        client.writer.close()
     seen = upstream.seen[0]
     print(
         f"\n[{close}] upstream request cut {aborted_after * 1000:.0f} ms after the client left,"
@@ -351,7 +309,11 @@ async def test_client_leaving_mid_upload_aborts_the_upstream_request(
 
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
-    start_gateway: StartGateway, upstream: CountingUpstream, close: str, tmp_path: Path
+    start_gateway: StartGateway,
+    upstream: CountingUpstream,
+    raw_client: OpenRawClient,
+    close: str,
+    tmp_path: Path,
 ) -> None:
     """Buffered (the default), past the memory part into a file: the client goes, the
     upstream never hears of the request, the file and the socket are gone."""
@@ -361,18 +323,15 @@ async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
         upstream.url, limits=f"buffer_memory_bytes: 65536, buffer_dir: '{spill}'"
     )
     baseline = gw.fds()
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    client = await raw_client(gw.port, timeout=WAIT)
     try:
         head = f"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {UPLOAD_SIZE}\r\n\r\n"
-        writer.write(head.encode() + b"u" * (UPLOAD_SIZE // 2))
-        await asyncio.wait_for(writer.drain(), WAIT)
+        await client.send(head.encode() + b"u" * (UPLOAD_SIZE // 2))
         # The half is past the memory part: the gateway holds it in a (deleted) file.
-        async with asyncio.timeout(WAIT):
-            while gw.fds() < baseline + 2:  # the client's socket and the file
-                await asyncio.sleep(0.01)
-        leave(writer, close)
+        await until(lambda: gw.fds() >= baseline + 2, "the client's socket and the file")
+        leave(client, close)
     finally:
-        writer.close()
+        client.writer.close()
     # A bounded wait for the state, not a timing claim (the streamed test makes that one).
     assert await gw.wait_fds(baseline, within=WAIT) <= baseline, os.listdir(f"/proc/{gw.pid}/fd")
     assert upstream.arrived == 0
@@ -385,30 +344,16 @@ async def test_client_leaving_a_buffered_upload_never_reaches_the_upstream(
 # ---------------------------------------------------------------- half-closed clients
 
 
-async def half_closed(port: int, data: bytes) -> bytes:
-    """Send `data`, shut the sending side (SHUT_WR, as `printf ... | socat` does), then read
-    until the gateway closes (bounded)."""
-    sock = await connect_raw(port)
+async def half_closed(port: int, data: bytes) -> list[Answer]:
+    """Send `data`, shut the sending side (a FIN, as `printf ... | socat` does), then read
+    until the gateway closes (bounded); the answers that came."""
+    client = await RawClient.connect(port, timeout=WAIT)
     try:
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, data)
-        sock.shutdown(socket.SHUT_WR)
-        return await read_until_closed(sock)
+        await client.send(data)
+        client.half_close()
+        return await answers_in(await client.read_to_eof())
     finally:
-        sock.close()
-
-
-def answers_in(data: bytes) -> list[tuple[int, bytes]]:
-    """(status, body) of each Content-Length answer in `data`, in order."""
-    found = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-        assert match is not None, head
-        length = int(match.group(1))
-        found.append((int(head.split(b" ", 2)[1]), rest[:length]))
-        data = rest[length:]
-    return found
+        await client.close()
 
 
 async def test_a_half_closed_client_gets_its_answers_then_the_close(
@@ -416,18 +361,18 @@ async def test_a_half_closed_client_gets_its_answers_then_the_close(
 ) -> None:
     gw = await start_gateway(upstream.url)
     one = await half_closed(gw.port, b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
-    assert [status for status, _ in answers_in(one)] == [200]
-    assert orjson.loads(answers_in(one)[0][1])["path"] == "/one"
+    assert [answer.status for answer in one] == [200]
+    assert one[0].json()["path"] == "/one"
     body = b"x" * 100_000
     posted = await half_closed(
         gw.port, b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n\r\n" + body
     )
-    assert [status for status, _ in answers_in(posted)] == [200]
+    assert [answer.status for answer in posted] == [200]
     assert upstream.seen[-1].complete and upstream.seen[-1].body_size == len(body)
     pipelined = await half_closed(
         gw.port, b"".join(b"GET /p%d HTTP/1.1\r\nHost: gw\r\n\r\n" % i for i in range(3))
     )
-    assert [orjson.loads(b)["path"] for _, b in answers_in(pipelined)] == ["/p0", "/p1", "/p2"]
+    assert [answer.json()["path"] for answer in pipelined] == ["/p0", "/p1", "/p2"]
     await gw.stop()
 
 
@@ -436,12 +381,12 @@ async def test_a_request_cut_short_by_a_half_close_is_refused_and_never_forwarde
 ) -> None:
     gw = await start_gateway(upstream.url)
     head_only = await half_closed(gw.port, b"GET /never HTTP/1.1\r\nHost: g")
-    assert answers_in(head_only)[0][0] == 400
+    assert head_only[0].status == 400
     part = await half_closed(
         gw.port, b"POST /cut HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\nabc"
     )
-    ((status, body),) = answers_in(part)
-    assert (status, orjson.loads(body)["result"]) == (400, "Request body incomplete")
+    (answer,) = part
+    assert (answer.status, answer.json()["result"]) == (400, "Request body incomplete")
     assert all(s.complete is False for s in upstream.seen if s.raw_path == "/cut")
     assert (await get(gw.port)).status == 200
     await gw.stop()
@@ -453,30 +398,30 @@ async def test_a_request_cut_short_by_a_half_close_is_refused_and_never_forwarde
 SLOW_DOWNLOAD: Final = Stream(chunks=(b"d" * 65536,) * 1600, delay=0.01, declare_length=True)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_mid_download_releases_the_upstream_connection(
-    start_gateway: StartGateway, upstream: CountingUpstream, close: str
+    start_gateway: StartGateway, upstream: CountingUpstream, raw_client: OpenRawClient, close: str
 ) -> None:
     """The client reads the head of a long streamed answer and goes: the upstream's handler
     sees its connection closed within 1 s, and the gateway's fds are back to the baseline."""
     upstream.behave(SLOW_DOWNLOAD, path="/download")
     gw = await start_gateway(upstream.url)
     baseline = gw.fds()
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    client = await raw_client(gw.port, timeout=WAIT)
     try:
-        writer.write(b"GET /download HTTP/1.1\r\nHost: gw\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        client.write(b"GET /download HTTP/1.1\r\nHost: gw\r\n\r\n")
+        head = await client.read_until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         assert MARK.lower().encode() in head.lower()
-        assert b"d" * 1000 in await asyncio.wait_for(reader.readexactly(65536), WAIT)
+        assert b"d" * 1000 in await client.read_exactly(65536)
         assert upstream.in_progress == 1
-        left = leave(writer, close)
-        async with asyncio.timeout(WAIT):
-            while upstream.in_progress:  # the handler ends once a write meets the close
-                await asyncio.sleep(0.01)
+        left = leave(client, close)
+        # The handler ends once a write meets the close.
+        await until(lambda: not upstream.in_progress, "the upstream handler to end")
         released_after = time.monotonic() - left
     finally:
-        writer.close()
+        client.writer.close()
     print(
         f"\n[{close}] upstream handler released {released_after * 1000:.0f} ms after the "
         "client left"
@@ -497,60 +442,24 @@ READ_STEP: Final = 0.1  # seconds between two reads of each reader
 READ_BYTES: Final = 100  # per read: 1 KB/s per reader
 
 
-@dataclass
-class FirehoseStats:
-    """What the fast upstream managed to send."""
-
-    pushed: int = 0  # bytes its writes accepted (into the socket or aiohttp's buffer)
-    started: int = 0
-    completed: int = 0  # answers written to their end
-    open: int = 0  # handlers still running
-
-
 @pytest.fixture
-async def firehose() -> AsyncIterator[tuple[str, FirehoseStats]]:
-    """An upstream that writes a 10 MB answer to /big as fast as its socket takes it."""
-    stats = FirehoseStats()
-    chunk = b"f" * BIG_CHUNK
-
-    async def big(request: web.Request) -> web.StreamResponse:
-        stats.started += 1
-        stats.open += 1
-        response = web.StreamResponse(headers={MARK: "1"})
-        response.content_length = BIG
-        try:
-            await response.prepare(request)
-            for _ in range(BIG // BIG_CHUNK):
-                await response.write(chunk)
-                stats.pushed += BIG_CHUNK
-            stats.completed += 1
-        except ConnectionError:
-            pass  # the gateway dropped the connection: the reader went away
-        finally:
-            stats.open -= 1
-        return response
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok", headers={MARK: "1"})
-
-    app = web.Application()
-    app.router.add_get("/big", big)
-    app.router.add_get("/ok", ok)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
+async def firehose(make_upstream: MakeUpstream) -> CountingUpstream:
+    """The rig's upstream, streaming a 10 MB answer to /big as fast as its socket takes it
+    (`streamed` counts the bytes its writes took, `streams_finished` the whole answers)."""
     listener = socket.socket()
-    # Accepted sockets inherit both: `pushed` then counts what the gateway took in, not
+    # Accepted sockets inherit both: `streamed` then counts what the gateway took in, not
     # what waits in the upstream's own kernel buffer.
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, ETHERNET_MSS)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     listener.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, listener).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}", stats
-    await runner.cleanup()
+    upstream = await make_upstream(Reply(body=b"ok"), listener=listener)
+    big = Stream((b"f" * BIG_CHUNK,) * (BIG // BIG_CHUNK), declare_length=True)
+    upstream.behave(big, path="/big")
+    return upstream
 
 
 async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
-    start_gateway: StartGateway, firehose: tuple[str, FirehoseStats], sockets: Sockets
+    start_gateway: StartGateway, firehose: CountingUpstream, sockets: Sockets
 ) -> None:
     """200 clients fetch a 10 MB answer the upstream writes as fast as it can, and read it at
     about 1 KB/s through an 8 KB receive buffer.
@@ -565,8 +474,7 @@ async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
     otherwise buffer ~7 MB per connection on its own, in no process's RSS. Then the
     clients go: the gateway still serves and its fds return to the baseline.
     """
-    origin, stats = firehose
-    gw = await start_gateway(origin)
+    gw = await start_gateway(firehose.url)
     assert (await get(gw.port)).status == 200  # warm: one pooled upstream connection
     baseline_fds = gw.fds()
     baseline_rss = gw.rss()
@@ -587,27 +495,26 @@ async def test_slow_readers_hold_the_upstream_back_and_memory_stays_bounded(
                 if len(received[i]) < 64:
                     received[i] += data
         peak_rss = max(peak_rss, gw.rss())
-        await asyncio.sleep(READ_STEP)
+        await asyncio.sleep(READ_STEP)  # the readers' pace is the scenario (1 KB/s each)
     assert gw.alive()
     growth = peak_rss - baseline_rss
     total_read = sum(got)
     print(
         f"\nslow readers: RSS {baseline_rss / MB:.1f} MB -> peak {peak_rss / MB:.1f} MB "
-        f"(+{growth / MB:.1f} MB); upstream pushed {stats.pushed / MB:.0f} MB of "
-        f"{SLOW_READERS * BIG / MB:.0f} MB ({stats.started} answers started, "
-        f"{stats.completed} complete); clients read {total_read / 1024:.0f} KB"
+        f"(+{growth / MB:.1f} MB); upstream pushed {firehose.streamed / MB:.0f} MB of "
+        f"{SLOW_READERS * BIG / MB:.0f} MB ({firehose.started.count('/big')} answers started, "
+        f"{firehose.streams_finished} complete); clients read {total_read / 1024:.0f} KB"
     )
     assert all(r.startswith(b"HTTP/1.1 200 ") for r in received), {r[:20] for r in received}
-    assert stats.started == SLOW_READERS
+    assert firehose.started.count("/big") == SLOW_READERS
     assert growth < 100 * MB
-    assert stats.completed == 0
-    assert stats.pushed < SLOW_READERS * BIG // 4
+    assert firehose.streams_finished == 0
+    assert firehose.streamed < SLOW_READERS * BIG // 4
 
     sockets.close_all()  # unread data: the kernel resets these connections
     assert (await get(gw.port)).status == 200
-    async with asyncio.timeout(WAIT):
-        while stats.open:  # every upstream handler met its closed connection
-            await asyncio.sleep(0.05)
+    # Every upstream handler met its closed connection.
+    await until(lambda: not firehose.in_progress, "the upstream handlers to end")
     fds = await gw.wait_fds(baseline_fds, within=3.0)
     assert fds <= baseline_fds, os.listdir(f"/proc/{gw.pid}/fd")
     await gw.stop()
@@ -658,7 +565,7 @@ async def test_pipelining_flood_is_read_no_faster_than_it_is_answered(
         if other is None and time.monotonic() - started > FLOOD_WINDOW / 2:
             other = asyncio.ensure_future(get(gw.port, "/other"))
         peak_rss = max(peak_rss, gw.rss())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the flooder's pace: the scenario, for FLOOD_WINDOW
     assert other is not None
     answer = await other  # bounded by get()
     peak_rss = max(peak_rss, gw.rss())
@@ -673,15 +580,15 @@ async def test_pipelining_flood_is_read_no_faster_than_it_is_answered(
     assert peak_rss - baseline_rss < 50 * MB
     assert written > FLOOD_READ
 
-    reader, writer = await asyncio.open_connection(sock=flooder)
+    flood = await RawClient.over(flooder, timeout=WAIT, framed=True)
     sockets.open.remove(flooder)
     try:
         for i in range(FLOOD_READ):
-            flood_answer = await asyncio.wait_for(read_answer(reader), WAIT)
+            flood_answer = await flood.read_answer()
             assert flood_answer.status == 200, flood_answer.head
             assert orjson.loads(flood_answer.body)["path"] == f"/flood/{i}"
     finally:
-        writer.close()  # unread answers: the gateway sees a reset and drops the rest
+        flood.writer.close()  # unread answers: the gateway sees a reset and drops the rest
     assert (await get(gw.port)).status == 200
     await gw.stop()
 
@@ -709,11 +616,9 @@ def many_fds() -> Iterator[None]:
 
 
 async def wait_client_sockets(gw: Gateway, count: int) -> int:
-    """Poll until the gateway holds `count` client sockets (or WAIT passes)."""
-    deadline = time.monotonic() + WAIT
-    while (held := gw.client_sockets()) < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return held
+    """Poll until the gateway holds `count` client sockets (or WAIT passes); the last
+    count, for the caller to assert on."""
+    return await settle(gw.client_sockets, lambda held: held >= count, WAIT, every=0.05)
 
 
 @pytest.mark.usefixtures("many_fds")
@@ -780,7 +685,7 @@ async def test_the_connection_cap_holds_and_idle_connections_make_room(
     def sample() -> None:
         while not sampled.is_set():
             samples.append(gw.fds() - baseline_fds)
-            time.sleep(0.002)
+            time.sleep(0.002)  # the sampling interval of a measurement, not a wait
 
     sampled = threading.Event()
     sampler = loop.run_in_executor(None, sample)
@@ -826,12 +731,15 @@ async def test_the_connection_cap_holds_and_idle_connections_make_room(
     assert served.status == 200
     assert orjson.loads(served.body)["path"] == "/new"
     closed = 0
-    async with asyncio.timeout(WAIT):
-        while not closed:  # the longest-idle held connection was closed to make room
-            for sock in held:
-                with contextlib.suppress(BlockingIOError):
-                    closed += sock.recv(1) == b""
-            await asyncio.sleep(0.01)
+
+    def one_closed() -> bool:
+        nonlocal closed
+        for sock in held:
+            with contextlib.suppress(BlockingIOError):
+                closed += sock.recv(1) == b""
+        return closed > 0
+
+    await until(one_closed, "the longest-idle held connection to be closed to make room")
     assert closed == 1
     assert gw.client_sockets() <= CAP
     assert gw.alive()

@@ -13,6 +13,9 @@ from aiohttp import web
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.store import Store
+from tests.rig.client import OpenRawClient
+from tests.rig.upstream import CountingUpstream, Handle, MakeUpstream, Reply
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +29,11 @@ class Running:
     server: asyncio.Server
     port: int
     release: asyncio.Event
+    upstream: CountingUpstream
+
+    async def slow_at_upstream(self, count: int = 1) -> None:
+        """Wait until `count` /slow requests are held at the upstream."""
+        await until(lambda: self.upstream.started.count("/slow") >= count, "/slow upstream")
 
 
 @pytest.fixture
@@ -35,160 +43,148 @@ def server_yaml() -> str:
 
 
 @pytest.fixture
-async def running(server_yaml: str) -> AsyncIterator[Running]:
+async def running(server_yaml: str, make_upstream: MakeUpstream) -> AsyncIterator[Running]:
+    """The data plane in front of the rig's upstream, whose /slow answers wait for
+    `release`."""
     release = asyncio.Event()
 
-    async def handle(request: web.Request) -> web.Response:
-        if request.path == "/slow":
-            await release.wait()
+    async def held(request: web.BaseRequest) -> web.Response:
+        await release.wait()
         await request.read()  # an upload endpoint reads the whole body before answering
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    upstream = await make_upstream(Reply(body=b"ok"))
+    upstream.behave(Handle(held), path="/slow")
+    origin = upstream.url
     store = Store.memory()
     settings = parse_config(f"upstream: {{url: '{origin}'}}\nserver: {server_yaml}", "test")
     plane = DataPlane(settings, store)
     server = await start_public(plane, "127.0.0.1", 0)
-    yield Running(plane, server, server.sockets[0].getsockname()[1], release)
+    yield Running(plane, server, server.sockets[0].getsockname()[1], release, upstream)
     release.set()
     server.close()
     await plane.shutdown(1.0)
     await server.wait_closed()
-    await runner.cleanup()
     await store.close()
 
 
-async def read_answer(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length")
-    )
-    return head + await reader.readexactly(length)
-
-
+@pytest.mark.timing
 @pytest.mark.parametrize("server_yaml", ["{keepalive_timeout: 0.3}"])
 async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
-    running: Running,
+    running: Running, raw_client: OpenRawClient
 ) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-    writer.write(REQUEST)
-    answer = await asyncio.wait_for(read_answer(reader), WAIT)
-    assert answer.startswith(b"HTTP/1.1 200")
+    client = await raw_client(running.port, framed=True)
+    client.write(REQUEST)
+    answer = await client.read_answer()
+    assert answer.head.startswith(b"HTTP/1.1 200")
     started = time.monotonic()
-    assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed by the gateway
+    assert await client.read_to_eof() == b""  # closed by the gateway
     assert 0.3 <= time.monotonic() - started < 2.5  # the sweep runs once a second
-    writer.close()
 
 
 @pytest.mark.parametrize("server_yaml", ["{keepalive_timeout: 0.3}"])
-async def test_a_busy_connection_is_not_closed_as_idle(running: Running) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-    writer.write(REQUEST.replace(b"/x", b"/slow"))
-    await asyncio.sleep(1.5)  # longer than the idle timeout, while the answer is pending
+async def test_a_busy_connection_is_not_closed_as_idle(
+    running: Running, raw_client: OpenRawClient
+) -> None:
+    client = await raw_client(running.port, framed=True)
+    client.write(REQUEST.replace(b"/x", b"/slow"))
+    # The scenario: real time past the idle timeout (0.3 s) and a sweep (once a second),
+    # while the answer is pending.
+    await asyncio.sleep(1.5)
     running.release.set()
-    answer = await asyncio.wait_for(read_answer(reader), WAIT)
-    assert answer.startswith(b"HTTP/1.1 200")
-    writer.close()
+    answer = await client.read_answer()
+    assert answer.head.startswith(b"HTTP/1.1 200")
 
 
 async def test_graceful_shutdown_finishes_answers_in_flight_and_closes_idle_ones(
-    running: Running,
+    running: Running, raw_client: OpenRawClient
 ) -> None:
-    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", running.port)
-    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", running.port)
-    idle_writer.write(REQUEST)
-    await asyncio.wait_for(read_answer(idle_reader), WAIT)
-    busy_writer.write(REQUEST.replace(b"/x", b"/slow"))
-    await asyncio.sleep(0.2)
+    busy = await raw_client(running.port, framed=True)
+    idle = await raw_client(running.port, framed=True)
+    idle.write(REQUEST)
+    await idle.read_answer()
+    busy.write(REQUEST.replace(b"/x", b"/slow"))
+    await running.slow_at_upstream()
     running.server.close()
     shutdown = asyncio.ensure_future(running.plane.shutdown(WAIT))
-    assert await asyncio.wait_for(idle_reader.read(), WAIT) == b""  # idle: closed at once
-    await asyncio.sleep(0.2)
+    assert await idle.read_to_eof() == b""  # idle: closed at once
+    await asyncio.sleep(0.2)  # a quiet period, not a wait for a state: nothing may end it
     assert not shutdown.done()  # waits for the answer in flight
     running.release.set()
-    answer = await asyncio.wait_for(read_answer(busy_reader), WAIT)
-    assert answer.startswith(b"HTTP/1.1 200")
-    assert b"connection: close" in answer.lower()
+    answer = await busy.read_answer()
+    assert answer.head.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" in answer.head.lower()
     await asyncio.wait_for(shutdown, WAIT)
-    busy_writer.close()
-    idle_writer.close()
 
 
 async def test_a_connection_accepted_once_shutdown_began_is_closed_not_served(
-    running: Running,
+    running: Running, raw_client: OpenRawClient
 ) -> None:
     # The listener closes just before shutdown() begins, but a connection already in the
     # accept queue can still reach connection_made: it must not hold the stop.
-    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", running.port)
-    busy_writer.write(REQUEST.replace(b"/x", b"/slow"))
-    await asyncio.sleep(0.2)
+    busy = await raw_client(running.port, framed=True)
+    busy.write(REQUEST.replace(b"/x", b"/slow"))
+    await running.slow_at_upstream()
     shutdown = asyncio.ensure_future(running.plane.shutdown(WAIT))
     await asyncio.sleep(0)
-    late_reader, late_writer = await asyncio.open_connection("127.0.0.1", running.port)
-    late_writer.write(REQUEST)
-    assert await asyncio.wait_for(late_reader.read(), WAIT) == b""  # closed, nothing served
+    late = await raw_client(running.port, framed=True)
+    late.write(REQUEST)
+    assert await late.read_to_eof() == b""  # closed, nothing served
     assert len(running.plane.connections) == 1  # only the busy one
     running.release.set()
-    answer = await asyncio.wait_for(read_answer(busy_reader), WAIT)
-    assert answer.startswith(b"HTTP/1.1 200")
+    answer = await busy.read_answer()
+    assert answer.head.startswith(b"HTTP/1.1 200")
     await asyncio.wait_for(shutdown, WAIT)
-    busy_writer.close()
-    late_writer.close()
 
 
 @pytest.mark.parametrize("server_yaml", ["{max_connections: 3}"])
-async def test_at_the_cap_the_longest_idle_connection_makes_room(running: Running) -> None:
+async def test_at_the_cap_the_longest_idle_connection_makes_room(
+    running: Running, raw_client: OpenRawClient
+) -> None:
     idle = []
     for _ in range(3):
-        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-        writer.write(REQUEST)
-        await asyncio.wait_for(read_answer(reader), WAIT)
-        idle.append((reader, writer))
-        await asyncio.sleep(0.01)  # distinct idle times: the first is the longest idle
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-    writer.write(REQUEST)
-    answer = await asyncio.wait_for(read_answer(reader), WAIT)
-    assert answer.startswith(b"HTTP/1.1 200")  # the new client is served
-    assert await asyncio.wait_for(idle[0][0].read(), WAIT) == b""  # the oldest idle closed
-    for _, w in [*idle, (reader, writer)]:
-        w.close()
+        client = await raw_client(running.port, framed=True)
+        client.write(REQUEST)
+        await client.read_answer()
+        idle.append(client)
+        await asyncio.sleep(0.01)  # the scenario: distinct idle times, the first the longest
+    client = await raw_client(running.port, framed=True)
+    client.write(REQUEST)
+    answer = await client.read_answer()
+    assert answer.head.startswith(b"HTTP/1.1 200")  # the new client is served
+    assert await idle[0].read_to_eof() == b""  # the oldest idle closed
 
 
 @pytest.mark.parametrize("server_yaml", ["{max_connections: 2}"])
-async def test_at_the_cap_with_none_idle_a_new_client_gets_503(running: Running) -> None:
+async def test_at_the_cap_with_none_idle_a_new_client_gets_503(
+    running: Running, raw_client: OpenRawClient
+) -> None:
     busy = []
     for _ in range(2):
-        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-        writer.write(REQUEST.replace(b"/x", b"/slow"))
-        busy.append((reader, writer))
-    await asyncio.sleep(0.2)
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-    refused = await asyncio.wait_for(reader.read(), WAIT)
+        client = await raw_client(running.port, framed=True)
+        client.write(REQUEST.replace(b"/x", b"/slow"))
+        busy.append(client)
+    await running.slow_at_upstream(2)
+    client = await raw_client(running.port, framed=True)
+    refused = await client.read_to_eof()
     assert refused.startswith(b"HTTP/1.1 503 ")
     assert refused.endswith(b'{"status":false,"result":"Too many connections"}')
     running.release.set()
-    for r, _ in busy:  # the busy ones were not disturbed
-        assert (await asyncio.wait_for(read_answer(r), WAIT)).startswith(b"HTTP/1.1 200")
-    for _, w in [*busy, (reader, writer)]:
-        w.close()
+    for one in busy:  # the busy ones were not disturbed
+        assert (await one.read_answer()).head.startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("server_yaml", ["{body_timeout: 0.3}"])
-async def test_a_stalled_request_body_is_given_up_with_408(running: Running) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-    writer.write(
+async def test_a_stalled_request_body_is_given_up_with_408(
+    running: Running, raw_client: OpenRawClient
+) -> None:
+    client = await raw_client(running.port, framed=True)
+    client.write(
         b"POST /upload HTTP/1.1\r\nHost: gw\r\nX-Device-Id: d1\r\nContent-Length: 10\r\n\r\nabc"
     )
     started = time.monotonic()
-    answer = await asyncio.wait_for(reader.read(), WAIT)  # answered, then closed at once
+    answer = await client.read_to_eof()  # answered, then closed at once
     assert 0.3 <= time.monotonic() - started < 0.3 + 1.5  # the sweep runs once a second
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b'{"status":false,"result":"Request body timeout"}')
-    writer.close()

@@ -1,14 +1,13 @@
 """The fault-injection tools themselves: FaultProxy, CountingUpstream and RawUpstream.
 
-Each FaultProxy mode is proved against a tiny echo server on loopback; each upstream
-behaviour against a plain client. These tools carry the fault tests, so they must do exactly
-what they claim.
+Each FaultProxy mode is proved against an echo server on loopback (a RawUpstream running
+`Echo.serve`); each upstream behaviour against a plain client. These tools carry the fault
+tests, so they must do exactly what they claim.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import logging
@@ -21,12 +20,14 @@ import orjson
 import pytest
 from yarl import URL
 
-from tests.rig.faults import FaultProxy, rst
+from tests.rig.client import OpenRawClient, RawClient
+from tests.rig.faults import FaultProxy
 from tests.rig.system import free_port
 from tests.rig.upstream import (
     MALFORMED,
     MARK,
     CountingUpstream,
+    MakeRawUpstream,
     RawUpstream,
     Reply,
     ResetMidBody,
@@ -54,122 +55,60 @@ def quiet(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 class Echo:
-    """A loopback TCP server that sends back every byte it reads, and counts them."""
+    """How the proxy's target answers here (a RawUpstream's `serve`): it sends back every
+    byte it reads, and counts them."""
 
     def __init__(self) -> None:
         self.received = 0
         self.open = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection; RawUpstream closes it after."""
         self.open += 1
         try:
             while data := await reader.read(65536):
                 self.received += len(data)
                 writer.write(data)
                 await writer.drain()
-        except ConnectionError:
-            pass
         finally:
             self.open -= 1
-            self._writers.discard(writer)
-            self._tasks.discard(task)
-            writer.close()
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
 
 @pytest.fixture
-async def echo() -> AsyncIterator[Echo]:
+async def echo(make_raw_upstream: MakeRawUpstream) -> Echo:
+    """A loopback echo server (the rig's RawUpstream running `Echo.serve`)."""
     server = Echo()
-    await server.start()
-    yield server
-    await server.close()
+    server.port = (await make_raw_upstream(serve=server.serve)).port
+    return server
 
 
 @pytest.fixture
 async def proxy(echo: Echo) -> AsyncIterator[FaultProxy]:
-    assert echo._server is not None
-    p = FaultProxy("127.0.0.1", echo._server.sockets[0].getsockname()[1])
+    p = FaultProxy("127.0.0.1", echo.port)
     await p.start()
     yield p
     await p.close()
 
 
-class Client:
-    """A raw TCP client of the proxy."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int) -> Client:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
-        return cls(reader, writer)
-
-    async def round_trip(self, data: bytes) -> tuple[bytes, float]:
-        """Send `data`, read as many bytes back; (bytes, seconds it took)."""
-        started = time.monotonic()
-        self.writer.write(data)
-        got = await asyncio.wait_for(self.reader.readexactly(len(data)), WAIT)
-        return got, time.monotonic() - started
-
-    async def silent(self) -> bool:
-        """True when nothing (not even EOF) arrives for QUIET seconds."""
-        try:
-            await asyncio.wait_for(self.reader.read(1), QUIET)
-        except TimeoutError:
-            return True
-        return False
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await asyncio.wait_for(self.writer.wait_closed(), WAIT)
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[Client]]:
-    """Clients made by a test, closed after it."""
-    made: list[Client] = []
-    yield made
-    for client in made:
-        await client.close()
-
-
-async def connect(proxy: FaultProxy, made: list[Client]) -> Client:
-    client = await Client.connect(proxy.port)
-    made.append(client)
-    return client
+async def round_trip(client: RawClient, data: bytes) -> tuple[bytes, float]:
+    """Send `data`, read as many bytes back; (bytes, seconds it took)."""
+    started = time.monotonic()
+    client.write(data)
+    got = await client.read_exactly(len(data))
+    return got, time.monotonic() - started
 
 
 # ---------------------------------------------------------------- FaultProxy
 
 
 async def test_pass_through_forwards_both_ways_unchanged(
-    proxy: FaultProxy, echo: Echo, clients: list[Client]
+    proxy: FaultProxy, echo: Echo, raw_client: OpenRawClient
 ) -> None:
-    client = await connect(proxy, clients)
-    assert (await client.round_trip(b"hello"))[0] == b"hello"
+    client = await raw_client(proxy.port, timeout=WAIT)
+    assert (await round_trip(client, b"hello"))[0] == b"hello"
     big = bytes(range(256)) * 8192  # 2 MiB: more than the socket buffers, flow control runs
-    got, _ = await client.round_trip(big)
+    got, _ = await round_trip(client, big)
     assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
     assert echo.received == 5 + len(big)
     assert (proxy.accepted, proxy.open_connections) == (1, 1)
@@ -178,120 +117,107 @@ async def test_pass_through_forwards_both_ways_unchanged(
 TIMER_TICK = 0.002  # a millisecond of uvloop's clock, and one of rounding
 
 
+@pytest.mark.timing
 async def test_latency_holds_every_answer_and_can_be_lifted_in_order(
-    proxy: FaultProxy, clients: list[Client]
+    proxy: FaultProxy, raw_client: OpenRawClient
 ) -> None:
-    client = await connect(proxy, clients)
-    _, base = await client.round_trip(b"x")
+    client = await raw_client(proxy.port, timeout=WAIT)
+    _, base = await round_trip(client, b"x")
     proxy.latency(0.2)
-    got, took = await client.round_trip(b"slow")
+    got, took = await round_trip(client, b"slow")
     assert got == b"slow"
     # uvloop's clock and timers tick in whole milliseconds: a hold may end up to 1 ms early.
     assert 0.2 - TIMER_TICK <= took < 0.2 + 0.1 + base
-    fresh = await connect(proxy, clients)  # a new connection gets the latency too
-    assert 0.2 - TIMER_TICK <= (await fresh.round_trip(b"new"))[1] < 0.3 + base
+    fresh = await raw_client(proxy.port, timeout=WAIT)  # a new connection gets the latency too
+    assert 0.2 - TIMER_TICK <= (await round_trip(fresh, b"new"))[1] < 0.3 + base
 
     # Lifted while an answer is still held: what follows does not overtake it.
-    client.writer.write(b"first")
-    await asyncio.sleep(0.05)  # "first" is back at the proxy and held there
+    client.write(b"first")
+    await until(lambda: proxy.held == len(b"first"), '"first" to be back, held at the proxy')
     proxy.pass_through()
-    client.writer.write(b"second")
-    got = await asyncio.wait_for(client.reader.readexactly(11), WAIT)
+    client.write(b"second")
+    got = await client.read_exactly(11)
     assert got == b"firstsecond"
-    assert (await client.round_trip(b"fast"))[1] < 0.1
+    assert (await round_trip(client, b"fast"))[1] < 0.1
 
 
 async def test_black_hole_accepts_and_never_answers_but_keeps_sockets_open(
-    proxy: FaultProxy, echo: Echo, clients: list[Client]
+    proxy: FaultProxy, echo: Echo, raw_client: OpenRawClient
 ) -> None:
-    before = await connect(proxy, clients)
-    assert (await before.round_trip(b"ping"))[0] == b"ping"
+    before = await raw_client(proxy.port, timeout=WAIT)
+    assert (await round_trip(before, b"ping"))[0] == b"ping"
     proxy.black_hole()
-    during = await connect(proxy, clients)  # still accepted
+    during = await raw_client(proxy.port, timeout=WAIT)  # still accepted
     for client in (before, during):
-        client.writer.write(b"anyone?")
-        assert await client.silent()  # no answer, and no EOF: the socket stays open
+        client.write(b"anyone?")
+        assert await client.silent(QUIET)  # no answer, and no EOF: the socket stays open
         assert not client.reader.at_eof()
     assert echo.received == 4  # nothing got through to the target
     assert proxy.open_connections == 2
 
     proxy.pass_through()
     for client in (before, during):
-        assert (await client.round_trip(b"back"))[0] == b"back"
+        assert (await round_trip(client, b"back"))[0] == b"back"
 
 
 async def test_reset_sends_rst_to_open_and_to_new_connections(
-    proxy: FaultProxy, echo: Echo, clients: list[Client]
+    proxy: FaultProxy, echo: Echo, raw_client: OpenRawClient
 ) -> None:
-    open_one = await connect(proxy, clients)
-    await open_one.round_trip(b"hi")
+    open_one = await raw_client(proxy.port, timeout=WAIT)
+    await round_trip(open_one, b"hi")
     proxy.reset()
     with pytest.raises(ConnectionResetError):
-        await asyncio.wait_for(open_one.reader.read(1), WAIT)
-    new_one = await connect(proxy, clients)  # the accept happens, then the RST
+        await open_one.read_some(1)
+    new_one = await raw_client(proxy.port, timeout=WAIT)  # the accept happens, then the RST
     with pytest.raises(ConnectionResetError):
-        await asyncio.wait_for(new_one.reader.read(1), WAIT)
+        await new_one.read_some(1)
     await until(lambda: echo.open == 0, "the target side to be dropped too", WAIT)
     assert proxy.open_connections == 0
 
 
 async def test_cut_after_passes_n_bytes_from_the_target_then_closes(
-    proxy: FaultProxy, echo: Echo, clients: list[Client]
+    proxy: FaultProxy, echo: Echo, raw_client: OpenRawClient
 ) -> None:
-    client = await connect(proxy, clients)
-    await client.round_trip(b"warm")  # bytes before the switch do not count
+    client = await raw_client(proxy.port, timeout=WAIT)
+    await round_trip(client, b"warm")  # bytes before the switch do not count
     proxy.cut_after(4)
-    client.writer.write(b"0123456789")
-    assert await asyncio.wait_for(client.reader.read(), WAIT) == b"0123"  # then a clean EOF
-    fresh = await connect(proxy, clients)
-    fresh.writer.write(b"abcdef")
-    assert await asyncio.wait_for(fresh.reader.read(), WAIT) == b"abcd"
+    client.write(b"0123456789")
+    assert await client.read_to_eof() == b"0123"  # then a clean EOF
+    fresh = await raw_client(proxy.port, timeout=WAIT)
+    fresh.write(b"abcdef")
+    assert await fresh.read_to_eof() == b"abcd"
     proxy.cut_after(0)
-    at_once = await connect(proxy, clients)
-    assert await asyncio.wait_for(at_once.reader.read(), WAIT) == b""
+    at_once = await raw_client(proxy.port, timeout=WAIT)
+    assert await at_once.read_to_eof() == b""
     await until(lambda: echo.open == 0, "the target side to be dropped too", WAIT)
 
 
-async def test_a_refused_target_resets_the_client_connection(clients: list[Client]) -> None:
+async def test_a_refused_target_resets_the_client_connection(raw_client: OpenRawClient) -> None:
     proxy = FaultProxy("127.0.0.1", free_port())  # nothing listens there
     await proxy.start()
     try:
-        client = await connect(proxy, clients)
-        client.writer.write(b"hello?")
+        client = await raw_client(proxy.port, timeout=WAIT)
+        client.write(b"hello?")
         with pytest.raises(ConnectionResetError):
-            await asyncio.wait_for(client.reader.read(), WAIT)
+            await client.read_to_eof()
         assert proxy.open_connections == 0
     finally:
         await proxy.close()
 
 
 async def test_close_cuts_every_connection_and_stops_listening(
-    proxy: FaultProxy, clients: list[Client]
+    proxy: FaultProxy, raw_client: OpenRawClient
 ) -> None:
-    client = await connect(proxy, clients)
-    await client.round_trip(b"hi")
+    client = await raw_client(proxy.port, timeout=WAIT)
+    await round_trip(client, b"hi")
     await proxy.close()
     with pytest.raises(ConnectionResetError):
-        await asyncio.wait_for(client.reader.read(1), WAIT)
+        await client.read_some(1)
     with pytest.raises(ConnectionRefusedError):
-        await Client.connect(proxy.port)
+        await RawClient.connect(proxy.port, timeout=WAIT)
 
 
 # ---------------------------------------------------------------- CountingUpstream
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await up.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as session:
-        yield session
 
 
 async def test_counting_upstream_records_every_request_and_reports_it(
@@ -345,6 +271,7 @@ async def test_a_behaviour_per_path_beats_the_switch(
     assert upstream.count() == 3
 
 
+@pytest.mark.timing
 async def test_slow_answers_after_its_delay(
     upstream: CountingUpstream, http: aiohttp.ClientSession
 ) -> None:
@@ -359,6 +286,7 @@ async def test_slow_answers_after_its_delay(
     assert time.monotonic() - started < 0.2
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("declare_length", [False, True])
 async def test_stream_sends_its_chunks_with_pauses(
     upstream: CountingUpstream, http: aiohttp.ClientSession, declare_length: bool
@@ -378,19 +306,18 @@ async def test_stream_sends_its_chunks_with_pauses(
     assert all(g >= 0.12 for g in gaps), gaps
 
 
-async def test_reset_mid_body_cuts_the_connection_with_an_rst(upstream: CountingUpstream) -> None:
+async def test_reset_mid_body_cuts_the_connection_with_an_rst(
+    upstream: CountingUpstream, raw_client: OpenRawClient
+) -> None:
     upstream.behave(ResetMidBody(sent=b"y" * 1000, declared=100_000))
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(upstream.url.rsplit(":", 1)[1]))
-    try:
-        writer.write(b"GET /r HTTP/1.1\r\nHost: x\r\n\r\n")
-        received = b""
-        with pytest.raises(ConnectionResetError):
-            while True:
-                data = await asyncio.wait_for(reader.read(65536), WAIT)
-                assert data, "a clean EOF: expected an RST"
-                received += data
-    finally:
-        writer.close()
+    client = await raw_client(upstream.port, timeout=WAIT)
+    client.write(b"GET /r HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    with pytest.raises(ConnectionResetError):
+        while True:
+            data = await client.read_some()
+            assert data, "a clean EOF: expected an RST"
+            received += data
     # Whatever arrived before the RST is a head announcing far more than was sent.
     if received:
         assert b"Content-Length: 100000" in received
@@ -399,13 +326,12 @@ async def test_reset_mid_body_cuts_the_connection_with_an_rst(upstream: Counting
 
 
 async def test_a_body_the_client_breaks_off_is_recorded_as_incomplete(
-    upstream: CountingUpstream,
+    upstream: CountingUpstream, raw_client: OpenRawClient
 ) -> None:
-    _, writer = await asyncio.open_connection("127.0.0.1", int(upstream.url.rsplit(":", 1)[1]))
-    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"z" * 10)
-    await writer.drain()
+    client = await raw_client(upstream.port, timeout=WAIT)
+    await client.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"z" * 10)
     await until(lambda: upstream.arrived == 1, "the request head", WAIT)
-    rst(writer.transport)
+    client.reset()
     await until(lambda: len(upstream.seen) == 1, "the broken request to be recorded", WAIT)
     [seen] = upstream.seen
     assert (seen.raw_path, seen.body_size, seen.complete) == ("/up", 10, False)
@@ -415,15 +341,13 @@ async def test_a_body_the_client_breaks_off_is_recorded_as_incomplete(
 
 
 async def raw_exchange(url: str, request: bytes) -> bytes:
-    """Send raw bytes; read until the server closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    """Send raw bytes on a new connection; read until the server closes."""
+    client = await RawClient.connect(int(url.rsplit(":", 1)[1]), timeout=WAIT)
     try:
-        writer.write(request)
-        return await asyncio.wait_for(reader.read(), WAIT)
+        client.write(request)
+        return await client.read_to_eof()
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await client.close()
 
 
 def test_the_malformed_corpus_is_refused_by_a_strict_parser() -> None:
@@ -467,13 +391,13 @@ async def test_raw_upstream_writes_each_answer_verbatim_and_records_the_request(
 async def test_raw_upstream_keeps_the_connection_open_when_asked() -> None:
     raw = RawUpstream(b"HTTP/1.1 204 No Content\r\n\r\n", close=False)
     url = await raw.start()
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    client = await RawClient.connect(int(url.rsplit(":", 1)[1]), timeout=WAIT)
     try:
         for i in range(3):
-            writer.write(f"POST /k{i} HTTP/1.1\r\nHost: u\r\nContent-Length: 2\r\n\r\nhi".encode())
-            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            client.write(f"POST /k{i} HTTP/1.1\r\nHost: u\r\nContent-Length: 2\r\n\r\nhi".encode())
+            answer = await client.read_until(b"\r\n\r\n")
             assert answer == b"HTTP/1.1 204 No Content\r\n\r\n"
         assert [s.raw_path for s in raw.seen] == ["/k0", "/k1", "/k2"]
     finally:
-        writer.close()
+        await client.close()
         await raw.close()

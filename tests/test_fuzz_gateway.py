@@ -1,7 +1,7 @@
 """Property: random requests through the whole gateway never get a 5xx of the gateway's own.
 
 One gateway (DataPlane, the real Enforcer on an embedded memory store, generous limits) runs
-in front of an upstream that answers every request 200 and marks its answers, for the whole
+in front of the rig's upstream answering every request 200 (marked as its own), for the whole
 module, on one event loop kept across hypothesis examples (as test_bucket_model.py does).
 Each example sends one random request (method, target, version, header names and values,
 identity headers valid or not, a small body framed by Content-Length or chunked) on a new
@@ -24,20 +24,19 @@ from dataclasses import dataclass, field
 
 import orjson
 import pytest
-from aiohttp import web
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict
 
 from gateway.config import parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.metrics import Metrics
 from gateway.store import Store
+from tests.rig.client import Answer, RawClient
+from tests.rig.upstream import MARK, CountingUpstream, Reply
 
 pytestmark = pytest.mark.integration
 
 WAIT = 10.0  # seconds: the bound on every connect, read and close
-MARK = "X-Fuzz-Upstream"
 # What the gateway may answer itself (README: "What a request goes through", "Failure
 # behaviour"); 5xx of its own are never acceptable for requests a client sends.
 GATEWAY_STATUSES = frozenset({400, 401, 403, 405, 413, 414, 429, 431, 501, 505})
@@ -66,31 +65,18 @@ class Env:
     runner: asyncio.Runner
     errors: ErrorRecords
     port: int = 0
-    upstream_requests: int = 0
+    # No decompression on its side: a random Content-Encoding is not the upstream's worry.
+    upstream: CountingUpstream = field(default_factory=lambda: CountingUpstream(Reply(body=b"ok")))
     _closers: list[object] = field(default_factory=list)
 
-    async def start(self) -> None:
-        async def ok(request: web.BaseRequest) -> web.Response:
-            self.upstream_requests += 1
-            await request.read()
-            return web.Response(text="ok", headers={MARK: "1"})
+    @property
+    def upstream_requests(self) -> int:
+        return self.upstream.arrived
 
-        upstream = web.ServerRunner(
-            web.Server(
-                ok,
-                max_line_size=64 * 1024,
-                max_field_size=64 * 1024,
-                max_headers=1024,
-                auto_decompress=False,  # a random Content-Encoding is not the upstream's worry
-                access_log=None,
-            )
-        )
-        await upstream.setup()
-        site = web.TCPSite(upstream, "127.0.0.1", 0)
-        await site.start()
-        host, port = upstream.addresses[0][:2]
+    async def start(self) -> None:
+        url = await self.upstream.start()
         config = {
-            "upstream": {"url": f"http://{host}:{port}", "timeout": 5.0},
+            "upstream": {"url": url, "timeout": 5.0},
             "rate_limits": {"device": GENEROUS, "anonymous": GENEROUS},
             "devices": {"registration_limit": GENEROUS},
             "limits": {"max_body_bytes": 4096},
@@ -102,17 +88,17 @@ class Env:
         plane = DataPlane(settings, store, Metrics())
         server = await start_public(plane, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
-        self._closers = [server, plane, store, upstream]
+        self._closers = [server, plane, store]
 
     async def close(self) -> None:
-        server, plane, store, upstream = self._closers
+        server, plane, store = self._closers
         assert isinstance(server, asyncio.Server) and isinstance(plane, DataPlane)
-        assert isinstance(store, Store) and isinstance(upstream, web.ServerRunner)
+        assert isinstance(store, Store)
         server.close()
         await plane.shutdown(1.0)
         await server.wait_closed()
         await store.close()
-        await upstream.cleanup()
+        await self.upstream.close()
 
 
 @pytest.fixture(scope="module")
@@ -267,44 +253,6 @@ def requests(draw: st.DrawFn) -> Request:
 # ---------------------------------------------------------------- reading answers
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    fields: CIMultiDict[str]
-    body: bytes
-
-
-async def read_answer(reader: asyncio.StreamReader, *, head_request: bool) -> Answer:
-    """One final answer (1xx interim answers skipped), its framing undone."""
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        assert status_line.startswith("HTTP/1.1 "), status_line
-        status = int(status_line.split(" ", 2)[1])
-        fields: CIMultiDict[str] = CIMultiDict()
-        for line in lines:
-            name, sep, value = line.partition(":")
-            assert sep, f"malformed header line {line!r}"
-            fields.add(name, value.strip())
-        if status >= 200:
-            break
-        assert status == 100, status_line
-    if head_request or status in (204, 304):
-        body = b""
-    elif "Content-Length" in fields:
-        body = await reader.readexactly(int(fields["Content-Length"]))
-    elif fields.get("Transfer-Encoding") == "chunked":
-        parts = []
-        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
-            parts.append(await reader.readexactly(size))
-            assert await reader.readexactly(2) == b"\r\n"
-        assert await reader.readuntil(b"\r\n") == b"\r\n"
-        body = b"".join(parts)
-    else:
-        body = await reader.read()  # delimited by the close
-    return Answer(status, fields, body)
-
-
 def closes(answer: Answer, version: str) -> bool:
     """Whether the answer announces the end of the connection."""
     connection = answer.fields.get("Connection", "").lower()
@@ -317,13 +265,15 @@ def closes(answer: Answer, version: str) -> bool:
 
 async def check(env: Env, request: Request) -> None:
     before = len(env.errors.records)
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    client = await RawClient.connect(env.port, timeout=WAIT)
     try:
         async with asyncio.timeout(WAIT):
-            writer.write(request.encode())
-            await writer.drain()
-            answer = await read_answer(reader, head_request=request.method == "HEAD")
+            await client.send(request.encode())
+            # One final answer (1xx interim answers skipped), its framing undone.
+            answer = await client.read_answer(
+                head_request=request.method == "HEAD", skip_interim=True
+            )
+            assert answer.head.startswith(b"HTTP/1.1 "), answer.head
             if answer.fields.get(MARK) == "1":
                 event(f"upstream {answer.status}")
             elif request.method == "HEAD":
@@ -346,26 +296,25 @@ async def check(env: Env, request: Request) -> None:
 
             if closes(answer, request.version):
                 try:
-                    rest = await reader.read()
+                    rest = await client.read_to_eof()
                 except ConnectionResetError:
                     pytest.fail("the connection was reset instead of closed")
                 assert rest == b"", rest
             else:
-                writer.write(b"GET /next HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-                await writer.drain()
-                following = await read_answer(reader, head_request=False)
+                await client.send(b"GET /next HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+                following = await client.read_answer(skip_interim=True)
                 assert (following.status, following.fields.get(MARK)) == (200, "1"), following
     finally:
-        await abort(writer)
+        await abort(client)
     assert [r.getMessage() for r in env.errors.records[before:]] == []
 
 
-async def abort(writer: asyncio.StreamWriter) -> None:
+async def abort(client: RawClient) -> None:
     """Drop a client connection at once (nothing left to flush), bounded."""
-    writer.transport.abort()
+    client.abort()
     try:
         async with asyncio.timeout(WAIT):
-            await writer.wait_closed()
+            await client.writer.wait_closed()
     except ConnectionError:
         pass
 
@@ -385,17 +334,16 @@ def raw_exchange(env: Env, request: bytes) -> tuple[bytes, bytes]:
     """Send `request`, read until the gateway closes (bounded): (head, everything after)."""
 
     async def run() -> bytes:
-        async with asyncio.timeout(WAIT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        client = await RawClient.connect(env.port, timeout=WAIT)
         try:
-            writer.write(request)
+            client.write(request)
             try:
                 async with asyncio.timeout(3.0):
-                    return await reader.read()
+                    return await client.read_to_eof()
             except TimeoutError:
                 return b"<no close within 3 s>"
         finally:
-            await abort(writer)
+            await abort(client)
 
     data = env.runner.run(run())
     head, _, rest = data.partition(b"\r\n\r\n")

@@ -1,8 +1,8 @@
 """The gateway end to end: real sockets, a real redis-server and a real upstream app.
 
-Every gateway here is the data plane (or `serve`) on a loopback port in front of `Upstream`,
-an aiohttp app that records each request it saw, so a test can say "the upstream never saw
-it". Stores get the fake clock: the token bucket is driven by `clock.advance`, never sleep.
+Every gateway here is the data plane (or `serve`) on a loopback port in front of the rig's
+`CountingUpstream`, which records each request it saw, so a test can say "the upstream never
+saw it". Stores get the fake clock: the token bucket is driven by `clock.advance`, never sleep.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
@@ -34,9 +33,13 @@ from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.model import Device, HistoryEntry
 from gateway.store import Store
 from gateway.store.keys import KeySchema
+from tests.rig.client import Answer as RawAnswer
+from tests.rig.client import RawClient, answers_in
 from tests.rig.clock import FakeClock
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import free_port
+from tests.rig.upstream import CountingUpstream, MakeUpstream, Reply, Seen
+from tests.rig.waits import until_async
 
 pytestmark = pytest.mark.integration
 
@@ -68,69 +71,22 @@ WAIT = 10.0  # seconds: the bound on every wait for a server, a process or a res
 # ---------------------------------------------------------------- the upstream
 
 
-@dataclass(frozen=True)
-class Seen:
-    """One request as the upstream received it."""
-
-    method: str
-    raw_path: str
-    headers: CIMultiDictProxy[str]
-    body_sha256: str
-    body_size: int
-
-
-@dataclass
-class Upstream:
-    """A real upstream on a free loopback port that records every request it saw."""
-
-    seen: list[Seen] = field(default_factory=list)
-    url: str = ""
-    runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        digest = hashlib.sha256()
-        size = 0
-        async for chunk in request.content.iter_any():
-            digest.update(chunk)
-            size += len(chunk)
-        self.seen.append(
-            Seen(request.method, request.raw_path, request.headers, digest.hexdigest(), size)
-        )
-        return web.json_bytes_response(
-            {"upstream": True, "path": request.raw_path}, dumps=orjson.dumps
-        )
-
-    async def start(self) -> None:
-        app = web.Application(handler_args={"auto_decompress": False})
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", free_port()).start()
-        host, port = self.runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-
-    async def close(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    def paths(self) -> list[str]:
-        """The raw paths seen, in order."""
-        return [s.raw_path for s in self.seen]
+def path_report(seen: Seen) -> bytes:
+    """What these tests' upstream answers: that it was reached, and the raw path."""
+    return orjson.dumps({"upstream": True, "path": seen.raw_path})
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    """A started recording upstream."""
-    up = Upstream()
-    await up.start()
-    yield up
-    await up.close()
+async def upstream(make_upstream: MakeUpstream) -> CountingUpstream:
+    """The rig's upstream, answering `{"upstream": true, "path": <raw path>}`."""
+    json = {"Content-Type": "application/json"}
+    return await make_upstream(Reply(body=path_report, headers=json))
 
 
 # ---------------------------------------------------------------- gateways
 
 
-def make_settings(upstream: Upstream, redis_url: str, yaml_text: str = "") -> Settings:
+def make_settings(upstream: CountingUpstream, redis_url: str, yaml_text: str = "") -> Settings:
     """Settings from YAML, pointed at the upstream and the store through env overrides."""
     env = {
         "GATEWAY_UPSTREAM_URL": upstream.url,
@@ -238,28 +194,17 @@ async def redis_keys(url: str) -> list[bytes]:
         await client.aclose()
 
 
-async def raw_request(url: URL, data: bytes) -> bytes:
-    """Send raw bytes to the server at `url` and read the answer until it closes the socket."""
+async def raw_request(url: URL, data: bytes) -> RawAnswer:
+    """Send raw bytes to the server at `url`, read until it closes the socket: the one
+    answer that came."""
     assert url.host is not None and url.port is not None
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), WAIT)
+    client = await RawClient.connect(url.port, url.host, timeout=WAIT)
     try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), WAIT)
+        await client.send(data)
+        [answer] = await answers_in(await client.read_to_eof())
     finally:
-        writer.close()
-        await writer.wait_closed()
-
-
-def split_raw(answer: bytes) -> tuple[int, CIMultiDict[str], bytes]:
-    """(status, headers, body) of a raw HTTP/1.x answer."""
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.add(name, value.strip())
-    return int(status_line.split()[1]), headers, body
+        await client.close()
+    return answer
 
 
 # ---------------------------------------------------------------- forwarding and registration
@@ -267,7 +212,7 @@ def split_raw(answer: bytes) -> tuple[int, CIMultiDict[str], bytes]:
 
 async def test_device_request_is_forwarded_and_registers_the_device(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -362,7 +307,7 @@ async def test_device_request_is_forwarded_and_registers_the_device(
 
 async def test_block_and_unblock_take_effect_across_two_gateways_sharing_redis(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -407,7 +352,7 @@ async def test_block_and_unblock_take_effect_across_two_gateways_sharing_redis(
 
 async def test_an_id_blocked_in_advance_is_denied_on_its_first_request(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -441,7 +386,7 @@ rate_limits:
 
 async def test_token_bucket_end_to_end_with_an_injected_clock(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
@@ -522,7 +467,7 @@ async def test_token_bucket_end_to_end_with_an_injected_clock(
 
 async def test_anonymous_requests_are_limited_by_client_ip(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -594,11 +539,12 @@ async def timed(coro: Awaitable[Answer]) -> tuple[Answer, float]:
     return answer, time.monotonic() - started
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", ["open", "closed"])
 async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
     on_error: str,
     own_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -635,9 +581,10 @@ async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
     assert (await call(http, "GET", url, PHONE)).status == 403
 
 
+@pytest.mark.timing
 async def test_a_hung_redis_costs_at_most_the_timeout(
     own_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -659,10 +606,10 @@ async def test_a_hung_redis_costs_at_most_the_timeout(
     # a second); replies to the abandoned calls are not taken for answers to new ones. (An
     # abandoned call that had reached Redis's socket may still be applied once Redis
     # resumes, so counts are bounds, not exact.)
-    resumed = time.monotonic() + 1.5
-    while not rate_headers(await call(http, "GET", url, PHONE)):
-        assert time.monotonic() < resumed, "enforcement did not resume within 1.5 s"
-        await asyncio.sleep(0.05)
+    async def enforced() -> bool:
+        return bool(rate_headers(await call(http, "GET", url, PHONE)))
+
+    await until_async(enforced, "enforcement to resume within 1.5 s", timeout=1.5, every=0.05)
     remaining = []
     for _ in range(2):
         answer = await call(http, "GET", url, PHONE)
@@ -702,7 +649,7 @@ async def test_invalid_identity_is_400_and_writes_nothing(
     headers: list[tuple[str, str]],
     reason: str,
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -717,7 +664,7 @@ async def test_invalid_identity_is_400_and_writes_nothing(
 
 async def test_require_id_answers_401_to_anonymous_requests(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -734,7 +681,7 @@ async def test_require_id_answers_401_to_anonymous_requests(
 
 async def test_declared_body_over_the_limit_is_413_before_anything_else(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -763,7 +710,7 @@ async def test_declared_body_over_the_limit_is_413_before_anything_else(
 
 async def test_connect_is_405_and_never_forwarded(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
 ) -> None:
     gw = await start_gateway(make_settings(upstream, real_redis.url))
@@ -772,7 +719,7 @@ async def test_connect_is_405_and_never_forwarded(
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
         b"X-Device-Id: phone-1\r\nConnection: close\r\n\r\n",
     )
-    status, headers, body = split_raw(raw)
+    status, headers, body = raw.status, raw.fields, raw.body
     assert status == 405
     assert orjson.loads(body) == {"status": False, "result": "Method not allowed"}
     assert "CONNECT" not in headers["Allow"] and "GET" in headers["Allow"]
@@ -782,7 +729,7 @@ async def test_connect_is_405_and_never_forwarded(
 
 async def test_the_admin_api_is_not_reachable_through_the_public_port(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -823,7 +770,7 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 
 async def test_every_request_gets_one_json_access_log_line(
     real_redis: RedisServer,
-    upstream: Upstream,
+    upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
@@ -839,14 +786,14 @@ async def test_every_request_gets_one_json_access_log_line(
         "GET /api/odd HTTP/1.1\r\nHost: gw\r\nX-Device-Id: phone-3\r\n"
         "X-App-Name: evil\u2028app\r\nConnection: close\r\n\r\n".encode(),
     )
-    assert split_raw(odd)[0] == 400
+    assert odd.status == 400
     # An ANSI escape is refused by aiohttp's own parser before any handler: a plain 400.
     ansi = await raw_request(
         gw.url,
         b"GET /api/ansi HTTP/1.1\r\nHost: gw\r\nX-Device-Id: phone-4\r\n"
         b"X-App-Name: \x1b[31mred\r\nConnection: close\r\n\r\n",
     )
-    assert split_raw(ansi)[0] == 400
+    assert ansi.status == 400
     assert upstream.paths() == ["/api/log?q=1"]
 
     lines = access_lines(caplog)
@@ -884,7 +831,7 @@ def test_json_formatter_escapes_line_separators_in_fields() -> None:
 
 
 async def test_serve_runs_both_listeners_until_stop_is_set(
-    upstream: Upstream, http: aiohttp.ClientSession
+    upstream: CountingUpstream, http: aiohttp.ClientSession
 ) -> None:
     public_port, admin_port = free_port(), free_port()
     settings = parse_config(

@@ -1,10 +1,11 @@
 """Hostile input at the public port: smuggling, size limits, bombs, odd paths, odd ids, logs.
 
 A real gateway (DataPlane, the real Enforcer on an embedded memory store, generous rate
-limits) listens on loopback in front of `CountingUpstream`, a low-level aiohttp server with
-no router (nothing is refused or rewritten on its side) that records every request it saw.
-Requests go in as raw bytes, one connection each, so the test controls every byte; every
-answer the gateway makes itself must be the `{"status": false, "result": ...}` envelope.
+limits) listens on loopback in front of the rig's `CountingUpstream` (the `upstream`
+fixture: parser limits far above the gateway's, so nothing is refused on its side), which
+records every request it saw. Requests go in as raw bytes through the rig's `RawClient`,
+one connection each, so the test controls every byte; every answer the gateway makes
+itself must be the `{"status": false, "result": ...}` envelope.
 
 "The upstream saw a request" means it received a *complete* one. A streaming proxy sends
 the head before the body has arrived, so the upstream may see the start of a request whose
@@ -19,17 +20,14 @@ import hashlib
 import logging
 import os
 import re
-import socket
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import orjson
 import pytest
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.answers import BLOCKED
 from gateway.config import parse_config
@@ -38,6 +36,9 @@ from gateway.dataplane.connection import ClientConnection
 from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.metrics import Metrics
 from gateway.store import Store
+from tests.rig.client import Answer, OpenRawClient, RawClient
+from tests.rig.upstream import CountingUpstream, MakeRawUpstream
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -47,93 +48,6 @@ LIMIT = MiB  # limits.max_body_bytes of the gateway under test
 MAX_LINE = 8190  # request target bytes the gateway forwards (README: over 8190 -> 414)
 MAX_FIELD = 8190  # header name + value bytes (over -> 431)
 MAX_HEADERS = 128  # header fields per request, Host included (over -> 431)
-
-
-# ---------------------------------------------------------------- the upstream
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One complete request as the upstream received it."""
-
-    method: str
-    raw_path: str
-    headers: CIMultiDictProxy[str]
-    sha256: str
-    size: int
-
-
-@dataclass
-class CountingUpstream:
-    """A loopback upstream that counts what it saw; its own parser limits are far above the
-    gateway's, so anything the gateway forwards arrives (and is answered 200)."""
-
-    started: list[str] = field(default_factory=list)
-    complete: list[Seen] = field(default_factory=list)
-    broken: list[tuple[str, int]] = field(default_factory=list)
-    url: str = ""
-    _inflight: int = 0
-    _idle: asyncio.Event = field(default_factory=asyncio.Event)
-    _runner: web.ServerRunner | None = None
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        self.started.append(request.raw_path)
-        self._inflight += 1
-        self._idle.clear()
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            async for chunk in request.content.iter_any():
-                digest.update(chunk)
-                size += len(chunk)
-        except Exception:  # reset, truncated chunked body...: it did not arrive whole
-            self.broken.append((request.raw_path, size))
-            return web.Response(status=400)  # nobody is there to read it
-        except asyncio.CancelledError:
-            self.broken.append((request.raw_path, size))
-            raise
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
-        self.complete.append(
-            Seen(request.method, request.raw_path, request.headers, digest.hexdigest(), size)
-        )
-        return web.json_response({"upstream": True})
-
-    async def settled(self) -> None:
-        """Wait until no request is being received (every started one is complete or broken)."""
-        async with asyncio.timeout(WAIT):
-            while self._inflight:
-                await self._idle.wait()
-
-    async def start(self) -> None:
-        server = web.Server(
-            self.handle,
-            max_line_size=64 * 1024,
-            max_field_size=64 * 1024,
-            max_headers=1024,
-            auto_decompress=False,  # a gzip body is hashed as it came
-            access_log=None,
-        )
-        self._runner = web.ServerRunner(server)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await up.close()
 
 
 # ---------------------------------------------------------------- the gateway
@@ -221,105 +135,17 @@ async def gw(start_gateway: StartGateway) -> Gateway:
 # ---------------------------------------------------------------- a raw client
 
 
-@dataclass(frozen=True)
-class Answer:
-    """One response read off a raw connection."""
-
-    status: int
-    fields: CIMultiDict[str]
-    body: bytes
-
-    def envelope(self) -> Any:
-        """The JSON body, checked to be the gateway's `{status: false, result}` envelope."""
-        assert self.fields.get("Content-Type") == "application/json", self.fields
-        data = orjson.loads(self.body)
-        assert isinstance(data, dict) and data.keys() == {"status", "result"}, data
-        assert data["status"] is False and isinstance(data["result"], str), data
-        return data["result"]
-
-
-@dataclass
-class Client:
-    """A raw connection to the gateway."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        async with asyncio.timeout(WAIT):
-            await self.writer.drain()
-
-    async def send_bytewise(self, data: bytes, done: Callable[[], bool]) -> int:
-        """One byte per write (TCP_NODELAY: one segment each), yielding to the loop between
-        them so the gateway reads them one by one. Stops once `done()` (the answer is in:
-        writing on after the gateway closed would draw a reset). Returns the bytes sent."""
-        sock = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        async with asyncio.timeout(WAIT):
-            for i in range(len(data)):
-                if done():
-                    return i
-                self.writer.write(data[i : i + 1])
-                await self.writer.drain()
-                # Twice: once for the loop to see the byte, once for the gateway to read it.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
-        return len(data)
-
-    async def read_answer(self) -> Answer:
-        async with asyncio.timeout(WAIT):
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-            fields: CIMultiDict[str] = CIMultiDict()
-            for line in lines:
-                name, _, value = line.partition(":")
-                fields.add(name, value.strip())
-            status = int(status_line.split(" ", 2)[1])
-            if "Content-Length" in fields:
-                body = await self.reader.readexactly(int(fields["Content-Length"]))
-            else:
-                assert fields.get("Transfer-Encoding") == "chunked", fields
-                parts = []
-                while size := int((await self.reader.readuntil(b"\r\n"))[:-2], 16):
-                    parts.append(await self.reader.readexactly(size))
-                    await self.reader.readexactly(2)
-                await self.reader.readuntil(b"\r\n")
-                body = b"".join(parts)
-        return Answer(status, fields, body)
-
-    async def closed(self) -> bool:
-        """True when the gateway closed the connection (no further bytes, then EOF)."""
-        async with asyncio.timeout(WAIT):
-            try:
-                return await self.reader.read() == b""
-            except ConnectionResetError:
-                return True
-
-
-Connect = Callable[[Gateway], Awaitable[Client]]
+Connect = Callable[[Gateway], Awaitable[RawClient]]
 
 
 @pytest.fixture
-async def connect() -> AsyncIterator[Connect]:
-    clients: list[Client] = []
+def connect(raw_client: OpenRawClient) -> Connect:
+    """Open a raw connection to a gateway; every answer read on it must be framed."""
 
-    async def open_(gateway: Gateway) -> Client:
-        async with asyncio.timeout(WAIT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        client = Client(reader, writer)
-        clients.append(client)
-        return client
+    async def open_(gateway: Gateway) -> RawClient:
+        return await raw_client(gateway.port, framed=True)
 
-    yield open_
-    for client in clients:
-        # abort, not close: a close waits to flush what a refused upload left unsent.
-        client.writer.transport.abort()
-        try:
-            async with asyncio.timeout(WAIT):
-                await client.writer.wait_closed()
-        except ConnectionError:
-            pass
+    return open_
 
 
 async def exchange(connect: Connect, gateway: Gateway, request: bytes) -> Answer:
@@ -452,7 +278,7 @@ async def test_unusual_but_unambiguous_framing_is_forwarded_once(
     answer = await exchange(connect, gw, case.request)
     assert answer.status == 200
     [seen] = gw.upstream.complete
-    assert seen.sha256 == hashlib.sha256(case.body).hexdigest()
+    assert seen.body_sha256 == hashlib.sha256(case.body).hexdigest()
     gw.assert_no_tracebacks()
 
 
@@ -636,7 +462,7 @@ async def test_content_length_body_at_the_limit_is_forwarded_byte_identical(
     )
     assert answer.status == 200
     [seen] = gw.upstream.complete
-    assert (seen.size, seen.sha256) == (LIMIT, hashlib.sha256(body).hexdigest())
+    assert (seen.body_size, seen.body_sha256) == (LIMIT, hashlib.sha256(body).hexdigest())
     assert seen.headers["Content-Length"] == str(LIMIT)
     gw.assert_no_tracebacks()
 
@@ -668,7 +494,10 @@ async def test_chunked_body_at_the_limit_is_forwarded_byte_identical(
     answer = await exchange(connect, gw, CHUNKED + chunked(parts))
     assert answer.status == 200
     [seen] = gw.upstream.complete
-    assert (seen.size, seen.sha256) == (LIMIT, hashlib.sha256(b"".join(parts)).hexdigest())
+    assert (seen.body_size, seen.body_sha256) == (
+        LIMIT,
+        hashlib.sha256(b"".join(parts)).hexdigest(),
+    )
     if buffering:  # read whole first, then sent with its length
         assert seen.headers["Content-Length"] == str(LIMIT)
         assert "Transfer-Encoding" not in seen.headers
@@ -686,9 +515,7 @@ async def test_chunked_body_one_byte_past_the_limit_never_reaches_the_upstream_w
     await client.send(CHUNKED + b"%x\r\n" % LIMIT + b"c" * LIMIT + b"\r\n")
     if not buffering:
         # The upstream is receiving the request when the byte past the limit arrives.
-        async with asyncio.timeout(WAIT):
-            while not gw.upstream.started:
-                await asyncio.sleep(0.01)
+        await until(lambda: gw.upstream.started, "the upstream to receive the request")
     await client.send(b"1\r\nc\r\n0\r\n\r\n")
     answer = await client.read_answer()
     assert (answer.status, answer.envelope()) == (413, "Request body too large")
@@ -698,8 +525,8 @@ async def test_chunked_body_one_byte_past_the_limit_never_reaches_the_upstream_w
     if buffering:
         assert gw.upstream.started == []  # nothing of it ever left the gateway
     else:
-        [(_, size)] = gw.upstream.broken
-        assert size <= LIMIT
+        [broken] = gw.upstream.broken
+        assert broken.body_size <= LIMIT
     gw.assert_no_tracebacks()
 
 
@@ -754,8 +581,8 @@ async def test_gzip_bomb_request_body_is_forwarded_compressed_without_memory_gro
     after = memory_kib("VmRSS")
     assert answer.status == 200
     seen = gw.upstream.complete[-1]
-    assert seen.sha256 == hashlib.sha256(bomb).hexdigest()
-    assert seen.size == len(bomb)
+    assert seen.body_sha256 == hashlib.sha256(bomb).hexdigest()
+    assert seen.body_size == len(bomb)
     assert seen.headers["Content-Encoding"] == coding.decode()
     # Inflating the 256 MiB anywhere in this process (gateway or upstream) would show here.
     assert after - before < 20 * 1024, f"RSS grew by {(after - before) // 1024} MiB"
@@ -798,25 +625,15 @@ async def test_hostile_raw_path_reaches_the_upstream_byte_identical(
     gw.assert_no_tracebacks()
 
 
-@pytest.fixture
-async def trap() -> AsyncIterator[tuple[int, list[int]]]:
-    """A listener nobody should ever connect to: (port, accepted connections)."""
-    accepted: list[int] = []
-
-    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(1)
-        writer.close()
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1], accepted
-    server.close()
-    await server.wait_closed()
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A connection's whole life at a trap: closed at once (RawUpstream closes it)."""
 
 
 async def test_absolute_form_and_connect_never_contact_anything(
-    gw: Gateway, connect: Connect, trap: tuple[int, list[int]]
+    gw: Gateway, connect: Connect, make_raw_upstream: MakeRawUpstream
 ) -> None:
-    port, accepted = trap
+    trap = await make_raw_upstream(serve=hang_up)  # a listener nobody should ever connect to
+    port = trap.port
     for target in (
         b"http://evil.example/",
         b"http://127.0.0.1:%d/x" % port,
@@ -835,8 +652,10 @@ async def test_absolute_form_and_connect_never_contact_anything(
     )
     assert (connect_.status, connect_.envelope()) == (405, "Method not allowed")
     assert "CONNECT" not in connect_.fields["Allow"]
-    await asyncio.sleep(0.1)  # a connection attempt to the trap would have landed by now
-    assert accepted == []
+    # Watching for a connection that must never come: a quiet period, not a wait for a state
+    # (an attempt made while the answers were decided would have landed by now).
+    await asyncio.sleep(0.1)
+    assert trap.connections == 0
     assert gw.upstream.started == []
     gw.assert_no_tracebacks()
 

@@ -17,15 +17,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpServer
 
 from gateway.config import DeviceHeaders, parse_config
 from gateway.identity import IdentityReader
@@ -56,6 +53,7 @@ from gateway.loadtest.spec import LoadSpec, connection_limit
 from gateway.model import Bucket
 from tests.rig.loadtest_report import REPORT_KEYS
 from tests.rig.system import free_port
+from tests.rig.upstream import CountingUpstream, MakeUpstream, Reply, Slow
 
 # ---------------------------------------------------------------- the fleet
 
@@ -491,6 +489,7 @@ def test_post_bodies_and_latency() -> None:
     assert latency_us(10.0, 10.0015) == 1500 and latency_us(10.0, 9.0) == 0
 
 
+@pytest.mark.timing
 def test_the_open_loop_clock_fires_timers_well_under_a_millisecond_late() -> None:
     # epoll_wait and uvloop sleep in whole milliseconds: open loop would charge that to the
     # target as latency. The loadtest's loop sleeps in select() on the epoll descriptor.
@@ -530,39 +529,12 @@ def test_the_precise_selector_still_reports_events_and_honours_a_zero_timeout() 
 
 # ---------------------------------------------------------------- the engine, on loopback
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OK = Reply(body=b"ok")  # the loopback upstream's answer (the rig's CountingUpstream)
 
 
-class Upstream:
-    """A loopback app that records what it saw and how many requests were in flight."""
-
-    def __init__(self, delay: float = 0.0, serial: bool = False) -> None:
-        self.delay = delay
-        self.lock = asyncio.Lock() if serial else None
-        self.seen: list[tuple[str, dict[str, str], int]] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            body = await request.read()
-            self.seen.append((request.method, dict(request.headers), len(body)))
-            if self.lock is not None:
-                async with self.lock:  # one at a time: a server that queues
-                    await asyncio.sleep(self.delay)
-            elif self.delay:
-                await asyncio.sleep(self.delay)
-            return web.Response(text="ok")
-        finally:
-            self.in_flight -= 1
-
-    async def url(self, aiohttp_server: AiohttpServer) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        server = await aiohttp_server(app)
-        return str(server.make_url("/api/readings"))
+def readings(upstream: CountingUpstream) -> str:
+    """The URL the load is sent to, on `upstream`."""
+    return f"{upstream.url}/api/readings"
 
 
 async def run_spec(spec: LoadSpec, devices: int = 5, seed: int = 1) -> tuple[Recorder, float]:
@@ -571,11 +543,12 @@ async def run_spec(spec: LoadSpec, devices: int = 5, seed: int = 1) -> tuple[Rec
     return rec, elapsed
 
 
+@pytest.mark.timing
 async def test_open_loop_sends_the_schedule_with_the_fleet_headers(
-    aiohttp_server: AiohttpServer,
+    make_upstream: MakeUpstream,
 ) -> None:
-    upstream = Upstream()
-    url = await upstream.url(aiohttp_server)
+    upstream = await make_upstream(OK)
+    url = readings(upstream)
     spec = LoadSpec(url, rate=100.0, duration=1.5, post_share=0.25, post_bytes=300, seed=3)
     fleet = build_fleet(5, seed=3)
     rec = Recorder()
@@ -588,20 +561,21 @@ async def test_open_loop_sends_the_schedule_with_the_fleet_headers(
     ]
     assert planned[-1][0] < elapsed < 2.5
     assert ticks[0] == pytest.approx(1.0, abs=0.1) and len(ticks) == 2
-    posts = [size for method, _, size in upstream.seen if method == "POST"]
+    posts = [seen.body_size for seen in upstream.seen if seen.method == "POST"]
     assert 0 < len(posts) < len(planned) / 2 and set(posts) == {300}
     ids = {d.id: d.headers for d in fleet}
-    for _, headers, _ in upstream.seen:
-        expected = ids[headers["X-Device-Id"]]
-        assert all(headers[name] == value for name, value in expected.items())
+    for seen in upstream.seen:
+        expected = ids[seen.headers["X-Device-Id"]]
+        assert all(seen.headers[name] == value for name, value in expected.items())
 
 
+@pytest.mark.timing
 async def test_open_loop_measures_from_the_intended_time_when_the_server_queues(
-    aiohttp_server: AiohttpServer,
+    make_upstream: MakeUpstream,
 ) -> None:
     # 40 req/s to a server that serves one request per 50 ms (20/s): a queue builds up.
-    upstream = Upstream(delay=0.05, serial=True)
-    url = await upstream.url(aiohttp_server)
+    upstream = await make_upstream(Slow(0.05, OK, one_at_a_time=True))
+    url = readings(upstream)
     open_rec, _ = await run_spec(LoadSpec(url, rate=40.0, duration=1.0, timeout=5.0))
     assert open_rec.sent >= 38 and open_rec.completed == open_rec.sent
     assert open_rec.total.percentiles((99.0,))[99.0] >= 700_000  # the queue, seen as latency
@@ -610,11 +584,11 @@ async def test_open_loop_measures_from_the_intended_time_when_the_server_queues(
     assert closed_rec.total.percentiles((99.0,))[99.0] < 200_000
 
 
+@pytest.mark.timing
 async def test_open_loop_keeps_its_schedule_through_a_stalled_generator(
-    aiohttp_server: AiohttpServer,
+    make_upstream: MakeUpstream,
 ) -> None:
-    upstream = Upstream()
-    url = await upstream.url(aiohttp_server)
+    url = readings(await make_upstream(OK))
     loop = asyncio.get_running_loop()
     loop.call_later(0.3, time.sleep, 0.4)  # the generator itself freezes for 400 ms
     rec, _ = await run_spec(LoadSpec(url, rate=100.0, duration=1.0), devices=10)
@@ -629,20 +603,21 @@ async def test_open_loop_keeps_its_schedule_through_a_stalled_generator(
     assert rec.total.percentiles((50.0,))[50.0] < 100_000
 
 
+@pytest.mark.timing
 async def test_closed_loop_keeps_exactly_c_requests_in_flight(
-    aiohttp_server: AiohttpServer,
+    make_upstream: MakeUpstream,
 ) -> None:
-    upstream = Upstream(delay=0.02)
-    url = await upstream.url(aiohttp_server)
+    upstream = await make_upstream(Slow(0.02, OK))
+    url = readings(upstream)
     rec, elapsed = await run_spec(LoadSpec(url, concurrency=4, duration=0.6), devices=20)
-    assert upstream.max_in_flight == 4
+    assert upstream.most_in_progress == 4
     assert 60 <= rec.completed <= 4 * 0.62 / 0.02 and rec.failed == 0
     assert elapsed < 1.0
 
 
-async def test_every_request_is_bounded_by_the_timeout(aiohttp_server: AiohttpServer) -> None:
-    upstream = Upstream(delay=30.0)
-    url = await upstream.url(aiohttp_server)
+@pytest.mark.timing
+async def test_every_request_is_bounded_by_the_timeout(make_upstream: MakeUpstream) -> None:
+    url = readings(await make_upstream(Slow(30.0, OK)))
     started = time.monotonic()
     rec, _ = await run_spec(LoadSpec(url, rate=20.0, duration=0.5, timeout=0.3))
     assert time.monotonic() - started < 2.0
@@ -745,10 +720,10 @@ def test_an_unreachable_target_exits_1_with_the_errors_in_the_table() -> None:
 
 
 async def test_cli_run_writes_the_report_and_the_plot(
-    aiohttp_server: AiohttpServer, tmp_path: Path
+    make_upstream: MakeUpstream, tmp_path: Path
 ) -> None:
     # `run` starts its own event loop: it runs in a worker thread while this loop serves.
-    url = await Upstream().url(aiohttp_server)
+    url = readings(await make_upstream(OK))
     report, plot = tmp_path / "r.json", tmp_path / "p.png"
     argv = [T, url, "--rate", "50", "--duration", "1.2", "--report", str(report)]
     code, out, err = await asyncio.to_thread(run_cli, *argv, "--plot", str(plot))
@@ -789,9 +764,9 @@ def test_ctrl_c_stops_the_run_cleanly_with_exit_130() -> None:
 
 
 async def test_a_report_that_cannot_be_written_exits_1(
-    aiohttp_server: AiohttpServer, tmp_path: Path
+    make_upstream: MakeUpstream, tmp_path: Path
 ) -> None:
-    url = await Upstream().url(aiohttp_server)
+    url = readings(await make_upstream(OK))
     (tmp_path / "r.json").mkdir()  # a directory where the file should go
     argv = [T, url, "--rate", "20", "--duration", "0.3", "--report", str(tmp_path / "r.json")]
     code, out, err = await asyncio.to_thread(run_cli, *argv)

@@ -29,6 +29,8 @@ from gateway.loadtest.runner import (
 )
 from gateway.loadtest.spec import LoadSpec
 from tests.rig.system import free_port
+from tests.rig.upstream import RawUpstream
+from tests.rig.waits import bounded, until
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -38,32 +40,30 @@ Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class Scripted:
-    """A loopback server that answers every request head with `answer`; counts connections."""
+    """How a loopback server (the rig's RawUpstream) answers here: every request head with
+    `answer`; it keeps the heads it read and counts connections."""
 
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
-        self.connections = 0
         self.heads: list[bytes] = []
-        self.server: asyncio.Server | None = None
+        self.raw = RawUpstream(serve=self.handle)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                self.heads.append(head)
-                await self.answer(reader, writer)
-                if writer.is_closing():
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        """One connection (RawUpstream's `serve`); RawUpstream closes it after."""
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            await self.answer(reader, writer)
+            if writer.is_closing():
+                return
+
+    @property
+    def connections(self) -> int:
+        return self.raw.connections
 
     @property
     def url(self) -> URL:
-        assert self.server is not None
-        return URL(f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/x")
+        return URL(f"{self.raw.url}/x")
 
 
 @pytest.fixture
@@ -72,15 +72,13 @@ async def serve() -> AsyncIterator[Callable[[Answer], Awaitable[Scripted]]]:
 
     async def start(answer: Answer) -> Scripted:
         scripted = Scripted(answer)
-        scripted.server = await asyncio.start_server(scripted.handle, "127.0.0.1", 0)
         servers.append(scripted)
+        await scripted.raw.start()
         return scripted
 
     yield start
     for scripted in servers:
-        assert scripted.server is not None
-        scripted.server.close()
-        await scripted.server.wait_closed()
+        await bounded(scripted.raw.close(), "closing a scripted server")
 
 
 def reply(data: bytes, *, close: bool = False) -> Answer:
@@ -124,7 +122,7 @@ async def test_requests_beyond_the_limit_wait_for_a_connection_in_order(
     serve: Callable[..., Awaitable[Scripted]],
 ) -> None:
     async def slow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the scenario: a server slow to answer
         writer.write(OK)
 
     server = await serve(slow)
@@ -214,8 +212,7 @@ async def test_an_invalid_answer_is_a_payload_error_and_drops_the_connection(
         status, failure = await fetch(pool)
         assert status == 0 and isinstance(failure, InvalidResponse)
         assert error_kind(failure) == "payload"
-        await asyncio.sleep(0.05)
-        assert pool.connections == 0
+        await until(lambda: pool.connections == 0, "the pool to drop the connection")
 
 
 async def test_a_timeout_fails_the_request_and_takes_its_connection_down(
@@ -251,7 +248,7 @@ async def test_close_fails_what_is_in_flight_and_refuses_what_comes_after(
     server = await serve(reply(b""))  # never answers
     pool = HttpPool(server.url, limit=1, timeout=WAIT)
     pending = asyncio.ensure_future(fetch(pool))
-    await asyncio.sleep(0.05)
+    await until(lambda: server.heads, "the request to reach the server")
     pool.close()
     status, failure = await pending
     assert status == 0 and isinstance(failure, RequestFailed)

@@ -14,13 +14,12 @@ import io
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from gateway.app import Running, serve
 from gateway.config import parse_config
@@ -29,6 +28,8 @@ from gateway.loadtest.fleet import build_fleet, choose_blocked
 from gateway.model import Bucket
 from gateway.store import Store
 from tests.rig.loadtest_report import REPORT_KEYS
+from tests.rig.upstream import CountingUpstream, MakeUpstream
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -42,37 +43,34 @@ class RunningGateway:
 
     url: str
     admin_url: str
-    upstream_url: str
+    upstream: CountingUpstream
     store: Store
-    upstream_ids: list[str] = field(default_factory=list)
+
+    @property
+    def upstream_url(self) -> str:
+        return self.upstream.url
+
+    @property
+    def upstream_ids(self) -> list[str]:
+        """The device id of every request the upstream saw ("" for none)."""
+        return [seen.device_id or "" for seen in self.upstream.seen]
 
 
 @pytest.fixture
-async def gateway() -> AsyncIterator[Callable[[float, int], Awaitable[RunningGateway]]]:
+async def gateway(
+    make_upstream: MakeUpstream,
+) -> AsyncIterator[Callable[[float, int], Awaitable[RunningGateway]]]:
     """A factory: gateway(rate, burst) serves a gateway whose device bucket is rate/burst.
 
     It runs `gateway.app.serve` (public and admin listeners on free loopback ports) on the
     embedded store, in front of an upstream that records each device id it saw.
     """
-    upstreams: list[web.AppRunner] = []
     stores: list[Store] = []
     stops: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
     async def start(rate: float, burst: int) -> RunningGateway:
-        seen: list[str] = []
-
-        async def upstream(request: web.Request) -> web.Response:
-            await request.read()
-            seen.append(request.headers.get("X-Device-Id", ""))
-            return web.json_bytes_response({"ok": True}, dumps=orjson.dumps)
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", upstream)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        upstreams.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        upstream_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        upstream = await make_upstream()
+        upstream_url = upstream.url
         settings = parse_config(
             "server: {listen: '127.0.0.1:0'}\n"
             f"admin: {{listen: '127.0.0.1:0', token: {TOKEN}}}\n"
@@ -98,9 +96,8 @@ async def gateway() -> AsyncIterator[Callable[[float, int], Awaitable[RunningGat
         return RunningGateway(
             url=ready.result().public_url,
             admin_url=ready.result().admin_url,
-            upstream_url=upstream_url,
+            upstream=upstream,
             store=store,
-            upstream_ids=seen,
         )
 
     yield start
@@ -108,8 +105,6 @@ async def gateway() -> AsyncIterator[Callable[[float, int], Awaitable[RunningGat
         stop.set()
         async with asyncio.timeout(WAIT):
             await task
-    for runner in upstreams:
-        await runner.cleanup()
     for store in stores:
         await store.close()
 
@@ -277,9 +272,8 @@ async def test_ctrl_c_unblocks_the_devices_the_run_blocked(
     )  # fmt: skip
     blocked = [d.id for d in build_fleet(10, seed=1) if d.index in choose_blocked(10, 0.5, 1)]
     try:
-        async with asyncio.timeout(WAIT):
-            while not gw.upstream_ids:  # the load has started: the blocks are in place
-                await asyncio.sleep(0.05)
+        # The load has started: the blocks are in place.
+        await until(lambda: gw.upstream_ids, "the load to reach the upstream")
         device = await gw.store.get_device(blocked[0])
         assert device is not None and device.blocked
         proc.send_signal(signal.SIGINT)

@@ -6,7 +6,7 @@ import atexit
 import io
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -30,14 +30,9 @@ class Captured(logging.Handler):
         self.records.append(record)
 
 
-def seconds(clock: FakeClock) -> Callable[[], float]:
-    """The rig's microsecond clock read in seconds, as RepeatFilter wants it."""
-    return lambda: clock() / 1_000_000
-
-
 def rig(clock: FakeClock, **options: Any) -> tuple[RepeatFilter, Captured]:
     handler = Captured()
-    repeat = RepeatFilter(handler, clock=seconds(clock), **options)
+    repeat = RepeatFilter(handler, clock=clock.seconds, **options)
     handler.addFilter(repeat)
     return repeat, handler
 
@@ -233,7 +228,7 @@ def root_restored() -> Iterator[None]:
 @pytest.mark.usefixtures("root_restored")
 def test_500_store_unavailable_warnings_give_one_line_and_one_summary(clock: FakeClock) -> None:
     out = io.StringIO()
-    setup_logging(stream=out, clock=seconds(clock))
+    setup_logging(stream=out, clock=clock.seconds)
     log = logging.getLogger("gateway.enforce")
     for i in range(500):
         log.warning(STORE_DOWN, "open", f"Error {i} connecting to 127.0.0.1:6379.")
@@ -251,10 +246,10 @@ def test_500_store_unavailable_warnings_give_one_line_and_one_summary(clock: Fak
 @pytest.mark.usefixtures("root_restored")
 def test_setup_logging_twice_keeps_one_handler_and_flushes_the_first(clock: FakeClock) -> None:
     first, second = io.StringIO(), io.StringIO()
-    setup_logging(stream=first, clock=seconds(clock))
+    setup_logging(stream=first, clock=clock.seconds)
     for _ in range(3):
         logging.getLogger("gateway.enforce").warning(STORE_DOWN, "open", "boom")
-    setup_logging(stream=second, clock=seconds(clock))
+    setup_logging(stream=second, clock=clock.seconds)
     (handler,) = logging.getLogger().handlers
     assert [type(f) for f in handler.filters] == [RepeatFilter]
     assert [orjson.loads(line).get("repeated") for line in first.getvalue().splitlines()] == [

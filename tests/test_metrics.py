@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from gateway.admin import create_admin_app
 from gateway.config import RedisSettings, parse_config
@@ -14,6 +13,7 @@ from gateway.metrics import Metrics, render
 from gateway.store import Store
 from gateway.store.blocked import BlockedSeed
 from tests.rig.system import free_port
+from tests.rig.upstream import MakeUpstream, Reply
 
 TOKEN = "metrics-test-token-0123456789"
 
@@ -60,16 +60,12 @@ def test_each_process_shows_its_hold_on_the_blocked_ids() -> None:
     assert 'devicegate_blocked_ids_known{process="main",source="none"} 0\n' in Metrics().render()
 
 
-async def test_open_mode_counts_store_failures_and_admin_shows_them(aiohttp_client: Any) -> None:
-    async def upstream_ok(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    upstream_app = web.Application()
-    upstream_app.router.add_route("*", "/{tail:.*}", upstream_ok)
-    upstream = await aiohttp_client(upstream_app)
+async def test_open_mode_counts_store_failures_and_admin_shows_them(
+    aiohttp_client: Any, make_upstream: MakeUpstream
+) -> None:
+    upstream = await make_upstream(Reply(body=b"ok"))
     settings = parse_config(
-        f"redis: {{on_error: open}}\nupstream: {{url: 'http://127.0.0.1:{upstream.port}'}}",
-        "test",
+        f"redis: {{on_error: open}}\nupstream: {{url: '{upstream.url}'}}", "test"
     )
     metrics = Metrics()
     store = Store.memory()

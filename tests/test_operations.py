@@ -39,10 +39,12 @@ from typing import Final, Literal
 import orjson
 import pytest
 
+from tests.rig.client import Progress, RawClient
 from tests.rig.gateway import figure
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import REPO, children, free_port
-from tests.rig.upstream import MARK, CountingUpstream, Reply, Slow, Stream
+from tests.rig.upstream import MARK, CountingUpstream, MakeUpstream, Reply, Slow, Stream
+from tests.rig.waits import until, until_async
 
 pytestmark = pytest.mark.integration
 
@@ -145,11 +147,13 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
             )  # fmt: skip
         gateway = GatewayProcess(proc, port, stderr_path)
         started.append(gateway)
-        deadline = time.monotonic() + WAIT
-        while LISTENING not in gateway.stderr:
-            if proc.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"the gateway did not start; stderr:\n{gateway.stderr}")
-            await asyncio.sleep(0.02)
+
+        def listening() -> bool:
+            if proc.returncode is not None:
+                pytest.fail(f"the gateway exited; stderr:\n{gateway.stderr}")
+            return LISTENING in gateway.stderr
+
+        await until(listening, lambda: f"the gateway to start; stderr:\n{gateway.stderr}", WAIT)
         return gateway
 
     yield start
@@ -160,13 +164,12 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    up = CountingUpstream()
+async def upstream(make_upstream: MakeUpstream) -> CountingUpstream:
+    """The rig's upstream, with slow answers at /slow and streamed ones at /stream."""
+    up = await make_upstream()
     up.behave(Slow(SLOW_DELAY, Reply(body=SLOW_BODY)), path="/slow")
     up.behave(Stream(STREAM_CHUNKS, delay=STREAM_DELAY), path="/stream")
-    await up.start()
-    yield up
-    await asyncio.wait_for(up.close(), WAIT)
+    return up
 
 
 def assert_no_traceback(gateway: GatewayProcess) -> None:
@@ -230,50 +233,24 @@ def request_bytes(path: str, *, keep_alive: bool, device: str = "ops-1") -> byte
     ).encode()
 
 
-async def read_answer(reader: asyncio.StreamReader, answer: Answer) -> None:
-    """Read one answer into `answer` (Content-Length or chunked); never raises for a cut."""
-
-    async def take(data: bytes) -> bytes:
-        answer.received += len(data)
-        return data
-
+async def read_into(client: RawClient, answer: Answer, got: Progress | None = None) -> None:
+    """Read one answer into `answer` (the rig's read_answer, its progress kept in `got`: a
+    cut one shows how far it got); never raises for a cut."""
+    got = Progress() if got is None else got
     try:
-        head = await take(await reader.readuntil(b"\r\n\r\n"))
-        answer.head_at = time.monotonic()
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        answer.status = int(status_line.split(" ", 2)[1])
-        for line in lines:
-            name, _, value = line.partition(":")
-            answer.headers[name.strip().lower()] = value.strip()
-        if answer.headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int((await take(await reader.readuntil(b"\r\n"))).split(b";")[0], 16)
-                if size == 0:
-                    while await take(await reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass  # trailer fields
-                    break
-                answer.body += (await take(await reader.readexactly(size + 2)))[:-2]
-        else:
-            answer.body += await take(
-                await reader.readexactly(int(answer.headers["content-length"]))
-            )
+        await client.read_answer(progress=got)
         answer.complete = True
-    except asyncio.IncompleteReadError as exc:
-        answer.received += len(exc.partial)
+    except asyncio.IncompleteReadError:
         answer.error = "eof"
     except ConnectionResetError:
         answer.error = "reset"
     finally:
         answer.ended_at = time.monotonic()
-
-
-async def read_end(reader: asyncio.StreamReader) -> str:
-    """How a connection ends after its last answer: "eof" (clean), "reset", or "more"."""
-    try:
-        data = await asyncio.wait_for(reader.read(1), WAIT)
-    except ConnectionResetError:
-        return "reset"
-    return "eof" if data == b"" else "more"
+        answer.received = got.received
+        answer.head_at = got.head_at
+        answer.status = got.status
+        answer.headers = {name.lower(): value for name, value in got.fields.items()}
+        answer.body += got.body
 
 
 _tags = itertools.count()
@@ -289,8 +266,8 @@ def next_path(kind: Kind) -> str:
 ROUND: Final[tuple[Kind, ...]] = ("slow", "fast", "stream", "fast")
 
 
-class Client:
-    """A client sending requests one after the other until the gateway refuses it.
+class Caller:
+    """A caller sending requests one after the other until the gateway refuses it.
 
     Fresh clients open a connection per request (`Connection: close`); kept-alive ones
     reuse theirs until the gateway closes it, checking how it ended, then connect again.
@@ -308,35 +285,34 @@ class Client:
     async def run(self) -> None:
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                client = await RawClient.connect(self.port, timeout=WAIT)
             except (ConnectionRefusedError, ConnectionResetError):
                 # Reset: the handshake had completed in the listener's backlog when the
                 # listener closed, so the gateway never accepted it. No request was sent.
                 self.refused_at = time.monotonic()
                 return
             try:
-                await self._serve(reader, writer)
+                await self._serve(client)
             finally:
-                writer.transport.abort()
+                client.abort()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, client: RawClient) -> None:
         while True:
             kind = next(self.kinds)
             answer = Answer(kind, next_path(kind), self.keep_alive, sent_at=time.monotonic())
             self.answers.append(answer)
             self.current = answer
             try:
-                writer.write(request_bytes(answer.path, keep_alive=self.keep_alive))
-                await writer.drain()
+                await client.send(request_bytes(answer.path, keep_alive=self.keep_alive))
             except ConnectionError:
                 answer.error = "reset"
                 return
-            await read_answer(reader, answer)
+            await read_into(client, answer)
             self.current = None
             if not (answer.complete and self.keep_alive):
                 return
             if answer.says_close:
-                self.ends.append((answer, await read_end(reader)))
+                self.ends.append((answer, await client.ending()))
                 return
 
 
@@ -346,20 +322,17 @@ async def probe_refused(port: int) -> float:
     A reset during connect counts too: the handshake was queued in the listener's backlog when
     the listener closed, which is the same moment seen from the other side.
     """
-    while True:
+
+    async def refused() -> bool:
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = await RawClient.connect(port, timeout=WAIT)
         except (ConnectionRefusedError, ConnectionResetError):
-            return time.monotonic()
-        writer.transport.abort()
-        await asyncio.sleep(0.01)
+            return True
+        client.abort()
+        return False
 
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+    await until_async(refused, "new connections to be refused", WAIT)
+    return time.monotonic()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -376,7 +349,7 @@ async def test_sigterm_under_load_finishes_every_started_answer_and_exits_0(
                                   shutdown_timeout=shutdown_timeout)  # fmt: skip
     worker_pids = children(gateway.proc.pid)
     assert len(worker_pids) == (workers if workers > 1 else 0)
-    clients = [Client(gateway.port, i, keep_alive=i % 2 == 0) for i in range(10)]
+    clients = [Caller(gateway.port, i, keep_alive=i % 2 == 0) for i in range(10)]
     tasks = [asyncio.create_task(c.run()) for c in clients]
 
     def seen_tags() -> set[str]:
@@ -402,6 +375,7 @@ async def test_sigterm_under_load_finishes_every_started_answer_and_exits_0(
     await until(
         lambda: upstream.in_progress >= 6 and kept_alive_slow_at_upstream() >= 2,
         "six requests at the upstream",
+        WAIT,
     )
     in_flight = upstream.in_progress
     in_flight_tags = seen_tags() - {a.tag for c in clients for a in c.answers if a.complete}
@@ -459,6 +433,7 @@ async def test_sigterm_under_load_finishes_every_started_answer_and_exits_0(
 # ---------------------------------------------------------------- 2. the bound on the stop
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_shutdown_timeout_bounds_the_stop_and_cuts_what_is_still_in_flight(
     workers: int,
@@ -472,22 +447,23 @@ async def test_shutdown_timeout_bounds_the_stop_and_cuts_what_is_still_in_flight
     store = "memory://" if workers == 1 else real_redis.url
     gateway = await start_gateway(upstream.url, store, workers=workers, shutdown_timeout=1.0)
 
-    async def one(kind_path: str) -> Answer:
+    async def one(kind_path: str, got: Progress) -> Answer:
         answer = Answer("slow", f"{kind_path}?n={next(_tags)}", keep_alive=True)
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        client = await RawClient.connect(gateway.port, timeout=WAIT)
         try:
-            writer.write(request_bytes(answer.path, keep_alive=True))
+            client.write(request_bytes(answer.path, keep_alive=True))
             answer.sent_at = time.monotonic()
-            await read_answer(reader, answer)
+            await read_into(client, answer, got)
         finally:
-            writer.transport.abort()
+            client.abort()
         return answer
 
     # The held request has no head yet; the stalled one has its head and a first chunk out.
-    held_task = asyncio.create_task(one("/held"))
-    stalled_task = asyncio.create_task(one("/stalled"))
-    await until(lambda: upstream.in_progress == 2, "both requests at the upstream")
-    await asyncio.sleep(0.3)  # the stalled answer's head and first chunk reach the client
+    stalled = Progress()
+    held_task = asyncio.create_task(one("/held", Progress()))
+    stalled_task = asyncio.create_task(one("/stalled", stalled))
+    await until(lambda: upstream.in_progress == 2, "both requests at the upstream", WAIT)
+    await until(lambda: stalled.body == b"first", "the stalled answer's first chunk to arrive")
     sigterm_at = gateway.signal(signal.SIGTERM)
     code, exited_at = await gateway.exited(1.0 + 4.0)
     held_answer, stalled_answer = await asyncio.wait_for(
@@ -517,10 +493,12 @@ UPSTREAM_MAIN: Final = "from tests.test_operations import serve_upstream; serve_
 
 
 def serve_upstream() -> None:
-    """The overload test's upstream process: a CountingUpstream answering FAST_BODY at once.
+    """The overload test's upstream process: the rig's CountingUpstream answering FAST_BODY
+    at once.
 
-    Its own process, so the load generator does not compete with it for one event loop.
-    It prints its URL and runs until its stdin ends.
+    Not the `make_upstream` fixture: the upstream runs in a process of its own, so the load
+    generator does not compete with it for one event loop. It prints its URL and runs until
+    its stdin ends.
     """
 
     async def main() -> None:
@@ -555,21 +533,17 @@ async def upstream_process() -> AsyncIterator[str]:
             await proc.wait()
 
 
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-async def get(conn: Connection, *, device: str = "ops-1") -> Answer:
+async def get(conn: RawClient, *, device: str = "ops-1") -> Answer:
     """One GET of the fast path on a kept-alive connection, read whole."""
-    reader, writer = conn
     answer = Answer("fast", next_path("fast"), keep_alive=True, sent_at=time.monotonic())
-    writer.write(request_bytes(answer.path, keep_alive=True, device=device))
-    await read_answer(reader, answer)
+    conn.write(request_bytes(answer.path, keep_alive=True, device=device))
+    await read_into(conn, answer)
     return answer
 
 
 async def sequential_median(port: int, n: int = 20) -> float:
     """Median seconds of `n` sequential GETs on one new kept-alive connection."""
-    conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    conn = await RawClient.connect(port, timeout=WAIT)
     took = []
     try:
         for _ in range(n):
@@ -577,7 +551,7 @@ async def sequential_median(port: int, n: int = 20) -> float:
             assert answer.complete and answer.status == 200 and bytes(answer.body) == FAST_BODY
             took.append(answer.ended_at - answer.sent_at)
     finally:
-        conn[1].transport.abort()
+        conn.abort()
     return statistics.median(took)
 
 
@@ -588,14 +562,14 @@ async def closed_loop_rate(port: int, clients: int, duration: float) -> float:
 
     async def client(i: int) -> None:
         nonlocal done
-        conn = await asyncio.open_connection("127.0.0.1", port)
+        conn = await RawClient.connect(port, timeout=WAIT)
         try:
             while time.monotonic() < stop_at:
                 answer = await get(conn, device=f"ops-{i % 8}")
                 assert answer.complete and answer.status == 200, answer
                 done += 1
         finally:
-            conn[1].transport.abort()
+            conn.abort()
 
     started = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(clients))), WAIT)
@@ -609,9 +583,9 @@ class Pipe:
     STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
     KEEP = 12  # bytes kept between reads: a status line split by a read is still found
 
-    def __init__(self, load: OpenLoop, conn: Connection) -> None:
+    def __init__(self, load: OpenLoop, conn: RawClient) -> None:
         self.load = load
-        self.reader, self.writer = conn
+        self.reader, self.writer = conn.reader, conn.writer
         self.pending: deque[float] = deque()  # intended starts of requests not yet answered
         self.batch: list[bytes] = []
         self.closed = False
@@ -673,8 +647,7 @@ class OpenLoop:
     replaced: int = 0
 
     async def _connect(self) -> Pipe:
-        conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), WAIT)
-        return Pipe(self, conn)
+        return Pipe(self, await RawClient.connect(self.port, timeout=WAIT))
 
     async def run(self) -> None:
         requests = [request_bytes("/fast", keep_alive=True, device=f"ops-{i}") for i in range(64)]
@@ -703,13 +676,14 @@ class OpenLoop:
             sent = max(sent, due)
             for pipe in pipes:
                 pipe.flush()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the generator's tick: the open loop's pace
         for pipe in pipes:
             pipe.closed = True
             pipe.writer.transport.abort()
         await asyncio.wait_for(asyncio.gather(*(p.task for p in pipes)), WAIT)
 
 
+@pytest.mark.timing
 async def test_overload_at_twice_capacity_stays_up_bounded_and_recovers(
     upstream_process: str, start_gateway: StartGateway, real_redis: RedisServer
 ) -> None:
@@ -726,7 +700,7 @@ async def test_overload_at_twice_capacity_stays_up_bounded_and_recovers(
         nonlocal rss_peak
         while True:
             rss_peak = max(rss_peak, gateway.rss_bytes())
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the sampling interval of a measurement, not a wait
 
     sampler = asyncio.create_task(sample_rss())
     try:
@@ -749,7 +723,7 @@ async def test_overload_at_twice_capacity_stays_up_bounded_and_recovers(
         recovered = time.monotonic() - load_ended
         if after <= threshold or recovered > 5.0:
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # between two measurements (a bounded poll on the latency)
     rss_after = gateway.rss_bytes()
 
     answered = sum(load.statuses.values())
@@ -802,12 +776,12 @@ async def test_refusals_keep_their_status_on_either_loop(
     # refusal raised in a parser callback then carried that error and became a 400.
     gateway = await start_gateway(upstream.url, "memory://", loop=loop)
     for request, status in LOOP_REFUSALS:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        client = await RawClient.connect(gateway.port, timeout=WAIT)
         try:
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            client.write(request)
+            head = await client.read_until(b"\r\n\r\n")
         finally:
-            writer.transport.abort()
+            client.abort()
         assert int(head.split(b" ", 2)[1]) == status, head
     assert upstream.arrived == 0
     assert_no_traceback(gateway)

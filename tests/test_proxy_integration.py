@@ -2,8 +2,9 @@
 
 The gateway is the real `gateway.dataplane` listener; its enforcer is replaced by a stub that
 forwards everything (adding the rate-limit headers a test asks for), so these tests exercise
-exactly the proxy. Upstreams are aiohttp apps, or raw asyncio servers where a test needs
-byte-level control of the upstream's side.
+exactly the proxy. Upstreams are the rig's: a `CountingUpstream` (with a behaviour, or a
+handler written for the test), or a `RawUpstream` where a test needs byte-level control of
+the upstream's side.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import orjson
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
 from gateway.config import parse_config
@@ -35,15 +35,26 @@ from gateway.enforce import FORWARD, Verdict
 from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
 from gateway.store import Store
-from tests.rig.client import head_fields, read_answer
-from tests.rig.faults import rst
+from tests.rig.client import OpenRawClient, RawClient, head_fields
 from tests.rig.system import free_port
+from tests.rig.upstream import (
+    Behaviour,
+    CountingUpstream,
+    Handle,
+    Handler,
+    MakeRawUpstream,
+    MakeUpstream,
+    RawAnswer,
+    RawUpstream,
+    Reply,
+    Seen,
+    Serve,
+)
+from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-StartUpstream = Callable[[Handler], Awaitable[str]]
-Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+StartUpstream = Callable[[Handler | Behaviour], Awaitable[str]]
 StartRawUpstream = Callable[[Serve], Awaitable[str]]
 StartGateway = Callable[..., Awaitable["Gateway"]]
 
@@ -58,23 +69,21 @@ def envelope(reason: str) -> dict[str, Any]:
     return {"status": False, "result": reason}
 
 
-async def echo(request: web.Request) -> web.Response:
-    """Report what arrived, hashing the body as it streams in."""
-    digest = hashlib.sha256()
-    size = 0
-    async for chunk in request.content.iter_any():
-        digest.update(chunk)
-        size += len(chunk)
-    return web.json_response(
+def echo_report(seen: Seen) -> bytes:
+    """What arrived, as JSON: method, raw path, headers, the body's sha256 and size."""
+    return orjson.dumps(
         {
-            "method": request.method,
-            "raw_path": request.raw_path,
-            "headers": list(request.headers.items()),
-            "sha256": digest.hexdigest(),
-            "size": size,
-        },
-        dumps=lambda obj: orjson.dumps(obj).decode(),
+            "method": seen.method,
+            "raw_path": seen.raw_path,
+            "headers": list(seen.headers.items()),
+            "sha256": seen.body_sha256,
+            "size": seen.body_size,
+        }
     )
+
+
+ECHO: Final = Reply(body=echo_report, headers={"Content-Type": "application/json"})
+OK: Final = Reply(body=b"ok")
 
 
 def seen_headers(report: dict[str, Any]) -> CIMultiDict[str]:
@@ -82,47 +91,32 @@ def seen_headers(report: dict[str, Any]) -> CIMultiDict[str]:
 
 
 @pytest.fixture
-def start_upstream(aiohttp_server: AiohttpServer) -> StartUpstream:
-    """Start an upstream app that sends every path to `handler`; returns its origin."""
+def start_upstream(make_upstream: MakeUpstream) -> StartUpstream:
+    """Start the rig's CountingUpstream answering every path as `how` says (a behaviour, or
+    a handler of the test's own); returns its origin."""
 
-    async def start(handler: Handler) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        server = await aiohttp_server(app, auto_decompress=False)
-        return f"http://127.0.0.1:{server.port}"
+    async def start(how: Handler | Behaviour) -> str:
+        return (await make_upstream(Handle(how) if callable(how) else how)).url
 
     return start
 
 
 @pytest.fixture
-async def start_raw_upstream() -> AsyncIterator[StartRawUpstream]:
-    """Start a raw asyncio upstream that runs `serve` per connection; returns its origin."""
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task[Any]] = set()
+def start_raw_upstream(make_raw_upstream: MakeRawUpstream) -> StartRawUpstream:
+    """Start the rig's RawUpstream running `serve` per connection; returns its origin."""
 
     async def start(serve: Serve) -> str:
-        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await serve(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
+        return (await make_raw_upstream(serve=serve)).url
 
-        server = await asyncio.start_server(tracked, "127.0.0.1", 0)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    return start
 
-    yield start
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+
+async def outcome(upstream: CountingUpstream) -> tuple[str, int]:
+    """How the body of the upstream's one request ended: "complete" or "broken" (cut off),
+    and the bytes that arrived."""
+    await until(lambda: upstream.seen, "the upstream to see the request body end")
+    [seen] = upstream.seen
+    return ("complete" if seen.complete else "broken"), seen.body_size
 
 
 class AllowAll:
@@ -210,105 +204,37 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
 
 async def raw_http(gw: Gateway, request: bytes) -> tuple[bytes, bytes]:
     """Send `request` as bytes on a new connection; read to EOF; return (head, body)."""
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        try:
-            writer.write(request)
-            await writer.drain()
-            data = await reader.read()
-        finally:
-            writer.close()
-            await writer.wait_closed()
+    client = await RawClient.connect(gw.port, timeout=WAIT)
+    try:
+        await client.send(request)
+        data = await client.read_to_eof()
+    finally:
+        await client.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return head, body
 
 
-@dataclass
-class Client:
-    """A raw client connection to the gateway."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        async with asyncio.timeout(WAIT):
-            await self.writer.drain()
-
-    async def at_eof(self) -> bool:
-        """Whether the gateway closed the connection (nothing more arrives before EOF)."""
-        async with asyncio.timeout(WAIT):
-            try:
-                return await self.reader.read() == b""
-            except ConnectionResetError:
-                return True
-
-
-Connect = Callable[[Gateway], Awaitable[Client]]
+Connect = Callable[[Gateway], Awaitable[RawClient]]
 
 
 @pytest.fixture
-async def connect() -> AsyncIterator[Connect]:
-    """Open raw client connections to a gateway; all closed at teardown."""
-    clients: list[Client] = []
+def connect(raw_client: OpenRawClient) -> Connect:
+    """Open raw client connections (the rig's RawClient) to a gateway; all aborted at
+    teardown."""
 
-    async def open_(gw: Gateway) -> Client:
-        async with asyncio.timeout(WAIT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        client = Client(reader, writer)
-        clients.append(client)
-        return client
+    async def open_(gw: Gateway) -> RawClient:
+        return await raw_client(gw.port, timeout=WAIT)
 
-    yield open_
-    for client in clients:
-        # abort, not close: a close waits to flush what a stalled upload left unsent.
-        client.writer.transport.abort()
-        try:
-            await client.writer.wait_closed()
-        except ConnectionError:
-            pass
-
-
-class Counted:
-    """An upstream handler that counts its calls and answers `ok`."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.calls += 1
-        await request.read()
-        return web.Response(text="ok")
+    return open_
 
 
 # ------------------------------------------------------------------------ bodies
 
 
-class BodyRecorder:
-    """An upstream handler that reads the body and records whether it arrived complete."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.outcome: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.started.set()
-        size = 0
-        try:
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-        except BaseException:
-            # Cut off: aiohttp raised, or cancelled the handler when the peer went away.
-            self.outcome.set_result(("broken", size))
-            raise
-        self.outcome.set_result(("complete", size))
-        return web.Response(text="ok")
-
-
 async def test_5_mib_body_arrives_byte_identical_with_its_content_length(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     body = os.urandom(5 * MiB)
     # A file-like body: aiohttp sends it with its Content-Length, without a warning.
     async with gw.http.post("/upload", data=io.BytesIO(body)) as resp:
@@ -326,7 +252,7 @@ async def test_5_mib_streamed_download_arrives_byte_identical(
 ) -> None:
     body = os.urandom(5 * MiB)
 
-    async def download(request: web.Request) -> web.StreamResponse:
+    async def download(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse()
         await resp.prepare(request)
         for start in range(0, len(body), 256 * 1024):
@@ -348,7 +274,7 @@ STREAMING: Final = {"request_buffering": False}
 async def test_chunked_upload_is_forwarded_chunked_and_intact(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo), limits=STREAMING)
+    gw = await start_gateway(await start_upstream(ECHO), limits=STREAMING)
     parts = [os.urandom(100_000) for _ in range(5)]
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -366,92 +292,84 @@ async def test_chunked_upload_is_forwarded_chunked_and_intact(
 
 
 async def test_chunked_body_over_the_limit_is_cut_and_answered_413(
-    start_upstream: StartUpstream, start_gateway: StartGateway
+    make_upstream: MakeUpstream, start_gateway: StartGateway
 ) -> None:
     limit = 64 * 1024
-    upstream = BodyRecorder()
-    gw = await start_gateway(
-        await start_upstream(upstream.handle), max_body_bytes=limit, limits=STREAMING
-    )
+    upstream = await make_upstream()
+    gw = await start_gateway(upstream.url, max_body_bytes=limit, limits=STREAMING)
 
     async def chunks() -> AsyncIterator[bytes]:
         yield b"a" * 16 * 1024
         # Only go over the limit once the upstream has the request in hand, so the test sees
         # the cut rather than a request that never left the gateway.
-        await asyncio.wait_for(upstream.started.wait(), WAIT)
+        await until(lambda: upstream.arrived, "the upstream to have the request")
         yield b"b" * 64 * 1024
 
     async with gw.http.post("/upload", data=chunks()) as resp:
         assert resp.status == 413
         assert await resp.json() == envelope("Request body too large")
-    kind, size = await asyncio.wait_for(upstream.outcome, WAIT)
+    kind, size = await outcome(upstream)
     assert kind == "broken"
     assert size <= limit
 
 
 async def test_declared_body_over_the_limit_is_413_before_anything_is_forwarded(
-    start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
+    make_upstream: MakeUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
     # The declared size is judged with the verdict (Enforcer.check), so the real one runs.
-    upstream = Counted()
-    gw = await start_gateway(
-        await start_upstream(upstream.handle), max_body_bytes=1024, enforcer="real"
-    )
+    upstream = await make_upstream(OK)
+    gw = await start_gateway(upstream.url, max_body_bytes=1024, enforcer="real")
     client = await connect(gw)
     # Only the start of the body: the answer must come from the declaration alone.
     await client.send(b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 1025\r\n\r\n")
     await client.send(b"x" * 100)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 413
     assert orjson.loads(answer.body) == envelope("Request body too large")
     # The unread body makes the connection unusable for another request.
     assert answer.fields["Connection"] == "close"
-    assert await client.at_eof()
-    assert upstream.calls == 0
+    assert await client.closed()
+    assert upstream.arrived == 0
 
 
 async def test_declared_body_over_the_limit_that_a_verdict_let_through_is_still_cut(
-    start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
+    make_upstream: MakeUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
     # Defence in depth: the byte count while streaming holds even when the verdict forwards.
-    upstream = BodyRecorder()
-    gw = await start_gateway(
-        await start_upstream(upstream.handle), max_body_bytes=1024, limits=STREAMING
-    )
+    upstream = await make_upstream()
+    gw = await start_gateway(upstream.url, max_body_bytes=1024, limits=STREAMING)
     client = await connect(gw)
     await client.send(b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 1025\r\n\r\n")
     await client.send(b"x" * 1000)
-    await asyncio.wait_for(upstream.started.wait(), WAIT)
+    await until(lambda: upstream.arrived, "the upstream to have the request")
     await client.send(b"x" * 25)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 413
     assert orjson.loads(answer.body) == envelope("Request body too large")
-    kind, size = await asyncio.wait_for(upstream.outcome, WAIT)
+    kind, size = await outcome(upstream)
     assert kind == "broken"
     assert size <= 1024
 
 
 async def test_a_client_still_sending_an_over_limit_body_reads_the_413(
-    start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
+    make_upstream: MakeUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    upstream = Counted()
-    gw = await start_gateway(
-        await start_upstream(upstream.handle), max_body_bytes=MiB, enforcer="real"
-    )
+    upstream = await make_upstream(OK)
+    gw = await start_gateway(upstream.url, max_body_bytes=MiB, enforcer="real")
     client = await connect(gw)
     size = 8 * MiB
-    client.writer.write(b"PUT /big HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
-    client.writer.write(b"z" * size)  # the whole body at once, as a plain client does
-    answer = await read_answer(client.reader)
+    client.write(b"PUT /big HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+    client.write(b"z" * size)  # the whole body at once, as a plain client does
+    answer = await client.read_answer()
     assert answer.status == 413
     assert orjson.loads(answer.body) == envelope("Request body too large")
-    assert upstream.calls == 0
+    assert upstream.arrived == 0
 
 
 async def test_body_exactly_at_the_limit_is_forwarded(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo), max_body_bytes=1024)
+    gw = await start_gateway(await start_upstream(ECHO), max_body_bytes=1024)
     async with gw.http.post("/upload", data=b"x" * 1024) as resp:
         assert resp.status == 200
         assert (await resp.json())["size"] == 1024
@@ -473,16 +391,15 @@ ABANDONED_UPLOADS = {
 
 @pytest.mark.parametrize("start", ABANDONED_UPLOADS.values(), ids=ABANDONED_UPLOADS.keys())
 async def test_client_abandoning_its_upload_never_yields_a_complete_upstream_request(
-    start_upstream: StartUpstream, start_gateway: StartGateway, start: bytes
+    make_upstream: MakeUpstream, start_gateway: StartGateway, start: bytes
 ) -> None:
-    upstream = BodyRecorder()
-    gw = await start_gateway(await start_upstream(upstream.handle), limits=STREAMING)
-    async with asyncio.timeout(WAIT):
-        _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(b"POST /upload HTTP/1.1\r\nHost: gw\r\n" + start)
-        await upstream.started.wait()
-        writer.transport.abort()
-        kind, size = await upstream.outcome
+    upstream = await make_upstream()
+    gw = await start_gateway(upstream.url, limits=STREAMING)
+    client = await RawClient.connect(gw.port, timeout=WAIT)
+    client.write(b"POST /upload HTTP/1.1\r\nHost: gw\r\n" + start)
+    await until(lambda: upstream.arrived, "the upstream to have the request")
+    client.abort()
+    kind, size = await outcome(upstream)
     assert kind == "broken"
     assert size <= 16384
 
@@ -502,30 +419,30 @@ async def test_upstream_answering_before_reading_the_upload_leaves_no_stuck_conn
         await asyncio.wait_for(answer_now.wait(), WAIT)
         writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
         await writer.drain()
-        await asyncio.sleep(WAIT)  # keep the connection open, body unread
+        await asyncio.sleep(WAIT)  # the scenario: silent, the connection open, body unread
 
     gw = await start_gateway(
         await start_raw_upstream(early), max_body_bytes=64 * MiB, limits=STREAMING
     )
     client = await connect(gw)
     size = 32 * MiB
-    client.writer.write(b"PUT /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+    client.write(b"PUT /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
     uploading = asyncio.ensure_future(client.send(b"u" * size))
     try:
         # The upload stalls: the upstream reads nothing and the gateway applies backpressure.
         done, _ = await asyncio.wait([uploading], timeout=0.5)
         assert not done
         answer_now.set()
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert answer.status == 401
         assert answer.body == b"nope"
         if answer.fields.get("Connection") == "close":
-            assert await client.at_eof()
+            assert await client.closed()
             return
         # The gateway reads (and drops) the rest of the body; ~28 MiB on loopback.
         await asyncio.wait_for(uploading, DRAIN)
         await client.send(b"GET /next HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-        assert (await read_answer(client.reader)).status in (200, 401, 502)
+        assert (await client.read_answer()).status in (200, 401, 502)
     finally:
         uploading.cancel()
         await asyncio.gather(uploading, return_exceptions=True)
@@ -554,7 +471,7 @@ HOSTILE_TARGETS = [
 async def test_raw_path_and_query_reach_the_upstream_byte_for_byte(
     start_upstream: StartUpstream, start_gateway: StartGateway, target: str
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     head, body = await raw_http(
         gw, f"GET {target} HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n".encode()
     )
@@ -564,17 +481,17 @@ async def test_raw_path_and_query_reach_the_upstream_byte_for_byte(
 
 
 async def test_absolute_form_target_is_refused_and_not_forwarded(
-    start_upstream: StartUpstream, start_gateway: StartGateway
+    make_upstream: MakeUpstream, start_gateway: StartGateway
 ) -> None:
-    upstream = Counted()
-    gw = await start_gateway(await start_upstream(upstream.handle))
+    upstream = await make_upstream(OK)
+    gw = await start_gateway(upstream.url)
     head, body = await raw_http(
         gw,
         b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
     )
     assert head.startswith(b"HTTP/1.1 400 ")
     assert orjson.loads(body) == envelope("Invalid request target")
-    assert upstream.calls == 0
+    assert upstream.arrived == 0
 
 
 # ----------------------------------------------------------------------- headers
@@ -583,7 +500,7 @@ async def test_absolute_form_target_is_refused_and_not_forwarded(
 async def test_only_the_clients_own_headers_plus_forwarding_ones_reach_the_upstream(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    origin = await start_upstream(echo)
+    origin = await start_upstream(ECHO)
     gw = await start_gateway(origin)
     for request, expected in [
         (
@@ -625,7 +542,7 @@ async def test_only_the_upstreams_own_headers_reach_the_client(
 async def test_x_forwarded_headers_and_upstream_host(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    origin = await start_upstream(echo)
+    origin = await start_upstream(ECHO)
     gw = await start_gateway(origin)
     async with gw.http.get(
         "/who",
@@ -648,7 +565,7 @@ async def test_x_forwarded_headers_and_upstream_host(
 async def test_preserve_host(
     start_upstream: StartUpstream, start_gateway: StartGateway, preserve: bool
 ) -> None:
-    origin = await start_upstream(echo)
+    origin = await start_upstream(ECHO)
     gw = await start_gateway(origin, preserve_host=preserve)
     async with gw.http.get("/who", headers={"Host": "api.example.com"}) as resp:
         headers = seen_headers(await resp.json())
@@ -661,7 +578,7 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(
 ) -> None:
     hop_request: CIMultiDict[str] = CIMultiDict()
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         hop_request.extend(request.headers)
         return web.Response(
             text="ok",
@@ -721,7 +638,7 @@ async def test_repeated_headers_are_kept_apart_both_ways(
 ) -> None:
     received: list[str] = []
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         received.extend(request.headers.getall("X-Multi"))
         return web.Response(
             headers=CIMultiDict(
@@ -748,13 +665,13 @@ async def test_repeated_headers_are_kept_apart_both_ways(
 async def test_request_trailers_never_become_upstream_headers(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     client = await connect(gw)
     await client.send(
         b"POST /t HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
         b"\r\n3\r\nabc\r\n0\r\nX-Injected: 1\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
     )
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     report = orjson.loads(answer.body)
     assert report["size"] == 3
@@ -766,7 +683,7 @@ async def test_request_trailers_never_become_upstream_headers(
 async def test_extra_headers_are_added_and_win_over_the_upstreams(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(headers={"X-RateLimit-Remaining": "99", "X-Up": "1"})
 
     extra = {"RateLimit": '"device";r=4;t=1', "X-RateLimit-Remaining": "4"}
@@ -787,7 +704,7 @@ async def test_cookies_set_by_the_upstream_are_not_replayed_for_other_clients(
 ) -> None:
     cookies_seen: list[str | None] = []
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         cookies_seen.append(request.headers.get("Cookie"))
         return web.Response(headers={"Set-Cookie": "session=alice; Path=/"})
 
@@ -809,7 +726,7 @@ async def test_proxy_environment_variables_are_ignored(
         monkeypatch.setenv(name, dead)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     head, body = await raw_http(gw, b"GET /e HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert orjson.loads(body)["raw_path"] == "/e"
@@ -825,7 +742,7 @@ async def test_gzip_passes_through_byte_identical_both_ways(
     download = gzip.compress(b"download " * 10_000)
     seen: dict[str, Any] = {}
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         seen["body"] = await request.read()
         seen["headers"] = request.headers.copy()
         return web.Response(
@@ -852,7 +769,7 @@ async def test_redirect_is_passed_through_not_followed(
 ) -> None:
     paths: list[str] = []
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         paths.append(request.raw_path)
         if request.raw_path == "/old":
             return web.Response(status=302, headers={"Location": "/new"})
@@ -874,7 +791,7 @@ async def test_streamed_response_reaches_the_client_before_the_upstream_finishes
 ) -> None:
     release = asyncio.Event()
 
-    async def stream(request: web.Request) -> web.StreamResponse:
+    async def stream(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": content_type})
         await resp.prepare(request)
         await resp.write(b"data: first\n\n")
@@ -900,7 +817,7 @@ async def test_streamed_response_reaches_the_client_before_the_upstream_finishes
 async def test_upstream_content_length_is_preserved(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    async def sized(request: web.Request) -> web.StreamResponse:
+    async def sized(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=b"x" * 1000, content_type="application/octet-stream")
 
     gw = await start_gateway(await start_upstream(sized))
@@ -926,13 +843,13 @@ async def test_upstream_body_delimited_by_its_close_reaches_a_1_1_client_chunked
     gw = await start_gateway(await start_raw_upstream(old_style))
     client = await connect(gw)
     await client.send(b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n")
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     assert answer.fields["Transfer-Encoding"] == "chunked"
     assert answer.body == b"all of it, until the close"
     # The framing was the gateway's own, so the client's connection stays usable.
     await client.send(b"GET /b HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    assert (await read_answer(client.reader)).body == b"all of it, until the close"
+    assert (await client.read_answer()).body == b"all of it, until the close"
 
 
 EMPTY_CASES = {
@@ -953,7 +870,7 @@ async def test_answers_without_a_body(
     status: bytes,
     length: str | None,
 ) -> None:
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         if request.raw_path == "/204":
             return web.Response(status=204)
         if request.raw_path == "/304":
@@ -974,16 +891,16 @@ async def test_answers_without_a_body(
 async def test_head_then_get_on_one_client_connection(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    async def doc(request: web.Request) -> web.StreamResponse:
+    async def doc(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=b"d" * 1234, content_type="text/plain")
 
     gw = await start_gateway(await start_upstream(doc))
     client = await connect(gw)
     await client.send(b"HEAD /doc HTTP/1.1\r\nHost: gw\r\n\r\n")
-    head = await read_answer(client.reader, head_request=True)
+    head = await client.read_answer(head_request=True)
     assert (head.status, head.fields["Content-Length"], head.body) == (200, "1234", b"")
     await client.send(b"GET /doc HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    get = await read_answer(client.reader)
+    get = await client.read_answer()
     assert (get.status, get.body) == (200, b"d" * 1234)
 
 
@@ -993,12 +910,12 @@ async def test_head_gets_only_the_head_of_an_envelope_answer(
     gw = await start_gateway(f"http://127.0.0.1:{free_port()}")
     client = await connect(gw)
     await client.send(b"HEAD /x HTTP/1.1\r\nHost: gw\r\n\r\n")
-    head = await read_answer(client.reader, head_request=True)
+    head = await client.read_answer(head_request=True)
     assert head.status == 502
     assert int(head.fields["Content-Length"]) == len(orjson.dumps(envelope("Upstream unreachable")))
     # No body followed: the next bytes on the connection are the next answer's.
     await client.send(b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-    get = await read_answer(client.reader)
+    get = await client.read_answer()
     assert get.status == 502
     assert orjson.loads(get.body) == envelope("Upstream unreachable")
 
@@ -1032,7 +949,7 @@ async def test_malformed_upstream_answer_is_502_envelope(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"SMTP ready\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(WAIT)
+        await asyncio.sleep(WAIT)  # the scenario: silent after that, the connection open
 
     gw = await start_gateway(await start_raw_upstream(garbage))
     async with gw.http.get("/") as resp:
@@ -1079,7 +996,7 @@ async def test_an_oversized_upstream_head_is_502_envelope(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 2\r\n\r\nok")
         await writer.drain()
-        await asyncio.sleep(WAIT)
+        await asyncio.sleep(WAIT)  # the scenario: silent after that, the connection open
 
     gw = await start_gateway(await start_raw_upstream(oversized))
     async with gw.http.get("/") as resp:
@@ -1098,7 +1015,7 @@ async def test_unsolicited_101_from_the_upstream_is_502_envelope(
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
                      b"Upgrade: h2c\r\n\r\nPRI * HTTP/2.0")  # fmt: skip
         await writer.drain()
-        await asyncio.sleep(WAIT)
+        await asyncio.sleep(WAIT)  # the scenario: silent after that, the connection open
 
     gw = await start_gateway(await start_raw_upstream(switches))
     async with gw.http.get("/") as resp:
@@ -1113,7 +1030,7 @@ async def test_upstream_slow_to_answer_is_504_envelope(
 ) -> None:
     never = asyncio.Event()
 
-    async def slow(request: web.Request) -> web.StreamResponse:
+    async def slow(request: web.BaseRequest) -> web.StreamResponse:
         await never.wait()
         return web.Response()
 
@@ -1152,7 +1069,7 @@ async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     for _ in range(int(WAIT / 0.05)):
         writer.write(b"X")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the dribble is the scenario
 
 
 async def test_upstream_dribbling_its_head_is_504_at_the_deadline(
@@ -1176,12 +1093,12 @@ BREAKS = {
 async def test_upstream_breaking_mid_stream_cuts_the_client_connection(
     start_upstream: StartUpstream, start_gateway: StartGateway, length: int | None
 ) -> None:
-    async def breaking(request: web.Request) -> web.StreamResponse:
+    async def breaking(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse()
         resp.content_length = length
         await resp.prepare(request)
         await resp.write(b"partial")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the scenario: the partial body goes out before the cut
         assert request.transport is not None
         request.transport.abort()
         return resp
@@ -1198,7 +1115,7 @@ async def test_upstream_silent_mid_stream_cuts_the_client_connection(
 ) -> None:
     never = asyncio.Event()
 
-    async def stalls(request: web.Request) -> web.StreamResponse:
+    async def stalls(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(b"data: first\n\n")
@@ -1221,13 +1138,13 @@ async def test_client_leaving_mid_stream_closes_the_upstream_connection(
 ) -> None:
     upstream_saw_close: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def ticking(request: web.Request) -> web.StreamResponse:
+    async def ticking(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         try:
             for _ in range(int(WAIT / 0.02)):
                 await resp.write(b"data: tick\n\n")
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # the ticks' pace is the scenario
         except BaseException:
             upstream_saw_close.set_result(None)
             raise
@@ -1248,7 +1165,7 @@ async def test_upstream_connections_are_pooled_and_kept_alive(
 ) -> None:
     peers: list[object] = []
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         assert request.transport is not None
         peers.append(request.transport.get_extra_info("peername"))
         return web.Response(text="ok")
@@ -1261,13 +1178,14 @@ async def test_upstream_connections_are_pooled_and_kept_alive(
     assert len(set(peers)) == 1
 
 
+@pytest.mark.timing
 async def test_pool_limit_answers_a_fast_503_envelope(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
     started = asyncio.Event()
     release = asyncio.Event()
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         if request.raw_path == "/slow":
             started.set()
             await release.wait()
@@ -1297,53 +1215,40 @@ async def test_pool_limit_answers_a_fast_503_envelope(
         assert await resp.text() == "ok"
 
 
-class OneAnswerPerConnection:
-    """A raw upstream that answers the first request on each connection (keep-alive) and
-    hangs up on the next one unanswered: a pooled connection whose idle timeout fired just as
-    the gateway reused it. Records every request line it read.
-    """
+def one_answer_per_connection(n: int) -> RawAnswer:
+    """A RawUpstream script: the first request on each connection answered (keep-alive),
+    the next one met by a hang-up: a pooled connection whose idle timeout fired just as the
+    gateway reused it."""
+    return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" if n == 1 else None
 
-    def __init__(self) -> None:
-        self.requests: list[bytes] = []
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = True
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.requests.append(head.split(b"\r\n", 1)[0])
-            if not first:
-                writer.transport.abort()
-                return
-            first = False
-            length = head_fields(head).get("Content-Length")
-            if length:
-                await reader.readexactly(int(length))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
+def request_lines(upstream: RawUpstream) -> list[bytes]:
+    """The request line of every request it read."""
+    return [seen.request_line.encode() for seen in upstream.seen]
 
 
 async def test_a_get_on_a_stale_pooled_connection_is_retried_on_a_fresh_one(
-    start_raw_upstream: StartRawUpstream, start_gateway: StartGateway
+    make_raw_upstream: MakeRawUpstream, start_gateway: StartGateway
 ) -> None:
-    upstream = OneAnswerPerConnection()
-    gw = await start_gateway(await start_raw_upstream(upstream.serve))
+    upstream = await make_raw_upstream(script=one_answer_per_connection)
+    gw = await start_gateway(upstream.url)
     for path in ("/1", "/2"):
         async with gw.http.get(path) as resp:
             assert (resp.status, await resp.text()) == (200, "ok")
-    assert upstream.requests == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1", b"GET /2 HTTP/1.1"]
+    assert request_lines(upstream) == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1", b"GET /2 HTTP/1.1"]
 
 
 async def test_a_post_on_a_stale_pooled_connection_is_never_sent_twice(
-    start_raw_upstream: StartRawUpstream, start_gateway: StartGateway
+    make_raw_upstream: MakeRawUpstream, start_gateway: StartGateway
 ) -> None:
-    upstream = OneAnswerPerConnection()
-    gw = await start_gateway(await start_raw_upstream(upstream.serve))
+    upstream = await make_raw_upstream(script=one_answer_per_connection)
+    gw = await start_gateway(upstream.url)
     async with gw.http.get("/1") as resp:
         assert resp.status == 200
     async with gw.http.post("/p", data=b"payload") as resp:
         assert resp.status == 502
         assert await resp.json() == envelope("Upstream unreachable")
-    assert upstream.requests == [b"GET /1 HTTP/1.1", b"POST /p HTTP/1.1"]
+    assert request_lines(upstream) == [b"GET /1 HTTP/1.1", b"POST /p HTTP/1.1"]
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -1365,9 +1270,7 @@ async def test_a_pooled_connection_the_upstream_closed_while_idle_is_not_used(
     gw = await start_gateway(await start_raw_upstream(closes_when_idle))
     async with gw.http.get("/1") as resp:
         assert resp.status == 200
-    async with asyncio.timeout(WAIT):
-        while gw.plane.pool.open_connections:  # the gateway saw the close
-            await asyncio.sleep(0.01)
+    await until(lambda: not gw.plane.pool.open_connections, "the gateway to see the close")
     async with gw.http.request(method, "/2", data=b"x" if method == "POST" else None) as resp:
         assert (resp.status, await resp.text()) == (200, "ok")
     assert requests == [b"GET /1 HTTP/1.1", f"{method} /2 HTTP/1.1".encode()]
@@ -1379,11 +1282,11 @@ async def test_a_pooled_connection_the_upstream_closed_while_idle_is_not_used(
 async def test_keep_alive_answers_three_requests_on_one_connection_in_order(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     client = await connect(gw)
     for n in range(3):
         await client.send(b"GET /r%d HTTP/1.1\r\nHost: gw\r\n\r\n" % n)
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert answer.status == 200
         assert "Connection" not in answer.fields
         assert orjson.loads(answer.body)["raw_path"] == f"/r{n}"
@@ -1392,7 +1295,7 @@ async def test_keep_alive_answers_three_requests_on_one_connection_in_order(
 async def test_pipelined_requests_are_answered_in_order(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         body = await request.read()
         if request.raw_path == "/slow":
             await asyncio.sleep(0.05)  # were answers concurrent, /fast would overtake it
@@ -1405,27 +1308,27 @@ async def test_pipelined_requests_are_answered_in_order(
         b"POST /post HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\nabc"
         b"GET /fast HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
     )
-    bodies = [(await read_answer(client.reader)).body for _ in range(3)]
+    bodies = [(await client.read_answer()).body for _ in range(3)]
     assert bodies == [b"/slow ", b"/post abc", b"/fast "]
-    assert await client.at_eof()
+    assert await client.closed()
 
 
 async def test_many_pipelined_requests_past_the_queue_bound_are_all_answered_in_order(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     client = await connect(gw)
     count = 30  # well past the queue bound, where the gateway pauses reading
     await client.send(b"".join(b"GET /p%d HTTP/1.1\r\nHost: gw\r\n\r\n" % n for n in range(count)))
     for n in range(count):
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert orjson.loads(answer.body)["raw_path"] == f"/p{n}"
 
 
 async def test_http_1_0_client_gets_a_close_delimited_answer_to_a_chunked_stream(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:
-    async def stream(request: web.Request) -> web.StreamResponse:
+    async def stream(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await resp.prepare(request)  # chunked to the gateway: no length is known
         await resp.write(b"one ")
@@ -1445,11 +1348,11 @@ async def test_http_1_0_client_gets_a_close_delimited_answer_to_a_chunked_stream
 async def test_http_1_0_keep_alive_client_is_told_the_connection_persists(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     client = await connect(gw)
     for n in range(2):
         await client.send(b"GET /k%d HTTP/1.0\r\nHost: gw\r\nConnection: keep-alive\r\n\r\n" % n)
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert answer.fields["Connection"].lower() == "keep-alive"
         assert orjson.loads(answer.body)["raw_path"] == f"/k{n}"
 
@@ -1459,34 +1362,34 @@ async def test_upgrade_request_is_answered_as_plain_http_and_the_connection_clos
 ) -> None:
     # Upgrade is hop-by-hop: the upstream gets a plain GET; what the client would send next
     # is not HTTP/1.1, so the gateway closes after the answer and says so.
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     client = await connect(gw)
     await client.send(
         b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
         b"Sec-WebSocket-Version: 13\r\n\r\n"
     )
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     assert answer.fields["Connection"] == "close"
     headers = seen_headers(orjson.loads(answer.body))
     assert "Upgrade" not in headers
     assert "Connection" not in headers
     assert headers["Sec-WebSocket-Version"] == "13"
-    assert await client.at_eof()
+    assert await client.closed()
 
 
 async def test_expect_100_continue_gets_100_before_the_final_answer(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     client = await connect(gw)
     await client.send(
         b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     )
-    interim = await read_answer(client.reader)
+    interim = await client.read_answer()
     assert interim.head == b"HTTP/1.1 100 Continue"
     await client.send(b"hello")
-    final = await read_answer(client.reader)
+    final = await client.read_answer()
     assert final.status == 200
     report = orjson.loads(final.body)
     assert report["size"] == 5
@@ -1516,23 +1419,23 @@ OVERSIZED_HEADS = {
     ("request_", "status", "reason"), OVERSIZED_HEADS.values(), ids=OVERSIZED_HEADS.keys()
 )
 async def test_oversized_request_head_is_refused_and_the_connection_closed(
-    start_upstream: StartUpstream,
+    make_upstream: MakeUpstream,
     start_gateway: StartGateway,
     connect: Connect,
     request_: bytes,
     status: int,
     reason: str,
 ) -> None:
-    upstream = Counted()
-    gw = await start_gateway(await start_upstream(upstream.handle))
+    upstream = await make_upstream(OK)
+    gw = await start_gateway(upstream.url)
     client = await connect(gw)
     await client.send(request_)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == status
     assert orjson.loads(answer.body) == envelope(reason)
     assert answer.fields["Connection"] == "close"
-    assert await client.at_eof()
-    assert upstream.calls == 0
+    assert await client.closed()
+    assert upstream.arrived == 0
 
 
 async def test_request_head_at_the_size_limits_is_forwarded(
@@ -1541,7 +1444,7 @@ async def test_request_head_at_the_size_limits_is_forwarded(
     # Sizes only: a JSON echo of an 8 KiB header would be noise in a failure report.
     seen: list[int] = []
 
-    async def sizes(request: web.Request) -> web.StreamResponse:
+    async def sizes(request: web.BaseRequest) -> web.StreamResponse:
         seen.append(len(request.raw_path) + len(request.headers.get("X-Big", "")))
         return web.Response(text="ok")
 
@@ -1569,23 +1472,23 @@ CONFLICTING_FRAMING = {
 
 @pytest.mark.parametrize("framing", CONFLICTING_FRAMING.values(), ids=CONFLICTING_FRAMING.keys())
 async def test_conflicting_framing_is_400_and_close_and_never_forwarded(
-    start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect, framing: bytes
+    make_upstream: MakeUpstream, start_gateway: StartGateway, connect: Connect, framing: bytes
 ) -> None:
-    upstream = Counted()
-    gw = await start_gateway(await start_upstream(upstream.handle))
+    upstream = await make_upstream(OK)
+    gw = await start_gateway(upstream.url)
     client = await connect(gw)
     await client.send(
         b"POST /x HTTP/1.1\r\nHost: gw\r\n" + framing + b"\r\n3\r\nabc\r\n0\r\n\r\n"
         b"GET /smuggled HTTP/1.1\r\nHost: gw\r\n\r\n"
     )
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 400
     report = orjson.loads(answer.body)
     assert report["status"] is False
     assert report["result"].startswith("Bad request")
     assert answer.fields["Connection"] == "close"
-    assert await client.at_eof()
-    assert upstream.calls == 0
+    assert await client.closed()
+    assert upstream.arrived == 0
 
 
 async def test_client_stalling_mid_head_is_closed(
@@ -1594,15 +1497,15 @@ async def test_client_stalling_mid_head_is_closed(
     connect: Connect,
 ) -> None:
     gw = await start_gateway(
-        await start_upstream(echo), server={"header_timeout": 0.2, "keepalive_timeout": 0.2}
+        await start_upstream(ECHO), server={"header_timeout": 0.2, "keepalive_timeout": 0.2}
     )
     silent = await connect(gw)
     stalled = await connect(gw)
     await stalled.send(b"GET / HTTP/1.1\r\nHost: gw\r\n")
     # The sweep runs once a second: a 0.2 s deadline is caught within about 1.2 s.
     async with asyncio.timeout(DRAIN):
-        assert await silent.reader.read() == b""  # not a byte sent: closed without a word
-        answer = await stalled.reader.read()
+        assert await silent.read_to_eof() == b""  # not a byte sent: closed without a word
+        answer = await stalled.read_to_eof()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b'{"status":false,"result":"Request head timeout"}')
 
@@ -1611,15 +1514,13 @@ async def test_client_stalling_mid_head_is_closed(
 
 
 async def test_slow_uploads_hold_no_upstream_connection(
-    start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
+    make_upstream: MakeUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
     # The probe's case: four clients trickle POST bodies in front of a pool of four. Streamed,
     # they held every upstream connection and every other client got 503; buffered, the
     # pool is untouched until a body is complete.
-    upstream = Counted()
-    gw = await start_gateway(
-        await start_upstream(upstream.handle), max_connections=4, max_connections_per_client=4
-    )
+    upstream = await make_upstream(OK)
+    gw = await start_gateway(upstream.url, max_connections=4, max_connections_per_client=4)
     trickling = []
     for i in range(4):
         client = await connect(gw)
@@ -1629,24 +1530,24 @@ async def test_slow_uploads_hold_no_upstream_connection(
         async with gw.http.get("/other") as resp:
             assert (resp.status, await resp.text()) == (200, "ok")
     assert gw.plane.pool.open_connections <= 1  # the GETs shared one; no upload holds any
-    assert upstream.calls == 6
+    assert upstream.arrived == 6
     for client in trickling:
         await client.send(b"cdefghij")
-        answer = await read_answer(client.reader)
+        answer = await client.read_answer()
         assert (answer.status, answer.body) == (200, b"ok")
-    assert upstream.calls == 10
+    assert upstream.arrived == 10
 
 
 async def test_a_body_past_the_memory_part_goes_through_a_file_and_arrives_intact(
     start_upstream: StartUpstream, start_gateway: StartGateway, tmp_path: Path
 ) -> None:
     # The upstream reads slowly: the file is sent only as fast as its socket takes it.
-    async def slow_echo(request: web.Request) -> web.Response:
+    async def slow_echo(request: web.BaseRequest) -> web.Response:
         digest, size = hashlib.sha256(), 0
         async for chunk in request.content.iter_chunked(64 * 1024):
             digest.update(chunk)
             size += len(chunk)
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # the scenario: an upstream that reads slowly
         return web.json_response(
             {"sha256": digest.hexdigest(), "size": size, "headers": list(request.headers.items())}
         )
@@ -1672,17 +1573,17 @@ async def test_a_body_past_the_memory_part_goes_through_a_file_and_arrives_intac
 
 
 async def test_a_body_that_cannot_be_buffered_is_a_503_and_never_forwarded(
-    start_upstream: StartUpstream, start_gateway: StartGateway, tmp_path: Path
+    make_upstream: MakeUpstream, start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    upstream = Counted()
+    upstream = await make_upstream(OK)
     gw = await start_gateway(
-        await start_upstream(upstream.handle),
+        upstream.url,
         limits={"buffer_memory_bytes": 1024, "buffer_dir": str(tmp_path / "missing")},
     )
     async with gw.http.post("/up", data=b"x" * 4096) as resp:
         assert resp.status == 503
         assert await resp.json() == envelope("Cannot buffer the request body")
-    assert upstream.calls == 0
+    assert upstream.arrived == 0
     async with gw.http.post("/small", data=b"x" * 100) as resp:  # memory needs no file
         assert resp.status == 200
 
@@ -1690,15 +1591,14 @@ async def test_a_body_that_cannot_be_buffered_is_a_503_and_never_forwarded(
 async def test_expect_continue_is_answered_by_the_gateway_once_it_decided(
     start_upstream: StartUpstream, start_gateway: StartGateway, connect: Connect
 ) -> None:
-    gw = await start_gateway(await start_upstream(echo))
+    gw = await start_gateway(await start_upstream(ECHO))
     client = await connect(gw)
     await client.send(
         b"PUT /e HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     )
-    async with asyncio.timeout(WAIT):
-        assert await client.reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert await client.read_until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
     await client.send(b"hello")
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert answer.status == 200
     report = orjson.loads(answer.body)
     assert report["size"] == 5
@@ -1742,7 +1642,7 @@ async def test_one_address_holds_at_most_its_share_of_the_pool(
     started = 0
     release = asyncio.Event()
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         nonlocal started
         if request.raw_path.startswith("/slow"):
             started += 1
@@ -1763,9 +1663,7 @@ async def test_one_address_holds_at_most_its_share_of_the_pool(
         connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)),
     )
     try:
-        async with asyncio.timeout(WAIT):
-            while started < 2:
-                await asyncio.sleep(0.01)
+        await until(lambda: started >= 2, "both slow requests at the upstream")
         async with gw.http.get("/third") as resp:
             assert resp.status == 429
             assert await resp.json() == envelope("Too many concurrent requests from this address")
@@ -1780,9 +1678,10 @@ async def test_one_address_holds_at_most_its_share_of_the_pool(
                 response.release()
         await other.close()
     # Every way a request ends gives its share back.
-    async with asyncio.timeout(WAIT):
-        while gw.plane.pool.held_by("127.0.0.1") or gw.plane.pool.held_by("127.0.0.2"):
-            await asyncio.sleep(0.01)
+    pool = gw.plane.pool
+    await until(
+        lambda: not (pool.held_by("127.0.0.1") or pool.held_by("127.0.0.2")), "the shares back"
+    )
     async with gw.http.get("/after") as resp:
         assert resp.status == 200
     assert gw.plane.metrics.decisions["client_busy"] == 1
@@ -1821,29 +1720,23 @@ async def test_an_address_share_is_given_back_however_the_request_ends(
             assert resp.status in (200, 502)
         assert pool.held_by("127.0.0.1") == 0, path
 
-    async def waiting_client() -> Client:
+    async def waiting_client() -> RawClient:
         client = await connect(gw)
         await client.send(b"GET /hang HTTP/1.1\r\nHost: gw\r\n\r\n")
-        async with asyncio.timeout(WAIT):
-            while not pool.held_by("127.0.0.1"):
-                await asyncio.sleep(0.01)
+        await until(lambda: pool.held_by("127.0.0.1"), "the request to hold its share")
         return client
 
     # A reset: the client is gone for sure; its request is dropped at once.
-    rst((await waiting_client()).writer.transport)
-    async with asyncio.timeout(WAIT):
-        while pool.held_by("127.0.0.1"):
-            await asyncio.sleep(0.01)
+    (await waiting_client()).reset()
+    await until(lambda: not pool.held_by("127.0.0.1"), "the reset request's share back")
     # A FIN after a complete request reads as a half-close: the answer is still due, so
     # the share is held until the upstream answers, then given back.
-    (await waiting_client()).writer.transport.abort()
+    (await waiting_client()).abort()
     for _ in range(10):
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a quiet period, watching the share stay held
         assert pool.held_by("127.0.0.1") == 1
     answer_hang.set()
-    async with asyncio.timeout(WAIT):
-        while pool.held_by("127.0.0.1"):
-            await asyncio.sleep(0.01)
+    await until(lambda: not pool.held_by("127.0.0.1"), "the answered request's share back")
 
 
 async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused(
@@ -1863,7 +1756,7 @@ async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused
             if first:
                 writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
                 await writer.drain()
-                await asyncio.sleep(WAIT)  # keeps the connection open, the body unread
+                await asyncio.sleep(WAIT)  # the scenario: silent, the connection open, body unread
                 return
             length = int(head_fields(head).get("Content-Length", "0"))
             await reader.readexactly(length)
@@ -1875,7 +1768,7 @@ async def test_an_upstream_answering_before_taking_a_buffered_body_is_not_reused
     size = 16 * MiB  # past the 1 MiB memory part: sent from its file
     await client.send(b"PUT /up HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
     await client.send(b"u" * size)
-    answer = await read_answer(client.reader)
+    answer = await client.read_answer()
     assert (answer.status, answer.body) == (401, b"nope")
     async with gw.http.get("/next") as resp:
         assert (resp.status, await resp.text()) == (200, "ok")

@@ -19,7 +19,7 @@ import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,8 @@ from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.breaker import COOLDOWN, THRESHOLD
 from gateway.store.snapshot import snapshot_name
-from tests.rig.faults import FaultProxy, rst
+from tests.rig.client import RawClient, answers_in
+from tests.rig.faults import FaultProxy
 from tests.rig.gateway import (
     TIMEOUT,
     TOKEN,
@@ -125,7 +126,7 @@ class Load:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.errors.append(exc)
                 return
-            await asyncio.sleep(pace)
+            await asyncio.sleep(pace)  # the load's pace is the scenario
 
 
 async def first_enforced(
@@ -138,7 +139,7 @@ async def first_enforced(
         if answer.enforced:
             return answer.done - since
         assert time.monotonic() - since < limit + 1.0, "enforcement did not resume"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # between two probes of a bounded poll
 
 
 async def upstream_alone(http: aiohttp.ClientSession, upstream: CountingUpstream) -> float:
@@ -170,6 +171,7 @@ def crash(server: RedisServer) -> None:
 # ---------------------------------------------------------------- killed under load
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_redis_killed_under_load_then_restarted_loses_nothing_and_enforces_again(
     on_error: OnError,
@@ -188,15 +190,15 @@ async def test_redis_killed_under_load_then_restarted_loses_nothing_and_enforces
 
     load = Load(http, gw.url, devices, clients=8)
     load.start(pace=0.03)  # ~250 requests a second
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the scenario: half a second of enforced traffic, then the kill
     await asyncio.to_thread(crash, server)
     down = time.monotonic()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the scenario: a second of outage under load
     restarting = time.monotonic()
     await asyncio.to_thread(server.start)  # same port, same directory: the AOF is read back
     up = time.monotonic()
     await until(lambda: any(a.sent >= up and a.enforced for a in load.answers), "enforcement", 3.0)
-    await asyncio.sleep(0.5)  # a tail of enforced traffic
+    await asyncio.sleep(0.5)  # the scenario: a tail of enforced traffic
     answers = await load.stop()
     recovered_at = min(a.done for a in answers if a.sent >= up and a.enforced)
     resumed = recovered_at - up
@@ -235,6 +237,7 @@ async def test_redis_killed_under_load_then_restarted_loses_nothing_and_enforces
 # ---------------------------------------------------------------- black hole
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_breaker_skips_it(
     on_error: OnError,
@@ -258,7 +261,7 @@ async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_
     load = Load(http, gw.url, devices, clients=4)
     started = time.monotonic()
     load.start(pace=0.01)
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # the scenario: load against the black hole for 1.5 s
     answers = await load.stop()
     duration = time.monotonic() - started
 
@@ -313,6 +316,7 @@ async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_
 # ---------------------------------------------------------------- slow Redis
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_slow_redis_is_waited_for_below_the_timeout_and_fails_per_on_error_above(
     on_error: OnError,
@@ -460,6 +464,7 @@ def unfill(server: RedisServer) -> None:
         client.config_set("maxmemory", MAXMEMORY)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_redis_out_of_memory_follows_on_error_and_a_blocked_device_stays_blocked(
     on_error: OnError,
@@ -513,6 +518,7 @@ async def test_redis_out_of_memory_follows_on_error_and_a_blocked_device_stays_b
 SNAPSHOTS_AT_START = {"no snapshot": None, "a corrupt snapshot": b'{"format": 1, "ids": ["'}
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("left", SNAPSHOTS_AT_START.values(), ids=SNAPSHOTS_AT_START.keys())
 async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_when_it_is_up(
     upstream: CountingUpstream,
@@ -545,7 +551,7 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
         while checking:
             async with http.get(f"http://127.0.0.1:{admin_port}/healthz") as r:
                 health.append((r.status, orjson.loads(await r.read())))
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the sampling interval of a measurement, not a wait
 
     async def readyz(headers: dict[str, str] | None = AUTH) -> tuple[int, Any]:
         async with http.get(f"http://127.0.0.1:{admin_port}/readyz", headers=headers) as r:
@@ -577,7 +583,7 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
             assert upstream.count(device_id="early") == 0
             async with http.get(f"{running.public_url}/anonymous") as r:
                 assert (r.status, MARK in r.headers) == (200, True)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the scenario: the same answers, asked over time
         assert (await readyz(None))[0] == 401  # readiness needs the admin token
 
         await asyncio.to_thread(server.start)
@@ -585,7 +591,7 @@ async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_w
         while (answer := await readyz())[0] != 200:
             assert answer == (503, {"status": False, "result": "Store unavailable"})
             assert time.monotonic() - up < 2.0 + 1.0, "/readyz did not turn 200"
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # between two probes of a bounded poll
         became_ready = time.monotonic() - up
         assert answer == (200, {"status": True, "result": "ready"})
         enforced_after = await first_enforced(http, running.public_url, "early", up, 2.0)
@@ -663,7 +669,7 @@ async def admin_until(
         if done(body):
             return status, body
         assert time.monotonic() - started < WAIT, f"timed out waiting for {what}: {body}"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # between two probes of a bounded poll
 
 
 async def metrics_text(http: aiohttp.ClientSession, running: Running) -> str:
@@ -793,14 +799,12 @@ class Outcome:
     body: bytes
 
 
-def parse_answer(raw: bytes) -> tuple[int, CIMultiDict[str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.add(name.strip(), value.strip())
-    return int(status_line.split(" ")[1]), headers, body
+@dataclass
+class Start:
+    """Clients that connect first, then send at once: `go` once `connected` says all are."""
+
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: int = 0
 
 
 async def one_client(
@@ -808,11 +812,12 @@ async def one_client(
     device: str,
     state: State,
     hang_up: HangUp | None,
-    go: asyncio.Event,
+    start: Start,
     rng: random.Random,
 ) -> Outcome:
     """A raw client: connect, wait for the start, send; leave early when told to."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    client = await RawClient.connect(port, timeout=WAIT)
+    start.connected += 1
     request = (
         f"GET /c/{device} HTTP/1.1\r\nHost: gw\r\nX-Device-Id: {device}\r\n"
         "Connection: close\r\n\r\n"
@@ -821,30 +826,26 @@ async def one_client(
     headers: CIMultiDict[str] = CIMultiDict()
     body = b""
     try:
-        await asyncio.wait_for(go.wait(), WAIT)
+        await asyncio.wait_for(start.go.wait(), WAIT)
         if hang_up == "mid_head":
-            writer.write(request[: rng.randrange(1, len(request) - 1)])
-            await asyncio.sleep(rng.uniform(0, 0.02))
+            client.write(request[: rng.randrange(1, len(request) - 1)])
+            await asyncio.sleep(rng.uniform(0, 0.02))  # the scenario: a random moment to leave
         elif hang_up == "at_once":  # while the store call is in flight
-            writer.write(request)
+            client.write(request)
         elif hang_up == "after_head":
-            writer.write(request)
-            await asyncio.sleep(rng.uniform(0, 0.03))
+            client.write(request)
+            await asyncio.sleep(rng.uniform(0, 0.03))  # the scenario: a random moment to leave
         elif hang_up == "mid_answer":
-            writer.write(request)
-            await asyncio.wait_for(reader.read(rng.randrange(1, 64)), WAIT)
+            client.write(request)
+            await client.read_some(rng.randrange(1, 64))
         else:
-            writer.write(request)
-            status, headers, body = parse_answer(await asyncio.wait_for(reader.read(), WAIT))
+            client.write(request)
+            [answer] = await answers_in(await client.read_to_eof())
+            status, headers, body = answer.status, answer.fields, answer.body
     finally:
         if hang_up == "at_once" or (hang_up is not None and rng.random() < 0.5):
-            rst(writer.transport)  # an abrupt end
-        else:
-            writer.close()
-        try:
-            await asyncio.wait_for(writer.wait_closed(), WAIT)
-        except ConnectionError:
-            pass
+            client.reset()  # an abrupt end
+        await client.close()
     return Outcome(device, state, hang_up, status, headers, body)
 
 
@@ -886,13 +887,14 @@ async def test_clients_hanging_up_at_random_points_get_their_own_decisions_and_l
     seen_before = upstream.count()
     connections_before = await asyncio.to_thread(redis_clients, server)
 
-    go = asyncio.Event()
+    start = Start()
     kinds: tuple[HangUp, ...] = ("mid_head", "at_once", "after_head", "mid_answer")
     plan = [(d, s, rng.choice(kinds) if rng.random() < 1 / 3 else None) for d, s in states.items()]
     port = int(gw.url.rsplit(":", 1)[1])
-    tasks = [asyncio.create_task(one_client(port, d, s, h, go, rng)) for d, s, h in plan]
-    await asyncio.sleep(0.2)  # let the connections be made: then all requests go at once
-    go.set()
+    tasks = [asyncio.create_task(one_client(port, d, s, h, start, rng)) for d, s, h in plan]
+    # The connections made first: then all requests go at once.
+    await until(lambda: start.connected == len(tasks), "every client to connect")
+    start.go.set()
     outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
 
     completed = [o for o in outcomes if o.status is not None]
@@ -929,13 +931,13 @@ async def test_clients_hanging_up_at_random_points_get_their_own_decisions_and_l
     # A wave of clients that all leave while their store calls are in flight, and at once
     # (within the breaker's cool-down) one request per state: the cancelled calls counted as
     # no failure of Redis, and the next calls still get their own decisions.
-    go = asyncio.Event()
+    start = Start()
     wave = [
-        asyncio.create_task(one_client(port, f"normal-{i}", "normal", "at_once", go, rng))
+        asyncio.create_task(one_client(port, f"normal-{i}", "normal", "at_once", start, rng))
         for i in range(5, 305, 3)
     ]
-    await asyncio.sleep(0.1)
-    go.set()
+    await until(lambda: start.connected == len(wave), "every client of the wave to connect")
+    start.go.set()
     await asyncio.wait_for(asyncio.gather(*wave), WAIT)
     timeout = aiohttp.ClientTimeout(total=WAIT)
     async with aiohttp.ClientSession(timeout=timeout) as after:
@@ -972,12 +974,12 @@ async def test_calls_meeting_noscript_together_reload_the_script_once(
         client.script_flush()
         client.config_resetstat()
     # Connected first, then sent at once: the calls share the first batch after the flush.
-    go = asyncio.Event()
+    start = Start()
     port = int(gw.url.rsplit(":", 1)[1])
     rng = random.Random(0)
-    tasks = [asyncio.create_task(one_client(port, d, "normal", None, go, rng)) for d in devices]
-    await asyncio.sleep(0.2)
-    go.set()
+    tasks = [asyncio.create_task(one_client(port, d, "normal", None, start, rng)) for d in devices]
+    await until(lambda: start.connected == len(tasks), "every client to connect")
+    start.go.set()
     outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert all(o.status == 200 and "RateLimit" in o.headers for o in outcomes)
     assert_no_traceback(gateway_log)

@@ -17,6 +17,7 @@ from gateway.store.keys import shard_of
 from tests.rig.clock import EPOCH_US, FakeClock
 from tests.rig.redis_server import RedisServer, command_stats, reset_stats
 from tests.rig.system import free_port
+from tests.rig.upstream import MakeRawUpstream
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(
@@ -400,6 +401,7 @@ async def test_two_stores_share_one_server(clock: FakeClock) -> None:
     await b.close()
 
 
+@pytest.mark.timing
 async def test_unreachable_redis_raises_store_unavailable_in_time() -> None:
     store = Store.from_settings(
         RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.1)
@@ -413,25 +415,22 @@ async def test_unreachable_redis_raises_store_unavailable_in_time() -> None:
     await store.close()
 
 
-async def test_black_holed_redis_is_bounded_by_the_timeout() -> None:
-    # A listener that accepts and never answers: the call must end at the timeout.
-    accepted: list[asyncio.StreamWriter] = []
+@pytest.mark.timing
+async def test_black_holed_redis_is_bounded_by_the_timeout(
+    make_raw_upstream: MakeRawUpstream,
+) -> None:
+    # A listener (the rig's raw server) that accepts and never answers: the call must end
+    # at the timeout.
+    async def swallow(reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads everything, answers nothing, until the client goes
 
-    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    store = Store.from_settings(RedisSettings(url=f"redis://127.0.0.1:{port}/0", timeout=0.1))
+    hole = await make_raw_upstream(serve=swallow)
+    store = Store.from_settings(RedisSettings(url=f"redis://127.0.0.1:{hole.port}/0", timeout=0.1))
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match=r"did not answer|failed"):
         await call(store)
     assert time.monotonic() - started < 1.0
     await store.close()
-    for writer in accepted:
-        writer.close()
-    server.close()
-    await server.wait_closed()
 
 
 async def test_list_merges_correctly_when_one_shard_holds_many(

@@ -4,9 +4,10 @@ The whole gateway runs (the real Enforcer over a real redis-server, so every ans
 shows that enforcement ran) in front of upstreams that misbehave: a `FaultProxy` between the
 gateway and a `CountingUpstream` (black hole, reset, cut mid-body), `CountingUpstream`'s own
 behaviours (slow, streamed, reset mid-body), `RawUpstream` writing broken answers byte for
-byte, a listener that never accepts, and an aiohttp server that closes idle connections
-after one second. Each test shows one promise of the README's "Failure behaviour" table and
-checks that the gateway logged no traceback.
+byte (or as a script says, per request of a connection), a listener that never accepts, and
+a `CountingUpstream` that closes idle connections after one second. Each test shows one
+promise of the README's "Failure behaviour" table and checks that the gateway logged no
+traceback.
 
 `tests/test_proxy_integration.py` shows several of these against a stub enforcer with
 handlers written for one test each (refused, slow, connect timeout, mid-stream breaks, the
@@ -21,18 +22,18 @@ import gzip
 import hashlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Final, Literal
+from typing import ClassVar, Final, Literal
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway.config import Settings
-from tests.rig.client import head_fields, read_answer
+from tests.rig.client import RawClient, head_fields
 from tests.rig.faults import FaultProxy
 from tests.rig.gateway import (
     Answer,
@@ -51,16 +52,17 @@ from tests.rig.upstream import (
     MARK,
     Behaviour,
     CountingUpstream,
+    MakeRawUpstream,
+    MakeUpstream,
     RawUpstream,
+    Reply,
     ResetMidBody,
+    Script,
+    Seen,
     Slow,
     Stream,
 )
-from tests.rig.waits import until
-
-# The `x as x` imports above are the rig's fixtures: imported into this module's namespace,
-# pytest finds them here (the redundant alias tells ruff it is a re-export, not an unused
-# name).
+from tests.rig.waits import bounded, until
 
 pytestmark = pytest.mark.integration
 
@@ -174,22 +176,12 @@ def chunked_complete(body: bytes) -> bool:
 
 async def until_ended(gw: Gateway, request: bytes) -> Ended:
     """Send `request` on a new connection and read until the gateway ends it (FIN or RST)."""
-    received = bytearray()
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
-        try:
-            writer.write(request)
-            while True:
-                try:
-                    data = await reader.read(65536)
-                except ConnectionResetError:
-                    break  # an abort: as final as a FIN here
-                if not data:
-                    break
-                received += data
-        finally:
-            writer.transport.abort()
-    return Ended(bytes(received))
+    client = await RawClient.connect(port_of(gw.url), timeout=WAIT)
+    try:
+        client.write(request)
+        return Ended(await client.read_to_end())  # an abort is as final as a FIN here
+    finally:
+        client.abort()
 
 
 async def post(http: aiohttp.ClientSession, base: str, path: str, body: bytes) -> Answer:
@@ -228,6 +220,7 @@ def assert_gateway_answer(answer: Answer, expected: Mapping[str, object]) -> Non
 # ---------------------------------------------------------------- refused, reset, silent
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("fault", ["refused", "reset_at_accept"])
 async def test_an_upstream_refusing_or_resetting_before_the_answer_is_a_fast_502_envelope(
     fault: Literal["refused", "reset_at_accept"],
@@ -259,6 +252,7 @@ async def test_an_upstream_refusing_or_resetting_before_the_answer_is_a_fast_502
     assert_no_traceback(gateway_log)
 
 
+@pytest.mark.timing
 async def test_a_black_holed_upstream_is_a_504_envelope_at_the_timeout(
     upstream: CountingUpstream,
     real_redis: RedisServer,
@@ -290,6 +284,7 @@ async def test_a_black_holed_upstream_is_a_504_envelope_at_the_timeout(
     assert_no_traceback(gateway_log)
 
 
+@pytest.mark.timing
 async def test_a_connect_timeout_is_a_502_envelope_at_the_connect_timeout(
     unaccepting_listener: str,
     upstream: CountingUpstream,
@@ -374,6 +369,7 @@ async def test_an_upstream_breaking_mid_body_cuts_the_client_and_its_connection_
     assert_no_traceback(gateway_log)
 
 
+@pytest.mark.timing
 async def test_a_stream_silent_past_the_timeout_is_cut_never_turned_into_a_504(
     upstream: CountingUpstream,
     real_redis: RedisServer,
@@ -386,21 +382,20 @@ async def test_a_stream_silent_past_the_timeout_is_cut_never_turned_into_a_504(
     upstream.behave(Stream((b"data: first\n\n", b"data: second\n\n"), delay=3 * timeout),
                     path="/events")  # fmt: skip
     gw = await start_gateway(settings_for(upstream, real_redis.url, timeout=timeout))
-    async with asyncio.timeout(WAIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
+    client = await RawClient.connect(port_of(gw.url), timeout=WAIT)
+    try:
+        sent_at = time.monotonic()
+        client.write(raw_request("GET", "/events", "d-events", close=False))
+        head = await client.read_until(b"\r\n\r\n")
+        first = await client.read_until(b"data: first\n\n\r\n")
+        first_at = time.monotonic()
         try:
-            sent_at = time.monotonic()
-            writer.write(raw_request("GET", "/events", "d-events", close=False))
-            head = await reader.readuntil(b"\r\n\r\n")
-            first = await reader.readuntil(b"data: first\n\n\r\n")
-            first_at = time.monotonic()
-            try:
-                rest = await reader.read()
-            except ConnectionResetError:
-                rest = b""
-            cut_at = time.monotonic()
-        finally:
-            writer.transport.abort()
+            rest = await client.read_to_eof()
+        except ConnectionResetError:
+            rest = b""
+        cut_at = time.monotonic()
+    finally:
+        client.abort()
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert head_fields(head[:-4])["Transfer-Encoding"] == "chunked"
     body = first + rest
@@ -525,56 +520,34 @@ async def test_an_answer_head_at_the_limits_is_forwarded(
     assert_no_traceback(gateway_log)
 
 
+@dataclass
 class EndlessHeaderLine:
-    """A raw upstream that answers with a header line that goes on: 64 KiB every 10 ms, up
-    to 4 MiB, then ends it. Counts the bytes the gateway let it send before cutting it off."""
+    """How a RawUpstream answers here: with a header line that goes on, 64 KiB every 10 ms,
+    up to 4 MiB, then ends it. Counts the bytes the gateway let it send before cutting it
+    off."""
 
-    PIECE: Final = 64 * 1024
-    PIECES: Final = 64
+    PIECE: ClassVar[int] = 64 * 1024
+    PIECES: ClassVar[int] = 64
+    sent: int = 0
+    finished: bool = False
 
-    def __init__(self) -> None:
-        self.sent = 0
-        self.finished = False
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
-            for _ in range(self.PIECES):
-                writer.write(b"a" * self.PIECE)
-                await asyncio.wait_for(writer.drain(), WAIT)
-                self.sent += self.PIECE
-                await asyncio.sleep(0.01)
-            self.finished = True
-            writer.write(b"\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-            await reader.read()  # until the gateway closes
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # cut off by the gateway
-        finally:
-            self._tasks.discard(task)
-            writer.transport.abort()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=WAIT)
-        if self._server is not None:
-            await self._server.wait_closed()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection (RawUpstream's `serve`): a cut by the gateway ends it there."""
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(self.PIECES):
+            writer.write(b"a" * self.PIECE)
+            await asyncio.wait_for(writer.drain(), WAIT)
+            self.sent += self.PIECE
+            await asyncio.sleep(0.01)  # the trickle is the scenario: a line still arriving
+        self.finished = True
+        writer.write(b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # until the gateway closes
 
 
 async def test_an_upstream_header_line_that_never_ends_is_refused_past_the_limit(
+    make_raw_upstream: MakeRawUpstream,
     upstream: CountingUpstream,
     real_redis: RedisServer,
     start_gateway: StartGateway,
@@ -582,13 +555,13 @@ async def test_an_upstream_header_line_that_never_ends_is_refused_past_the_limit
     gateway_log: pytest.LogCaptureFixture,
 ) -> None:
     endless = EndlessHeaderLine()
-    await endless.start()
+    raw = await make_raw_upstream(serve=endless.serve)
     try:
-        gw = await start_gateway(settings_for(upstream, real_redis.url, endless.url, timeout=5))
+        gw = await start_gateway(settings_for(upstream, real_redis.url, raw.url, timeout=5))
         answer = await send(http, gw.url, "d-endless")
         sent_at_answer, finished_at_answer = endless.sent, endless.finished
     finally:
-        await endless.close()
+        await bounded(raw.close(), "closing the endless upstream")
     figure("endless header line bytes sent before the answer", sent_at_answer)
     assert answer.status == 502
     assert_gateway_answer(answer, BAD_RESPONSE)
@@ -601,6 +574,7 @@ async def test_an_upstream_header_line_that_never_ends_is_refused_past_the_limit
 # ---------------------------------------------------------------- the pool
 
 
+@pytest.mark.timing
 async def test_an_exhausted_pool_answers_a_fast_503_and_leaks_no_connection(
     upstream: CountingUpstream,
     real_redis: RedisServer,
@@ -654,19 +628,8 @@ async def test_an_exhausted_pool_answers_a_fast_503_and_leaks_no_connection(
 # ---------------------------------------------------------------- passed through untouched
 
 
-@pytest.fixture
-async def trap() -> AsyncIterator[tuple[str, list[int]]]:
-    """A listener nobody should connect to: (its origin, one entry per connection)."""
-    hits: list[int] = []
-
-    async def caught(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hits.append(1)
-        writer.transport.abort()
-
-    server = await asyncio.start_server(caught, "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", hits
-    server.close()
-    await server.wait_closed()
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A connection's whole life at a trap: closed at once (RawUpstream closes it)."""
 
 
 GZ: Final = gzip.compress(orjson.dumps([{"reading": i, "unit": "kPa"} for i in range(500)]))
@@ -715,30 +678,29 @@ UNTOUCHED: Final = {
 @pytest.mark.parametrize("name", UNTOUCHED)
 async def test_5xx_redirects_and_gzip_pass_through_byte_identical_and_unfollowed(
     name: str,
-    trap: tuple[str, list[int]],
+    make_raw_upstream: MakeRawUpstream,
     upstream: CountingUpstream,
     real_redis: RedisServer,
     start_gateway: StartGateway,
     gateway_log: pytest.LogCaptureFixture,
 ) -> None:
-    trap_origin, trap_hits = trap
+    trap = await make_raw_upstream(serve=hang_up)  # a listener nobody should connect to
     status_line, headers, body, chunked = UNTOUCHED[name]
-    headers = [h.replace(TRAP_ORIGIN.encode(), trap_origin.encode()) for h in headers]
+    headers = [h.replace(TRAP_ORIGIN.encode(), trap.url.encode()) for h in headers]
     raw = RawUpstream(upstream_answer(status_line, headers, body, chunked=chunked), close=False)
     await raw.start()
     try:
         gw = await start_gateway(settings_for(upstream, real_redis.url, raw.url))
-        async with asyncio.timeout(WAIT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw.url))
-            try:
-                writer.write(
-                    raw_request(
-                        "GET", "/thing", "d-untouched", close=False, extra="Accept-Encoding: gzip"
-                    )
+        client = await RawClient.connect(port_of(gw.url), timeout=WAIT)
+        try:
+            client.write(
+                raw_request(
+                    "GET", "/thing", "d-untouched", close=False, extra="Accept-Encoding: gzip"
                 )
-                got = await read_answer(reader)
-            finally:
-                writer.transport.abort()
+            )
+            got = await client.read_answer()
+        finally:
+            client.abort()
     finally:
         await asyncio.wait_for(raw.close(), WAIT)
     lines = got.head.split(b"\r\n")
@@ -752,7 +714,7 @@ async def test_5xx_redirects_and_gzip_pass_through_byte_identical_and_unfollowed
         assert gzip.decompress(got.body) == gzip.decompress(GZ)  # never decompressed on the way
     assert [s.raw_path for s in raw.seen] == ["/thing"]
     assert raw.seen[0].headers["Accept-Encoding"] == "gzip"
-    assert trap_hits == []  # nobody followed the Location
+    assert trap.connections == 0  # nobody followed the Location
     assert_no_traceback(gateway_log)
 
 
@@ -762,53 +724,35 @@ async def test_5xx_redirects_and_gzip_pass_through_byte_identical_and_unfollowed
 GAPS: Final = (0.95, 1.05, 0.98, 1.02, 1.0, 0.96, 1.04, 0.99)
 
 
-class ClosesIdleAfterOneSecond:
-    """An aiohttp upstream whose keep-alive timeout is 1 s; records every request with the
-    connection (client port) it came on."""
+def key_of(seen: Seen) -> bytes:
+    """A request's own key, which the idle-closing upstream answers with: a POST's body, a
+    GET's tag (its query's `n`)."""
+    if seen.method == "POST":
+        assert seen.body is not None
+        return seen.body
+    return URL(seen.raw_path).query["n"].encode()
 
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str, int]] = []  # method, unique key, client port
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(
-            app, keepalive_timeout=1.0, access_log=None, handle_signals=False, shutdown_timeout=2
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+def keys(upstream: CountingUpstream, method: str) -> Counter[str]:
+    """How often each key of `method` requests reached the upstream."""
+    return Counter(key_of(s).decode() for s in upstream.seen if s.method == method)
 
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        key = body.decode() if request.method == "POST" else request.query["n"]
-        assert request.transport is not None
-        self.requests.append((request.method, key, request.transport.get_extra_info("peername")[1]))
-        return web.Response(body=key.encode(), headers={MARK: "1"})
-
-    def keys(self, method: str) -> Counter[str]:
-        return Counter(key for m, key, _ in self.requests if m == method)
-
-    def connections(self, method: str) -> int:
-        return len({port for m, _, port in self.requests if m == method})
+def connections(upstream: CountingUpstream, method: str) -> int:
+    """The upstream connections `method` requests came on."""
+    return len({s.connection for s in upstream.seen if s.method == method})
 
 
 async def test_requests_meeting_the_upstreams_idle_close_get_200_and_posts_are_never_doubled(
+    make_upstream: MakeUpstream,
     upstream: CountingUpstream,
     real_redis: RedisServer,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     gateway_log: pytest.LogCaptureFixture,
 ) -> None:
-    closing = ClosesIdleAfterOneSecond()
-    await closing.start()
+    # An upstream whose keep-alive timeout is 1 s, answering each request with its key.
+    closing = await make_upstream(Reply(body=key_of), keepalive_timeout=1.0)
     # One gateway per method, run side by side: each pool sees only its own method.
     gets_gw = await start_gateway(settings_for(upstream, real_redis.url, closing.url))
     posts_gw = await start_gateway(settings_for(upstream, real_redis.url, closing.url))
@@ -816,31 +760,31 @@ async def test_requests_meeting_the_upstreams_idle_close_get_200_and_posts_are_n
     async def gets() -> list[Answer]:
         answers = []
         for gap in (0.0, *GAPS):
-            await asyncio.sleep(gap)
+            await asyncio.sleep(gap)  # the scenario: a gap around the upstream's idle close
             answers.append(await send(http, gets_gw.url, "d-race-get"))
         return answers
 
     async def posts() -> list[Answer]:
         answers = []
         for i, gap in enumerate((0.0, *GAPS)):
-            await asyncio.sleep(gap)
+            await asyncio.sleep(gap)  # the scenario: a gap around the upstream's idle close
             answers.append(await post(http, posts_gw.url, "/upload", f"reading-{i}".encode()))
         return answers
 
     try:
         got, posted = await asyncio.wait_for(asyncio.gather(gets(), posts()), 3 * WAIT)
     finally:
-        await asyncio.wait_for(closing.close(), WAIT)
+        await bounded(closing.close(), "closing the idle-closing upstream")
 
     for answer in got:
         assert answer.status == 200 and answer.from_upstream, answer
         assert answer.body == answer.tag.encode()  # its own answer, not a stale one
-    get_keys = closing.keys("GET")
+    get_keys = keys(closing, "GET")
     assert set(get_keys) == {a.tag for a in got}
-    figure("keep-alive race GET upstream connections", closing.connections("GET"))
+    figure("keep-alive race GET upstream connections", connections(closing, "GET"))
     figure("keep-alive race GET sent twice", sum(n > 1 for n in get_keys.values()))
 
-    post_keys = closing.keys("POST")
+    post_keys = keys(closing, "POST")
     failed = 0
     for i, answer in enumerate(posted):
         key = f"reading-{i}"
@@ -851,10 +795,10 @@ async def test_requests_meeting_the_upstreams_idle_close_get_200_and_posts_are_n
             assert answer.status == 502, answer
             assert_gateway_answer(answer, UNREACHABLE)
     assert all(n == 1 for n in post_keys.values()), post_keys  # never sent twice
-    figure("keep-alive race POST upstream connections", closing.connections("POST"))
+    figure("keep-alive race POST upstream connections", connections(closing, "POST"))
     figure("keep-alive race POST 502", failed)
     # The fault was real: the upstream did close idle connections under the gateway.
-    assert closing.connections("GET") > 1 and closing.connections("POST") > 1
+    assert connections(closing, "GET") > 1 and connections(closing, "POST") > 1
     assert_no_traceback(gateway_log)
 
 
@@ -877,76 +821,17 @@ OK_KEEP_ALIVE: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 OK_CLOSE: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
-Script = Callable[[int], bytes | tuple[bytes, Literal["close"]] | None]
-
-
-class ScriptedUpstream:
-    """Answers the n-th request of each connection with `script(n)`: bytes written with the
-    connection kept open, (bytes, "close") written then closed, None: closed at once."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.seen: list[tuple[str, str, int]] = []  # method, raw path, connection number
-        self.connections = 0
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    def count(self, path: str) -> int:
-        return sum(1 for _, p, _ in self.seen if p == path)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        number = self.connections
-        self._writers.add(writer)
-        try:
-            n = 0
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
-                length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                     if line.lower().startswith(b"content-length:")),
-                    0,
-                )  # fmt: skip
-                await reader.readexactly(length)
-                self.seen.append((method, path, number))
-                n += 1
-                answer = self.script(n)
-                if answer is None:
-                    break
-                writer.write(answer if isinstance(answer, bytes) else answer[0])
-                await writer.drain()
-                if not isinstance(answer, bytes):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-
 async def through(
     start_gateway: StartGateway,
     upstream: CountingUpstream,
     store_url: str,
     script: Script,
     request: bytes,
-) -> tuple[Ended, ScriptedUpstream]:
+) -> tuple[Ended, RawUpstream]:
     """Warm a pooled connection with one GET, then send `request` on a new client
-    connection: the gateway sends it on the pooled upstream connection."""
-    scripted = ScriptedUpstream(script)
+    connection: the gateway sends it on the pooled upstream connection, a RawUpstream that
+    answers the n-th request of each connection with `script(n)`."""
+    scripted = RawUpstream(script=script)
     await scripted.start()
     try:
         gw = await start_gateway(settings_for(upstream, store_url, scripted.url))
@@ -998,7 +883,7 @@ async def test_a_garbled_answer_on_a_reused_connection_is_never_sent_again(
         REQUESTS[method],
     )
     # Once, and only once: a byte of an answer came back, so the upstream may have acted.
-    assert scripted.count("/r") == 1, scripted.seen
+    assert scripted.count(path="/r") == 1, scripted.seen
     assert ended.status in (502, 200, None), ended.data[:300]
     if ended.status != 502:  # the head was out (a 200 of a broken body): cut, never whole
         assert not ended.complete_looking(), ended.data[:300]
@@ -1036,12 +921,12 @@ async def test_only_a_safe_or_keyed_request_is_sent_again_after_a_silent_close(
         REQUESTS[method],
     )
     if REPLAYED[method]:
-        assert scripted.count("/r") == 2, scripted.seen
+        assert scripted.count(path="/r") == 2, scripted.seen
         assert ended.status == 200, ended.data[:300]
         # The second attempt went on a new connection, not the one that closed.
-        assert len({conn for _, p, conn in scripted.seen if p == "/r"}) == 2
+        assert len({s.connection for s in scripted.seen if s.raw_path == "/r"}) == 2
     else:
-        assert scripted.count("/r") == 1, scripted.seen
+        assert scripted.count(path="/r") == 1, scripted.seen
         assert ended.status == 502, ended.data[:300]
         assert orjson.loads(ended.body) == UNREACHABLE
     assert_no_traceback(gateway_log)
@@ -1066,7 +951,7 @@ async def test_a_request_is_sent_again_at_most_once(
     ended, scripted = await through(
         start_gateway, upstream, real_redis.url, script, REQUESTS["GET"]
     )
-    assert scripted.count("/r") == 2, scripted.seen
+    assert scripted.count(path="/r") == 2, scripted.seen
     assert ended.status == 502 and orjson.loads(ended.body) == UNREACHABLE
 
 
@@ -1077,11 +962,11 @@ async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
     gateway_log: pytest.LogCaptureFixture,
 ) -> None:
     # No keep-alive race can explain a new connection's silent close: the upstream failed.
-    scripted = ScriptedUpstream(lambda n: None)
+    scripted = RawUpstream(script=lambda n: None)
     await scripted.start()
     try:
         gw = await start_gateway(settings_for(upstream, real_redis.url, scripted.url))
         ended = await until_ended(gw, REQUESTS["GET"])
     finally:
         await asyncio.wait_for(scripted.close(), WAIT)
-    assert scripted.count("/r") == 1 and ended.status == 502
+    assert scripted.count(path="/r") == 1 and ended.status == 502

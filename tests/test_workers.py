@@ -8,17 +8,17 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.metrics import Metrics, SharedCounters, render
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import children, free_port
+from tests.rig.upstream import CountingUpstream
+from tests.rig.waits import until, until_async
 
 pytestmark = pytest.mark.integration
 
@@ -47,44 +47,29 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[str]:
-    async def handle(request: web.Request) -> web.Response:
-        return web.Response(text=f"pid {os.getpid()}")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
-
-
 async def wait_for(url: str, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + WAIT
+    """Poll `url` (bounded) until it answers 200."""
     async with aiohttp.ClientSession() as http:
-        while True:
+
+        async def up() -> bool:
             try:
                 async with http.get(url, headers=headers) as r:
-                    if r.status == 200:
-                        return
+                    return r.status == 200
             except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, f"{url} did not come up"
-            await asyncio.sleep(0.1)
+                return False
+
+        await until_async(up, f"{url} to come up", WAIT, every=0.1)
 
 
 async def test_two_workers_share_the_port_the_counters_and_the_store(
-    tmp_path: Path, own_redis: RedisServer, upstream: str
+    tmp_path: Path, own_redis: RedisServer, upstream: CountingUpstream
 ) -> None:
     public, admin = free_port(), free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
         f"server: {{listen: '127.0.0.1:{public}'}}\n"
         f"admin: {{listen: '127.0.0.1:{admin}', token: '{TOKEN}'}}\n"
-        f"upstream: {{url: '{upstream}'}}\n"
+        f"upstream: {{url: '{upstream.url}'}}\n"
         f"redis: {{url: '{own_redis.url}'}}\n"
         "log: {access: false, level: warning}\n"
     )
@@ -121,13 +106,15 @@ async def test_two_workers_share_the_port_the_counters_and_the_store(
                 'devicegate_requests_total{decision="allow"} 21\n',
                 'devicegate_requests_total{decision="blocked"} 6\n',
             )
-            deadline = time.monotonic() + WAIT
-            while True:
+            text = ""
+
+            async def counted() -> bool:
+                nonlocal text
                 async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
                     text = await r.text()
-                if all(line in text for line in wanted) or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
+                return all(line in text for line in wanted)
+
+            await until_async(counted, lambda: f"the counts: {text}", WAIT, every=0.05)
             assert all(line in text for line in wanted), text
             # The supervisor's admin listener checks Host (bound to loopback).
             rebound = {**auth, "Host": "rebound.example"}
@@ -136,10 +123,11 @@ async def test_two_workers_share_the_port_the_counters_and_the_store(
 
             # A worker that dies is replaced, and the port keeps answering meanwhile.
             os.kill(workers[0], signal.SIGKILL)
-            deadline = time.monotonic() + WAIT
-            while len(set(children(proc.pid)) - {workers[0]}) < 2:
-                assert time.monotonic() < deadline, "the worker was not replaced"
-                await asyncio.sleep(0.1)
+            await until(
+                lambda: len(set(children(proc.pid)) - {workers[0]}) >= 2,
+                "the worker to be replaced",
+                WAIT,
+            )
             await wait_for(f"http://127.0.0.1:{public}/")
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -181,31 +169,13 @@ def test_memory_store_runs_one_worker(tmp_path: Path) -> None:
     assert "memory:// store: running 1 worker" in stderr
 
 
-@pytest.fixture
-async def recording_upstream() -> AsyncIterator[tuple[str, list[str]]]:
-    """An upstream that records the device id of every request it sees."""
-    seen: list[str] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("X-Device-Id", "-"))
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    await runner.cleanup()
-
-
 LISTENING = b'"message":"listening"'
 
 
 async def test_a_worker_respawned_while_redis_is_frozen_still_refuses_a_blocked_device(
-    tmp_path: Path, own_redis: RedisServer, recording_upstream: tuple[str, list[str]]
+    tmp_path: Path, own_redis: RedisServer, upstream: CountingUpstream
 ) -> None:
-    origin, seen = recording_upstream
+    origin = upstream.url
     public, admin = free_port(), free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
@@ -243,27 +213,29 @@ async def test_a_worker_respawned_while_redis_is_frozen_still_refuses_a_blocked_
             # Every process has the block in its copy (pub/sub, within a poll at most).
             wanted = [f'devicegate_blocked_ids{{process="{p}"}} 1\n'
                       for p in ("worker-0", "worker-1", "supervisor")]  # fmt: skip
-            deadline = time.monotonic() + WAIT
-            while True:
+            text = ""
+
+            async def known() -> bool:
+                nonlocal text
                 async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
                     text = await r.text()
-                if all(line in text for line in wanted):
-                    break
-                assert time.monotonic() < deadline, text
-                await asyncio.sleep(0.05)
+                return all(line in text for line in wanted)
+
+            await until_async(known, lambda: f"the block in every copy: {text}", WAIT, every=0.05)
 
             own_redis.freeze()
             frozen = True
             listening = stderr_path.read_bytes().count(LISTENING)
             os.kill(workers[0], signal.SIGKILL)
             # Respawned: a new process, and its listener up (it logs "listening" once ready).
-            deadline = time.monotonic() + WAIT
-            while (
-                len(set(children(proc.pid)) - {workers[0]}) < 2
-                or stderr_path.read_bytes().count(LISTENING) <= listening
-            ):
-                assert time.monotonic() < deadline, "the worker was not replaced"
-                await asyncio.sleep(0.05)
+            await until(
+                lambda: (
+                    len(set(children(proc.pid)) - {workers[0]}) >= 2
+                    and stderr_path.read_bytes().count(LISTENING) > listening
+                ),
+                "the worker to be replaced",
+                WAIT,
+            )
 
             statuses = []
             for _ in range(30):  # fresh connections: the kernel spreads them over both
@@ -273,7 +245,7 @@ async def test_a_worker_respawned_while_redis_is_frozen_still_refuses_a_blocked_
             async with http.get(f"http://127.0.0.1:{admin}/metrics", headers=auth) as r:
                 text = await r.text()
         assert statuses == [403] * 30
-        assert "stolen" not in seen  # none reached the upstream
+        assert "stolen" not in [s.device_id for s in upstream.seen]  # none reached it
         # The respawned worker knew the block from its supervisor, Redis frozen meanwhile.
         assert re.search(
             r'devicegate_blocked_ids_known\{process="worker-\d",source="supervisor"\} 1\n', text

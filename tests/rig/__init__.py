@@ -2,11 +2,16 @@
 
 fixtures        every fixture and hook (the plugin tests/conftest.py registers)
 clock           FakeClock, the one fake clock
-waits           until / until_sync / bounded: bounded polls, never fixed sleeps
+waits           until / until_async / until_sync / bounded: bounded polls, never fixed
+                sleeps
 system          repository paths, free loopback ports, child pids
 redis_server    RedisServer (a real redis-server on a free port) and its commandstats
-redis_cluster   RedisCluster, redis_sentinel RedisSentinel (+ redis_nodes, plugin engine_fixtures)
-upstream        CountingUpstream and RawUpstream, the one upstream factory
+redis_cluster   RedisCluster: a real 3-primary / 3-replica cluster on loopback
+redis_sentinel  RedisSentinel: a real primary, replica and 3 sentinels on loopback
+redis_nodes     RedisNode, one redis-server process, shared by the two above
+engine_fixtures the cluster and sentinel fixtures (a second plugin)
+upstream        CountingUpstream and RawUpstream, the one upstream factory (make_upstream,
+                make_raw_upstream and upstream are their fixtures)
 client          RawClient and read_answer, the one raw HTTP client
 faults          FaultProxy (a TCP proxy that delays, drops, resets or cuts) and rst()
 gateway         the in-process gateway's settings, answers and envelope checks

@@ -9,9 +9,14 @@ EPOCH_US = 1_793_748_259_787_000
 class FakeClock:
     """An injectable clock in microseconds; tests move it with .advance(ms), never sleep.
 
-    Called, it gives epoch microseconds (the store's and the enforcer's clock); `seconds`
-    gives the same instant in float seconds, for code that takes a `time.monotonic`-style
-    clock (the admin's lockout, the circuit breaker).
+    Called, it gives epoch microseconds (the store's and the enforcer's clock). Its bound
+    methods are the same instant for code that takes another clock: `seconds` in float
+    seconds (a `time.monotonic`-style clock: the admin's lockout, the circuit breaker, the
+    log filter) and `millis` in whole milliseconds (the blocked ids' wall clock).
+
+    Float seconds near the epoch resolve to about a quarter of a microsecond: a test that
+    checks a bound to the exact millisecond in seconds starts the clock at a small whole
+    second (`FakeClock(start_us=100_000_000)`), where whole milliseconds stay exact.
     """
 
     def __init__(self, start_us: int = EPOCH_US) -> None:
@@ -27,6 +32,10 @@ class FakeClock:
     def seconds(self) -> float:
         """The current time in float seconds."""
         return self.now_us / 1_000_000
+
+    def millis(self) -> int:
+        """The current time in whole milliseconds."""
+        return self.now_us // 1000
 
     @property
     def now_ms(self) -> int:

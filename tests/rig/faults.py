@@ -260,6 +260,11 @@ class FaultProxy:
         return len(self.links)
 
     @property
+    def held(self) -> int:
+        """Bytes from the target held back (latency), not yet passed on to a client."""
+        return sum(len(data) for link in self.links for _, data in link.to_client)
+
+    @property
     def url_host(self) -> str:
         """host:port to point a client at."""
         return f"{self.host}:{self.port}"

@@ -4,8 +4,10 @@
 - the state home of every gateway a test starts (never $HOME);
 - `redis_server` (one real redis-server per session), `real_redis` (emptied), `clock`,
   `store` (on fakeredis and on the real server);
-- `upstream` (a CountingUpstream), `http` (an aiohttp client), `proxies` (FaultProxy
-  factory), `start_gateway` (the in-process data plane), `gateway_log`;
+- `upstream` (a CountingUpstream), `make_upstream` and `make_raw_upstream` (factories of
+  the rig's upstreams), `raw_client` (RawClient factory), `http` (an aiohttp client),
+  `proxies` (FaultProxy factory), `start_gateway` (the in-process data plane),
+  `gateway_log`;
 - `unaccepting_listener` (connects that time out);
 - the loop every async test runs on (DEVICEGATE_LOOP).
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -29,11 +32,21 @@ from gateway import loops
 from gateway.config import RedisSettings, Settings
 from gateway.dataplane import DataPlane, start_public
 from gateway.store import Store
+from tests.rig.client import OpenRawClient, RawClient
 from tests.rig.clock import FakeClock
 from tests.rig.faults import FaultProxy
 from tests.rig.gateway import Gateway, StartGateway
 from tests.rig.redis_server import RedisServer
-from tests.rig.upstream import CountingUpstream
+from tests.rig.upstream import (
+    REPORT,
+    Behaviour,
+    CountingUpstream,
+    MakeRawUpstream,
+    MakeUpstream,
+    RawUpstream,
+    Script,
+    Serve,
+)
 from tests.rig.waits import WAIT, bounded
 
 
@@ -96,12 +109,73 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[CountingUpstream]:
-    """A started CountingUpstream, closed (bounded) after the test."""
-    up = CountingUpstream()
-    await up.start()
-    yield up
-    await bounded(up.close(), "closing the upstream")
+async def make_upstream() -> AsyncIterator[MakeUpstream]:
+    """Factory: a started CountingUpstream; every one closed (bounded) after the test."""
+    made: list[CountingUpstream] = []
+
+    async def make(
+        default: Behaviour = REPORT,
+        *,
+        keepalive_timeout: float = 75.0,
+        listener: socket.socket | None = None,
+    ) -> CountingUpstream:
+        up = CountingUpstream(default, keepalive_timeout=keepalive_timeout)
+        made.append(up)
+        await up.start(listener)
+        return up
+
+    yield make
+    for up in made:
+        await bounded(up.close(), "closing an upstream")
+
+
+@pytest.fixture
+async def upstream(make_upstream: MakeUpstream) -> CountingUpstream:
+    """A started CountingUpstream answering every path with a JSON report of the request."""
+    return await make_upstream()
+
+
+@pytest.fixture
+async def make_raw_upstream() -> AsyncIterator[MakeRawUpstream]:
+    """Factory: a started RawUpstream; every one closed (bounded) after the test."""
+    made: list[RawUpstream] = []
+
+    async def make(
+        answer: bytes | None = None,
+        *,
+        close: bool = True,
+        script: Script | None = None,
+        serve: Serve | None = None,
+    ) -> RawUpstream:
+        if answer is None:
+            raw = RawUpstream(close=close, script=script, serve=serve)
+        else:
+            raw = RawUpstream(answer, close=close, script=script, serve=serve)
+        made.append(raw)
+        await raw.start()
+        return raw
+
+    yield make
+    for raw in made:
+        await bounded(raw.close(), "closing a raw upstream")
+
+
+@pytest.fixture
+async def raw_client() -> AsyncIterator[OpenRawClient]:
+    """Factory: a RawClient connected to a loopback port; every one aborted after the test
+    (not closed: a close would wait to flush what a refused upload left unsent)."""
+    made: list[RawClient] = []
+
+    async def open_(port: int, *, timeout: float = WAIT, framed: bool = False) -> RawClient:
+        client = await RawClient.connect(port, timeout=timeout, framed=framed)
+        made.append(client)
+        return client
+
+    yield open_
+    for client in made:
+        client.abort()
+        with contextlib.suppress(ConnectionError):
+            await bounded(client.writer.wait_closed(), "closing a raw client")
 
 
 @pytest.fixture

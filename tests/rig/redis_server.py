@@ -7,13 +7,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 
 import pytest
 import redis
 
 from tests.rig.system import free_port
+from tests.rig.waits import until_sync
 
 
 class RedisServer:
@@ -53,17 +53,21 @@ class RedisServer:
         client = redis.Redis(
             port=self.port, password=password, socket_timeout=0.5, socket_connect_timeout=0.5
         )
-        deadline = time.monotonic() + 10
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"redis-server exited at start ({proc.returncode})")
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
         try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        self.stop()
-                        pytest.fail("redis-server did not start within 10 s")
-                    time.sleep(0.02)
+            until_sync(answers, "redis-server to start", 10.0)
+        except BaseException:
+            self.stop()
+            raise
         finally:
             client.close()
 
