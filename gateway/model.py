@@ -143,6 +143,20 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
+class Replication:
+    """How far an admin write travelled before its answer: `reached` replicas of the
+    `wanted` (Redis WAIT), 0 of 0 when no wait was asked."""
+
+    wanted: int
+    reached: int
+
+    @property
+    def in_time(self) -> bool:
+        """The write reached the replicas wanted within the wait."""
+        return self.reached >= self.wanted
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryEntry:
     """One software or hardware change of a device."""
 

@@ -91,6 +91,11 @@ BAD_CONFIGS: dict[str, str] = {
         "redis.url: names no service: redis+sentinel://host:port[,...]/<service>"
     ),
     "redis_sentinel_bad_db.yaml": "redis.url: has an invalid database number",
+    "write_replicas_bad.yaml": "redis.write_replicas: must be auto or a whole number 0-16",
+    "write_replicas_too_many.yaml": "redis.write_replicas: must be auto or a whole number 0-16",
+    "write_timeout_too_long.yaml": (
+        "redis.write_timeout: must be <= 2 seconds (admin answers wait)"
+    ),
     "redis_timeout_too_long.yaml": (
         "redis.timeout: must be <= 10 seconds (it bounds every request)"
     ),
@@ -460,3 +465,10 @@ def test_every_section_accepts_exactly_the_fields_of_its_dataclass(
     allowed = ", ".join(f.name for f in dataclasses.fields(defaults))
     where = f"{path}.serial" if path else "serial"
     assert str(caught.value) == f"x.yaml: {where}: unknown key (allowed: {allowed})"
+
+
+def test_write_replicas_auto_or_a_number() -> None:
+    assert parse_config("", "x", env={}).redis.write_replicas is None  # auto by default
+    assert parse_config("redis: {write_replicas: auto}", "x", env={}).redis.write_replicas is None
+    explicit = parse_config("redis: {write_replicas: 2, write_timeout: 1.5}", "x", env={})
+    assert (explicit.redis.write_replicas, explicit.redis.write_timeout) == (2, 1.5)

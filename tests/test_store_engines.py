@@ -13,16 +13,20 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
+from pytest_aiohttp.plugin import AiohttpClient
 
+from gateway.admin import create_admin_app
+from gateway.admin.routes import REPLICATED_HEADER, replicated
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
-from gateway.model import Bucket, DeviceIdentity, ReplyCode
+from gateway.model import Bucket, DeviceIdentity, Replication, ReplyCode
 from gateway.store import Store
 from gateway.store.cluster_scripts import ClusterScripts
 from gateway.store.keys import KeySchema
 from gateway.store.slots import key_slot
 from tests.rig.redis_cluster import RedisCluster
 from tests.rig.redis_sentinel import RedisSentinel
+from tests.rig.redis_server import RedisServer
 from tests.rig.waits import WAIT, until
 
 pytestmark = pytest.mark.integration
@@ -30,6 +34,7 @@ pytestmark = pytest.mark.integration
 BUCKET = Bucket(rate=1000, burst=1000)
 REGISTRATION = Bucket(rate=1.0, burst=2)
 KEYS = KeySchema("dg")
+TOKEN = "engines-admin-token-0123456789abcdef"
 
 
 def ident(device_id: str) -> DeviceIdentity:
@@ -303,3 +308,76 @@ async def test_sentinel_failover_is_followed_without_a_restart(
     device = await sentinel_store.get_device("f1")  # the admin side follows too
     assert device is not None and device.request_count >= 2
     real_sentinel.restart_old_primary()
+
+
+# ---------------------------------------------------------------- acknowledged writes
+
+
+def acked_store(url: str, replicas: int | None = None) -> Store:
+    settings = RedisSettings(url=url, timeout=1.0, write_replicas=replicas, write_timeout=0.5)
+    return Store.from_settings(settings)
+
+
+@pytest.mark.parametrize("engine", ["cluster", "sentinel"])
+async def test_block_unblock_delete_wait_for_a_replica_by_default(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
+    deployment: RedisCluster | RedisSentinel = request.getfixturevalue(f"real_{engine}")
+    store = acked_store(deployment.url)  # auto: one replica on a cluster or Sentinel
+    await store.start()
+    try:
+        device, replication = await store.block_acked("acked-1")
+        assert device.blocked and (replication.wanted, replication.in_time) == (1, True)
+        assert device == await store.get_device("acked-1")  # the reply decoded as usual
+        device_after, replication = await store.unblock_acked("acked-1")
+        assert device_after is not None and not device_after.blocked
+        assert replication.in_time
+        removed, replication = await store.delete_acked("acked-1")
+        assert removed and replication.in_time
+    finally:
+        await store.close()
+
+
+async def test_a_write_that_reaches_no_replica_in_time_says_so(
+    real_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One server has no replica: asked for one, WAIT gives up after write_timeout and the
+    write is answered as not replicated (and logged), never as an error."""
+    store = acked_store(real_redis.url, replicas=1)
+    await store.start()
+    try:
+        device, replication = await store.block_acked("lonely")
+        assert device.blocked and (replication.wanted, replication.reached) == (1, 0)
+        assert not replication.in_time
+        assert "reached 0 of 1 replicas" in caplog.text
+    finally:
+        await store.close()
+    plain = acked_store(real_redis.url)  # auto on one server: no wait
+    await plain.start()
+    try:
+        _, replication = await plain.unblock_acked("lonely")
+        assert (replication.wanted, replication.in_time) == (0, True)
+    finally:
+        await plain.close()
+
+
+async def test_the_admin_api_says_whether_a_block_was_replicated(
+    real_sentinel: RedisSentinel, aiohttp_client: AiohttpClient
+) -> None:
+    store = acked_store(real_sentinel.url)
+    await store.start()
+    try:
+        client = await aiohttp_client(create_admin_app(store, TOKEN))
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        answer = await client.post("/devices/acked-2/block", headers=auth)
+        assert answer.status == 200 and answer.headers[REPLICATED_HEADER] == "yes"
+        answer = await client.delete("/devices/acked-2", headers=auth)
+        assert answer.status == 200 and answer.headers[REPLICATED_HEADER] == "yes"
+    finally:
+        await store.close()
+
+
+def test_no_header_when_no_wait_was_asked() -> None:
+    assert replicated(Replication(0, 0)) == {}
+    assert replicated(Replication(1, 0)) == {REPLICATED_HEADER: "no"}
+    assert replicated(Replication(2, 3)) == {REPLICATED_HEADER: "yes"}

@@ -23,7 +23,7 @@ from gateway.envelope import JSON_CONTENT_TYPE, envelope
 from gateway.errors import BadRequest, StoreUnavailable
 from gateway.identity import device_id_problem
 from gateway.metrics import Metrics, Renderable
-from gateway.model import Bucket
+from gateway.model import Bucket, Replication
 from gateway.store import Store
 from gateway.store.blocked import wall_ms
 from gateway.store.snapshot import SnapshotWriter
@@ -45,6 +45,7 @@ DEVICE_NOT_FOUND: Final = "Device not found"
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _BLOCKED_VALUES: Final = ("all", "hide", "only")
 _LIST_PARAMS: Final = ("name", "blocked", "page", "amount")
+REPLICATED_HEADER: Final = "Devicegate-Replicated"
 _READYZ_PARAMS: Final = ("verbose",)
 _FLAGS: Final = {"0": False, "1": True, "false": False, "true": True}
 _RETRY_AFTER: Final = {"Retry-After": "1"}
@@ -251,23 +252,37 @@ async def rename(request: web.Request) -> web.Response:
     return ok(device.to_json()) if device else error(404, DEVICE_NOT_FOUND)
 
 
+def replicated(replication: Replication) -> dict[str, str]:
+    """`Devicegate-Replicated: yes|no` when the write waited for replicas (redis.
+    write_replicas): whether it reached them before this answer."""
+    if replication.wanted == 0:
+        return {}
+    return {REPLICATED_HEADER: "yes" if replication.in_time else "no"}
+
+
 async def block(request: web.Request) -> web.Response:
     """Block a device (creating the record for an id never seen)."""
     store, device_id = _target(request, new=True)
-    return ok((await store.block(device_id)).to_json())
+    device, replication = await store.block_acked(device_id)
+    return ok(device.to_json(), headers=replicated(replication))
 
 
 async def unblock(request: web.Request) -> web.Response:
     """Unblock a device."""
     store, device_id = _target(request)
-    device = await store.unblock(device_id)
-    return ok(device.to_json()) if device else error(404, DEVICE_NOT_FOUND)
+    device, replication = await store.unblock_acked(device_id)
+    if device is None:
+        return error(404, DEVICE_NOT_FOUND)
+    return ok(device.to_json(), headers=replicated(replication))
 
 
 async def delete_device(request: web.Request) -> web.Response:
     """Remove a device record."""
     store, device_id = _target(request)
-    return ok(REMOVED) if await store.delete(device_id) else error(404, DEVICE_NOT_FOUND)
+    removed, replication = await store.delete_acked(device_id)
+    if not removed:
+        return error(404, DEVICE_NOT_FOUND)
+    return ok(REMOVED, headers=replicated(replication))
 
 
 async def set_rate_limit(request: web.Request) -> web.Response:

@@ -114,12 +114,23 @@ def _redis(s: Section) -> RedisSettings:
     timeout = s.get("timeout", r.seconds)
     if timeout > 10:
         raise r.fail(s.key_path("timeout"), "must be <= 10 seconds (it bounds every request)")
+    replicas = s.value("write_replicas")
+    if replicas == "auto":
+        replicas = None
+    elif replicas is not None:
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 16:
+            raise r.fail(s.key_path("write_replicas"), "must be auto or a whole number 0-16")
+    write_timeout = s.get("write_timeout", r.seconds)
+    if write_timeout > 2:
+        raise r.fail(s.key_path("write_timeout"), "must be <= 2 seconds (admin answers wait)")
     return RedisSettings(
         url=s.get("url", r.redis_url),
         timeout=timeout,
         on_error=cast(Literal["open", "closed"], on_error),
         key_prefix=prefix,
         restore_blocks=s.get("restore_blocks", r.boolean),
+        write_replicas=replicas,
+        write_timeout=write_timeout,
     )
 
 

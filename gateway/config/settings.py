@@ -81,6 +81,10 @@ class RedisSettings:
     key_prefix: str = "dg"
     # When Redis comes back without the gateway's data: block again the ids known blocked.
     restore_blocks: bool = True
+    # Replicas a block, unblock or delete must reach before the admin API answers (WAIT);
+    # None: 1 on a cluster or Sentinel, 0 on one server.
+    write_replicas: int | None = None
+    write_timeout: float = 0.5  # seconds the admin API waits for them, at most
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ admin side and the pipelined script caller for the data plane.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
@@ -20,7 +21,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from gateway.errors import StoreUnavailable
-from gateway.redis_topology import RedisTopology
+from gateway.redis_topology import NodeAddress, RedisTopology
 from gateway.store.cluster_scripts import ClusterScripts
 from gateway.store.enforce_script import ScriptCaller
 from gateway.store.node_query import ask
@@ -77,6 +78,53 @@ def redis_client(topology: RedisTopology, timeout: float, *, decode: bool) -> ai
         **bounds,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+AckedEval = Callable[[str, Sequence[str], Sequence[str | int]], Awaitable[tuple[Any, int]]]
+
+
+def cluster_acked_eval(
+    client: aioredis.Redis, topology: RedisTopology, replicas: int, wait_ms: int, timeout: float
+) -> AckedEval:
+    """An admin script and its WAIT on one connection to the primary of the keys' slot (a
+    cluster client's pool may hand WAIT another connection, which has no writes to wait
+    for). Returns the script's reply, decoded, and the replicas reached. A MOVED answer
+    (the slot moved since the map was learnt) relearns the map and tries once more."""
+    cluster = cast(RedisCluster, client)
+    t = topology
+
+    async def run(script: str, keys: Sequence[str], args: Sequence[str | int]) -> tuple[Any, int]:
+        await cluster.initialize()
+        for attempt in (1, 2):
+            node = cluster.get_node_from_key(keys[0])
+            if node is None:
+                raise StoreUnavailable("no Redis Cluster node serves the device's slot")
+            try:
+                reply, reached = await ask(
+                    NodeAddress(node.host, int(node.port)),
+                    [("EVAL", script, len(keys), *keys, *args), ("WAIT", replicas, wait_ms)],
+                    timeout=timeout,
+                    tls=t.tls,
+                    username=t.username,
+                    password=t.password,
+                )
+            except StoreUnavailable as exc:
+                if attempt == 2 or "MOVED" not in str(exc):
+                    raise
+                await cluster.nodes_manager.initialize()
+                continue
+            return _decoded(reply), int(reached)
+        raise AssertionError("unreachable")
+
+    return run
+
+
+def _decoded(reply: Any) -> Any:
+    if isinstance(reply, bytes):
+        return reply.decode()
+    if isinstance(reply, list):
+        return [_decoded(item) for item in reply]
+    return reply
 
 
 def script_caller(topology: RedisTopology, script: str, *, timeout: float) -> ScriptCaller:

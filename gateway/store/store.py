@@ -16,16 +16,23 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
-from gateway.model import Bucket, Device, HistoryEntry
+from gateway.model import Bucket, Device, HistoryEntry, Replication
 from gateway.redis_topology import parse_redis_url
 from gateway.store import keys as K
 from gateway.store.blocked import BlockedSet
 from gateway.store.breaker import CircuitBreaker
-from gateway.store.clients import close_client, redis_client, script_caller
+from gateway.store.clients import (
+    AckedEval,
+    close_client,
+    cluster_acked_eval,
+    redis_client,
+    script_caller,
+)
 from gateway.store.enforce_script import EnforceScript, ScriptCaller
 from gateway.store.keys import KeySchema
 from gateway.store.listing import BlockedFilter, DeviceListing
@@ -62,6 +69,9 @@ class Store:
         breaker: CircuitBreaker | None = None,
         restore_blocks: bool = True,
         one_node: bool = True,
+        write_replicas: int = 0,
+        write_timeout: float = 0.5,
+        acked_eval: AckedEval | None = None,
     ) -> None:
         self._hot = hot
         self._pipeline = pipeline
@@ -72,6 +82,9 @@ class Store:
         )
         self._timeout = timeout
         self._admin_timeout = admin_timeout
+        self._write_replicas = write_replicas
+        self._write_timeout = write_timeout
+        self._acked_eval = acked_eval
         self._enforce = hot.register_script(_script("enforce.lua"))
         self._block = admin.register_script(_script("block.lua"))
         self._unblock = admin.register_script(_script("unblock.lua"))
@@ -102,9 +115,14 @@ class Store:
             return cls.memory(
                 key_prefix=settings.key_prefix, history_size=history_size, clock=clock
             )
+        admin = redis_client(topology, ADMIN_TIMEOUT, decode=True)
+        replicas = settings.write_replicas
+        if replicas is None:
+            replicas = 0 if topology.kind == "single" else 1
+        wait_ms = max(1, round(settings.write_timeout * 1000))
         return cls(
             redis_client(topology, settings.timeout, decode=False),
-            redis_client(topology, ADMIN_TIMEOUT, decode=True),
+            admin,
             key_prefix=settings.key_prefix,
             timeout=settings.timeout,
             history_size=history_size,
@@ -112,6 +130,13 @@ class Store:
             pipeline=script_caller(topology, _script("enforce.lua"), timeout=settings.timeout),
             restore_blocks=settings.restore_blocks,
             one_node=topology.kind != "cluster",
+            write_replicas=replicas,
+            write_timeout=settings.write_timeout,
+            acked_eval=(
+                cluster_acked_eval(admin, topology, replicas, wait_ms, ADMIN_TIMEOUT)
+                if topology.kind == "cluster"
+                else None
+            ),
         )
 
     @classmethod
@@ -220,16 +245,19 @@ class Store:
 
     async def block(self, device_id: str) -> Device:
         """Block the device (idempotent); creates the record for an id never seen."""
+        return (await self.block_acked(device_id))[0]
+
+    async def block_acked(self, device_id: str) -> tuple[Device, Replication]:
+        """`block`, and how many replicas it reached before the answer (write_replicas)."""
         k = self._keys.device(device_id)
-        flat = await self._admin_call(
-            self._block(
-                (k.record, k.active, k.blocked, k.blocked_version),
-                (self._enforce_script.now(), device_id, self._keys.blocked_channel),
-            )
+        flat, replication = await self._acked(
+            self._block,
+            (k.record, k.active, k.blocked, k.blocked_version),
+            (self._enforce_script.now(), device_id, self._keys.blocked_channel),
         )
         device = device_from_flat(device_id, flat)
         assert device is not None  # block.lua always returns the record
-        return device
+        return device, replication
 
     async def _block_again(self, device_ids: Sequence[str]) -> None:
         """Block a chunk of ids in one bounded round trip (after Redis lost its data)."""
@@ -245,24 +273,64 @@ class Store:
 
     async def unblock(self, device_id: str) -> Device | None:
         """Unblock the device (idempotent); None when there is no record."""
+        return (await self.unblock_acked(device_id))[0]
+
+    async def unblock_acked(self, device_id: str) -> tuple[Device | None, Replication]:
+        """`unblock`, and how many replicas it reached before the answer."""
         k = self._keys.device(device_id)
-        flat = await self._admin_call(
-            self._unblock(
-                (k.record, k.blocked, k.blocked_version), (device_id, self._keys.blocked_channel)
-            )
+        flat, replication = await self._acked(
+            self._unblock,
+            (k.record, k.blocked, k.blocked_version),
+            (device_id, self._keys.blocked_channel),
         )
-        return device_from_flat(device_id, flat)
+        return device_from_flat(device_id, flat), replication
 
     async def delete(self, device_id: str) -> bool:
         """Remove the device and everything kept for it; False when there was no record."""
+        return (await self.delete_acked(device_id))[0]
+
+    async def delete_acked(self, device_id: str) -> tuple[bool, Replication]:
+        """`delete`, and how many replicas it reached before the answer."""
         k = self._keys.device(device_id)
-        removed = await self._admin_call(
-            self._delete(
-                (k.record, k.history, k.active, k.blocked, k.names, k.blocked_version),
-                (device_id, self._keys.blocked_channel),
-            )
+        removed, replication = await self._acked(
+            self._delete,
+            (k.record, k.history, k.active, k.blocked, k.names, k.blocked_version),
+            (device_id, self._keys.blocked_channel),
         )
-        return bool(removed)
+        return bool(removed), replication
+
+    @staticmethod
+    def _script_text(script: AsyncScript) -> str:
+        text = script.script
+        return text if isinstance(text, str) else bytes(text).decode()
+
+    async def _acked(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
+    ) -> tuple[Any, Replication]:
+        """Run an admin script; with write_replicas, then WAIT on the same connection for
+        that many replicas, at most write_timeout (WAIT answers how many it reached)."""
+        wanted = self._write_replicas
+        if wanted == 0:
+            return await self._admin_call(script(keys, args)), Replication(0, 0)
+        wait_ms = max(1, round(self._write_timeout * 1000))
+        if self._acked_eval is not None:  # a cluster: the slot's primary, one connection
+            reply, reached = await self._admin_call(
+                self._acked_eval(self._script_text(script), keys, args)
+            )
+        else:
+            async with self._admin.pipeline(transaction=False) as pipe:
+                await script(keys, args, client=pipe)
+                pipe.execute_command("WAIT", wanted, wait_ms)
+                reply, reached = await self._admin_call(pipe.execute())
+        replication = Replication(wanted, int(reached))
+        if not replication.in_time:
+            log.warning(
+                "an admin write reached %d of %d replicas within %g s",
+                replication.reached,
+                wanted,
+                self._write_timeout,
+            )
+        return reply, replication
 
     async def set_rate_limit(self, device_id: str, bucket: Bucket) -> None:
         """Give the device its own bucket (also for an id not seen yet: no record is made)."""
