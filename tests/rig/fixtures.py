@@ -86,15 +86,18 @@ def real_redis(redis_server: RedisServer) -> RedisServer:
     return redis_server
 
 
-@pytest.fixture(params=["fake", "real"])
+@pytest.fixture(params=["fake", "single", "cluster", "sentinel"])
 async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Store]:
-    """A Store on fakeredis and on a real redis-server, with the fake clock."""
+    """A Store with the fake clock on each engine: fakeredis, a real redis-server, a real
+    Redis Cluster and a real Sentinel-watched primary (tests/rig/engine_fixtures.py)."""
     if request.param == "fake":
         s = Store.memory(clock=clock)
     else:
-        server: RedisServer = request.getfixturevalue("real_redis")
+        engine = request.getfixturevalue(
+            f"real_{'redis' if request.param == 'single' else request.param}"
+        )
         s = Store.from_settings(
-            RedisSettings(url=server.url, timeout=2.0, key_prefix=f"t{uuid.uuid4().hex[:6]}"),
+            RedisSettings(url=engine.url, timeout=2.0, key_prefix=f"t{uuid.uuid4().hex[:6]}"),
             clock=clock,
         )
     await s.start()
