@@ -36,6 +36,7 @@ from gateway.store.keys import KeySchema
 from tests.rig.client import Answer as RawAnswer
 from tests.rig.client import RawClient, answers_in
 from tests.rig.clock import FakeClock
+from tests.rig.engine_fixtures import RedisEngine, primary_ports
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import free_port
 from tests.rig.upstream import CountingUpstream, MakeUpstream, Reply, Seen
@@ -183,15 +184,17 @@ def rate_headers(answer: Answer) -> dict[str, str]:
     return {name: answer.headers[name] for name in RATE_LIMIT_HEADERS if name in answer.headers}
 
 
-async def redis_keys(url: str) -> list[bytes]:
-    """Every key in the Redis at `url` but the epoch marker (set by the processes that follow
-    the blocked ids, never by a request)."""
-    client = aioredis.from_url(url, socket_timeout=2)
-    try:
-        found = (k if isinstance(k, bytes) else k.encode() for k in await client.keys("*"))
-        return sorted(k for k in found if k != KeySchema("dg").epoch.encode())
-    finally:
-        await client.aclose()
+async def redis_keys(engine: RedisEngine) -> list[bytes]:
+    """Every key on the engine's primaries but the epoch marker (set by the processes that
+    follow the blocked ids, never by a request)."""
+    found: list[bytes] = []
+    for port in primary_ports(engine):
+        client = aioredis.Redis(port=port, socket_timeout=2)
+        try:
+            found += [k if isinstance(k, bytes) else k.encode() for k in await client.keys("*")]
+        finally:
+            await client.aclose()
+    return sorted(k for k in found if k != KeySchema("dg").epoch.encode())
 
 
 async def raw_request(url: URL, data: bytes) -> RawAnswer:
@@ -211,13 +214,13 @@ async def raw_request(url: URL, data: bytes) -> RawAnswer:
 
 
 async def test_device_request_is_forwarded_and_registers_the_device(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
 ) -> None:
-    gw = await start_gateway(make_settings(upstream, real_redis.url))
+    gw = await start_gateway(make_settings(upstream, redis_engine.url))
     t0 = clock.now_ms
     payload = os.urandom(64 * 1024)
 
@@ -306,7 +309,7 @@ async def test_device_request_is_forwarded_and_registers_the_device(
 
 
 async def test_block_and_unblock_take_effect_across_two_gateways_sharing_redis(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
@@ -314,7 +317,7 @@ async def test_block_and_unblock_take_effect_across_two_gateways_sharing_redis(
 ) -> None:
     # A slow bucket (one token per 100 s) so refills cannot hide a token taken while blocked.
     settings = make_settings(
-        upstream, real_redis.url, "rate_limits: {device: {rate: 0.01, burst: 5}}"
+        upstream, redis_engine.url, "rate_limits: {device: {rate: 0.01, burst: 5}}"
     )
     a = await start_gateway(settings)
     b = await start_gateway(settings)  # its own Store and connections, the same Redis
@@ -351,13 +354,13 @@ async def test_block_and_unblock_take_effect_across_two_gateways_sharing_redis(
 
 
 async def test_an_id_blocked_in_advance_is_denied_on_its_first_request(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
 ) -> None:
-    gw = await start_gateway(make_settings(upstream, real_redis.url))
+    gw = await start_gateway(make_settings(upstream, redis_engine.url))
 
     pre = await call(http, "POST", gw.admin / "devices" / "stolen-7" / "block", AUTH)
     assert pre.status == 200
@@ -385,13 +388,13 @@ rate_limits:
 
 
 async def test_token_bucket_end_to_end_with_an_injected_clock(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     clock: FakeClock,
 ) -> None:
-    gw = await start_gateway(make_settings(upstream, real_redis.url, BUCKET_CONFIG))
+    gw = await start_gateway(make_settings(upstream, redis_engine.url, BUCKET_CONFIG))
     url = f"{gw.url}/api/data"
     dev = {"X-Device-Id": "busy-1"}
     # burst 3 at 0.5 token/s: a token every 2 s, 6 s from empty to full.
@@ -466,16 +469,16 @@ async def test_token_bucket_end_to_end_with_an_injected_clock(
 
 
 async def test_anonymous_requests_are_limited_by_client_ip(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
-    plain = await start_gateway(make_settings(upstream, real_redis.url, BUCKET_CONFIG))
+    plain = await start_gateway(make_settings(upstream, redis_engine.url, BUCKET_CONFIG))
     behind_proxy = await start_gateway(
         make_settings(
             upstream,
-            real_redis.url,
+            redis_engine.url,
             BUCKET_CONFIG + "server: {trusted_proxies: [127.0.0.1/32]}",
         ),
         store=plain.store,
@@ -513,7 +516,7 @@ async def test_anonymous_requests_are_limited_by_client_ip(
     assert (await call(http, "GET", f"{behind_proxy.url}/public")).status == 429
 
     keys = plain.store.keys
-    assert await redis_keys(real_redis.url) == sorted(
+    assert await redis_keys(redis_engine) == sorted(
         [
             keys.anonymous_bucket("127.0.0.1").encode(),
             keys.anonymous_bucket("203.0.113.7").encode(),
@@ -648,27 +651,29 @@ async def test_a_hung_redis_costs_at_most_the_timeout(
 async def test_invalid_identity_is_400_and_writes_nothing(
     headers: list[tuple[str, str]],
     reason: str,
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
-    gw = await start_gateway(make_settings(upstream, real_redis.url))
+    gw = await start_gateway(make_settings(upstream, redis_engine.url))
     answer = await call(http, "POST", f"{gw.url}/api/data", headers, data=b"{}")
     assert (answer.status, answer.json()) == (400, {"status": False, "result": reason})
     assert upstream.seen == []
     for _, value in headers:
         assert await gw.store.get_device(value) is None
-    assert await redis_keys(real_redis.url) == []
+    assert await redis_keys(redis_engine) == []
 
 
 async def test_require_id_answers_401_to_anonymous_requests(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
-    gw = await start_gateway(make_settings(upstream, real_redis.url, "devices: {require_id: true}"))
+    gw = await start_gateway(
+        make_settings(upstream, redis_engine.url, "devices: {require_id: true}")
+    )
     anonymous = await call(http, "GET", f"{gw.url}/api/data")
     assert (anonymous.status, anonymous.json()) == (
         401,
@@ -680,12 +685,12 @@ async def test_require_id_answers_401_to_anonymous_requests(
 
 
 async def test_declared_body_over_the_limit_is_413_before_anything_else(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
-    settings = make_settings(upstream, real_redis.url, "limits: {max_body_bytes: 1024}")
+    settings = make_settings(upstream, redis_engine.url, "limits: {max_body_bytes: 1024}")
     gw = await start_gateway(settings)
     url = f"{gw.url}/upload"
     too_big = await call(http, "POST", url, PHONE, data=b"x" * 1025)
@@ -694,7 +699,7 @@ async def test_declared_body_over_the_limit_is_413_before_anything_else(
         {"status": False, "result": "Request body too large"},
     )
     assert upstream.seen == []
-    assert await redis_keys(real_redis.url) == []  # 413 comes before the store is asked
+    assert await redis_keys(redis_engine) == []  # 413 comes before the store is asked
 
     # Order of checks: size before blocked.
     assert (await block(http, gw, "phone-1")).status == 200
@@ -709,11 +714,11 @@ async def test_declared_body_over_the_limit_is_413_before_anything_else(
 
 
 async def test_connect_is_405_and_never_forwarded(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
 ) -> None:
-    gw = await start_gateway(make_settings(upstream, real_redis.url))
+    gw = await start_gateway(make_settings(upstream, redis_engine.url))
     raw = await raw_request(
         gw.url,
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
@@ -724,16 +729,16 @@ async def test_connect_is_405_and_never_forwarded(
     assert orjson.loads(body) == {"status": False, "result": "Method not allowed"}
     assert "CONNECT" not in headers["Allow"] and "GET" in headers["Allow"]
     assert upstream.seen == []
-    assert await redis_keys(real_redis.url) == []
+    assert await redis_keys(redis_engine) == []
 
 
 async def test_the_admin_api_is_not_reachable_through_the_public_port(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
 ) -> None:
-    gw = await start_gateway(make_settings(upstream, real_redis.url))
+    gw = await start_gateway(make_settings(upstream, redis_engine.url))
     await call(http, "GET", f"{gw.url}/x", PHONE)
 
     listed = await call(http, "GET", f"{gw.url}/devices", AUTH)
@@ -769,14 +774,14 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 
 
 async def test_every_request_gets_one_json_access_log_line(
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     upstream: CountingUpstream,
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
-    gw = await start_gateway(make_settings(upstream, real_redis.url))
+    gw = await start_gateway(make_settings(upstream, redis_engine.url))
     assert (await call(http, "POST", f"{gw.url}/api/log?q=1", PHONE, data=b"1")).status == 200
     await block(http, gw, "phone-2")
     assert (await call(http, "GET", f"{gw.url}/api/log", {"X-Device-Id": "phone-2"})).status == 403

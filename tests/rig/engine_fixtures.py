@@ -1,7 +1,8 @@
 """The real multi-process Redis engines as fixtures, a second plugin (tests/conftest.py
 registers it beside fixtures.py): `redis_cluster` and `redis_sentinel` start once per
 session, when a test first asks, and stop at its end; `real_cluster` and `real_sentinel`
-hand a test the engine whole (any node an earlier test left down restarted) and empty."""
+hand a test the engine whole (any node an earlier test left down restarted) and empty;
+`redis_engine` gives each of the three real engines in turn."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from tests.rig.redis_cluster import RedisCluster
 from tests.rig.redis_sentinel import RedisSentinel
+from tests.rig.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,24 @@ def real_sentinel(redis_sentinel: RedisSentinel) -> RedisSentinel:
     redis_sentinel.ensure_healthy()
     redis_sentinel.flush()
     return redis_sentinel
+
+
+RedisEngine = RedisServer | RedisCluster | RedisSentinel
+
+
+@pytest.fixture(params=["single", "cluster", "sentinel"])
+def redis_engine(request: pytest.FixtureRequest) -> RedisEngine:
+    """Each real engine in turn (a redis-server, the cluster, the Sentinel deployment),
+    emptied: for the integration tests that must hold on all three."""
+    name = "redis" if request.param == "single" else request.param
+    engine: RedisEngine = request.getfixturevalue(f"real_{name}")
+    return engine
+
+
+def primary_ports(engine: RedisEngine) -> list[int]:
+    """The ports of the engine's primaries (where its keys live)."""
+    if isinstance(engine, RedisCluster):
+        return [node.port for node in engine.nodes if node.role == "primary"]
+    if isinstance(engine, RedisSentinel):
+        return [engine.primary_port()]
+    return [engine.port]
