@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import random
 import re
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +41,7 @@ from tests.rig.gateway import (
     TIMEOUT,
     TOKEN,
     Answer,
+    Load,
     OnError,
     StartGateway,
     assert_envelope,
@@ -88,45 +88,6 @@ def redis_servers() -> Iterator[Callable[..., RedisServer]]:
 
 
 # ---------------------------------------------------------------- load
-
-
-class Load:
-    """`clients` concurrent clients, each sending a request every `pace` seconds (after the
-    previous answer) round the devices, until stopped."""
-
-    def __init__(
-        self, http: aiohttp.ClientSession, base: str, devices: Sequence[str], *, clients: int
-    ) -> None:
-        self.http = http
-        self.base = base
-        self.devices = devices
-        self.clients = clients
-        self.answers: list[Answer] = []
-        self.errors: list[BaseException] = []
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self, pace: float) -> None:
-        self._tasks = [asyncio.create_task(self._client(i, pace)) for i in range(self.clients)]
-
-    async def stop(self) -> list[Answer]:
-        self._stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks), WAIT)
-        assert not self.errors, self.errors
-        return self.answers
-
-    async def _client(self, i: int, pace: float) -> None:
-        for k in itertools.count(i):
-            if self._stop.is_set():
-                return
-            try:
-                self.answers.append(
-                    await send(self.http, self.base, self.devices[k % len(self.devices)])
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self.errors.append(exc)
-                return
-            await asyncio.sleep(pace)  # the load's pace is the scenario
 
 
 async def first_enforced(

@@ -8,9 +8,10 @@ start them are in tests/rig/fixtures.py.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from gateway.dataplane import DataPlane
 from gateway.logs import JsonFormatter
 from gateway.store import Store
 from tests.rig.upstream import MARK, CountingUpstream
+from tests.rig.waits import WAIT
 
 OnError = Literal["open", "closed"]
 
@@ -139,3 +141,42 @@ async def send(http: aiohttp.ClientSession, base: str, device: str) -> Answer:
 def figure(name: str, value: float) -> None:
     """Print a measured figure (shown with `pytest -rP`; the closing notes quote them)."""
     print(f"figure {name}: {value:.4g}")
+
+
+class Load:
+    """`clients` concurrent clients, each sending a request every `pace` seconds (after the
+    previous answer) round the devices, until stopped."""
+
+    def __init__(
+        self, http: aiohttp.ClientSession, base: str, devices: Sequence[str], *, clients: int
+    ) -> None:
+        self.http = http
+        self.base = base
+        self.devices = devices
+        self.clients = clients
+        self.answers: list[Answer] = []
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, pace: float) -> None:
+        self._tasks = [asyncio.create_task(self._client(i, pace)) for i in range(self.clients)]
+
+    async def stop(self) -> list[Answer]:
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), WAIT)
+        assert not self.errors, self.errors
+        return self.answers
+
+    async def _client(self, i: int, pace: float) -> None:
+        for k in itertools.count(i):
+            if self._stop.is_set():
+                return
+            try:
+                self.answers.append(
+                    await send(self.http, self.base, self.devices[k % len(self.devices)])
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.errors.append(exc)
+                return
+            await asyncio.sleep(pace)  # the load's pace is the scenario
