@@ -36,6 +36,7 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.mark.timing
 async def test_blocks_reach_other_processes_at_once_through_pubsub(
     own_redis: RedisServer,
 ) -> None:
@@ -59,6 +60,7 @@ async def test_blocks_reach_other_processes_at_once_through_pubsub(
     await admin.close()
 
 
+@pytest.mark.timing
 async def test_a_missed_message_is_caught_up_by_the_poll(own_redis: RedisServer) -> None:
     admin = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
     await admin.block("early")  # blocked before the follower starts: the first poll reads it
@@ -117,6 +119,7 @@ async def test_a_blocked_device_stays_blocked_while_redis_is_down(
         await store.close()
 
 
+@pytest.mark.timing
 async def test_the_breaker_spares_requests_the_timeout_and_recovers_within_a_second(
     own_redis: RedisServer, upstream: CountingUpstream
 ) -> None:

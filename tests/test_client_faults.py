@@ -271,6 +271,7 @@ def leave(client: RawClient, close: str) -> float:
     return left
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_mid_upload_aborts_the_upstream_request(
     start_gateway: StartGateway, upstream: CountingUpstream, raw_client: OpenRawClient, close: str
@@ -397,6 +398,7 @@ async def test_a_request_cut_short_by_a_half_close_is_refused_and_never_forwarde
 SLOW_DOWNLOAD: Final = Stream(chunks=(b"d" * 65536,) * 1600, delay=0.01, declare_length=True)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("close", ["fin", "rst"])
 async def test_client_leaving_mid_download_releases_the_upstream_connection(
     start_gateway: StartGateway, upstream: CountingUpstream, raw_client: OpenRawClient, close: str

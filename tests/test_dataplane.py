@@ -68,6 +68,7 @@ async def running(server_yaml: str, make_upstream: MakeUpstream) -> AsyncIterato
     await store.close()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("server_yaml", ["{keepalive_timeout: 0.3}"])
 async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
     running: Running, raw_client: OpenRawClient
@@ -173,6 +174,7 @@ async def test_at_the_cap_with_none_idle_a_new_client_gets_503(
         assert (await one.read_answer()).head.startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("server_yaml", ["{body_timeout: 0.3}"])
 async def test_a_stalled_request_body_is_given_up_with_408(
     running: Running, raw_client: OpenRawClient

@@ -117,6 +117,7 @@ async def test_pass_through_forwards_both_ways_unchanged(
 TIMER_TICK = 0.002  # a millisecond of uvloop's clock, and one of rounding
 
 
+@pytest.mark.timing
 async def test_latency_holds_every_answer_and_can_be_lifted_in_order(
     proxy: FaultProxy, raw_client: OpenRawClient
 ) -> None:
@@ -270,6 +271,7 @@ async def test_a_behaviour_per_path_beats_the_switch(
     assert upstream.count() == 3
 
 
+@pytest.mark.timing
 async def test_slow_answers_after_its_delay(
     upstream: CountingUpstream, http: aiohttp.ClientSession
 ) -> None:
@@ -284,6 +286,7 @@ async def test_slow_answers_after_its_delay(
     assert time.monotonic() - started < 0.2
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("declare_length", [False, True])
 async def test_stream_sends_its_chunks_with_pauses(
     upstream: CountingUpstream, http: aiohttp.ClientSession, declare_length: bool

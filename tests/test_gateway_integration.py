@@ -539,6 +539,7 @@ async def timed(coro: Awaitable[Answer]) -> tuple[Answer, float]:
     return answer, time.monotonic() - started
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", ["open", "closed"])
 async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
     on_error: str,
@@ -580,6 +581,7 @@ async def test_redis_down_follows_on_error_and_recovers_without_a_restart(
     assert (await call(http, "GET", url, PHONE)).status == 403
 
 
+@pytest.mark.timing
 async def test_a_hung_redis_costs_at_most_the_timeout(
     own_redis: RedisServer,
     upstream: CountingUpstream,

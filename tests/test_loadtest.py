@@ -489,6 +489,7 @@ def test_post_bodies_and_latency() -> None:
     assert latency_us(10.0, 10.0015) == 1500 and latency_us(10.0, 9.0) == 0
 
 
+@pytest.mark.timing
 def test_the_open_loop_clock_fires_timers_well_under_a_millisecond_late() -> None:
     # epoll_wait and uvloop sleep in whole milliseconds: open loop would charge that to the
     # target as latency. The loadtest's loop sleeps in select() on the epoll descriptor.
@@ -542,6 +543,7 @@ async def run_spec(spec: LoadSpec, devices: int = 5, seed: int = 1) -> tuple[Rec
     return rec, elapsed
 
 
+@pytest.mark.timing
 async def test_open_loop_sends_the_schedule_with_the_fleet_headers(
     make_upstream: MakeUpstream,
 ) -> None:
@@ -567,6 +569,7 @@ async def test_open_loop_sends_the_schedule_with_the_fleet_headers(
         assert all(seen.headers[name] == value for name, value in expected.items())
 
 
+@pytest.mark.timing
 async def test_open_loop_measures_from_the_intended_time_when_the_server_queues(
     make_upstream: MakeUpstream,
 ) -> None:
@@ -581,6 +584,7 @@ async def test_open_loop_measures_from_the_intended_time_when_the_server_queues(
     assert closed_rec.total.percentiles((99.0,))[99.0] < 200_000
 
 
+@pytest.mark.timing
 async def test_open_loop_keeps_its_schedule_through_a_stalled_generator(
     make_upstream: MakeUpstream,
 ) -> None:
@@ -599,6 +603,7 @@ async def test_open_loop_keeps_its_schedule_through_a_stalled_generator(
     assert rec.total.percentiles((50.0,))[50.0] < 100_000
 
 
+@pytest.mark.timing
 async def test_closed_loop_keeps_exactly_c_requests_in_flight(
     make_upstream: MakeUpstream,
 ) -> None:
@@ -610,6 +615,7 @@ async def test_closed_loop_keeps_exactly_c_requests_in_flight(
     assert elapsed < 1.0
 
 
+@pytest.mark.timing
 async def test_every_request_is_bounded_by_the_timeout(make_upstream: MakeUpstream) -> None:
     url = readings(await make_upstream(Slow(30.0, OK)))
     started = time.monotonic()

@@ -433,6 +433,7 @@ async def test_sigterm_under_load_finishes_every_started_answer_and_exits_0(
 # ---------------------------------------------------------------- 2. the bound on the stop
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_shutdown_timeout_bounds_the_stop_and_cuts_what_is_still_in_flight(
     workers: int,
@@ -682,6 +683,7 @@ class OpenLoop:
         await asyncio.wait_for(asyncio.gather(*(p.task for p in pipes)), WAIT)
 
 
+@pytest.mark.timing
 async def test_overload_at_twice_capacity_stays_up_bounded_and_recovers(
     upstream_process: str, start_gateway: StartGateway, real_redis: RedisServer
 ) -> None:

@@ -109,6 +109,7 @@ async def test_noscript_is_recovered_by_loading_the_script_once(
     assert await pipeline.call(["k"], ["x"]) == [b"k", b"x"]
 
 
+@pytest.mark.timing
 async def test_a_restarted_redis_is_reconnected_to(
     pipeline: ScriptPipeline, own_redis: RedisServer
 ) -> None:
@@ -123,6 +124,7 @@ async def test_a_restarted_redis_is_reconnected_to(
     assert await pipeline.call(["k"], ["3"]) == [b"k", b"3"]
 
 
+@pytest.mark.timing
 async def test_a_frozen_redis_fails_calls_at_the_timeout_then_recovers(
     pipeline: ScriptPipeline, own_redis: RedisServer
 ) -> None:
@@ -176,6 +178,7 @@ async def test_auth_and_database_selection() -> None:
         server.stop()
 
 
+@pytest.mark.timing
 async def test_unreachable_redis_fails_fast() -> None:
     from tests.rig.system import free_port
 

@@ -1178,6 +1178,7 @@ async def test_upstream_connections_are_pooled_and_kept_alive(
     assert len(set(peers)) == 1
 
 
+@pytest.mark.timing
 async def test_pool_limit_answers_a_fast_503_envelope(
     start_upstream: StartUpstream, start_gateway: StartGateway
 ) -> None:

@@ -171,6 +171,7 @@ def crash(server: RedisServer) -> None:
 # ---------------------------------------------------------------- killed under load
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_redis_killed_under_load_then_restarted_loses_nothing_and_enforces_again(
     on_error: OnError,
@@ -236,6 +237,7 @@ async def test_redis_killed_under_load_then_restarted_loses_nothing_and_enforces
 # ---------------------------------------------------------------- black hole
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_breaker_skips_it(
     on_error: OnError,
@@ -314,6 +316,7 @@ async def test_black_holed_redis_costs_each_request_at_most_the_timeout_and_the_
 # ---------------------------------------------------------------- slow Redis
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_slow_redis_is_waited_for_below_the_timeout_and_fails_per_on_error_above(
     on_error: OnError,
@@ -461,6 +464,7 @@ def unfill(server: RedisServer) -> None:
         client.config_set("maxmemory", MAXMEMORY)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("on_error", MODES)
 async def test_redis_out_of_memory_follows_on_error_and_a_blocked_device_stays_blocked(
     on_error: OnError,
@@ -514,6 +518,7 @@ async def test_redis_out_of_memory_follows_on_error_and_a_blocked_device_stays_b
 SNAPSHOTS_AT_START = {"no snapshot": None, "a corrupt snapshot": b'{"format": 1, "ids": ["'}
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("left", SNAPSHOTS_AT_START.values(), ids=SNAPSHOTS_AT_START.keys())
 async def test_a_gateway_started_while_redis_is_down_listens_and_becomes_ready_when_it_is_up(
     upstream: CountingUpstream,

@@ -401,6 +401,7 @@ async def test_two_stores_share_one_server(clock: FakeClock) -> None:
     await b.close()
 
 
+@pytest.mark.timing
 async def test_unreachable_redis_raises_store_unavailable_in_time() -> None:
     store = Store.from_settings(
         RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.1)
@@ -414,6 +415,7 @@ async def test_unreachable_redis_raises_store_unavailable_in_time() -> None:
     await store.close()
 
 
+@pytest.mark.timing
 async def test_black_holed_redis_is_bounded_by_the_timeout(
     make_raw_upstream: MakeRawUpstream,
 ) -> None:

@@ -220,6 +220,7 @@ def assert_gateway_answer(answer: Answer, expected: Mapping[str, object]) -> Non
 # ---------------------------------------------------------------- refused, reset, silent
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("fault", ["refused", "reset_at_accept"])
 async def test_an_upstream_refusing_or_resetting_before_the_answer_is_a_fast_502_envelope(
     fault: Literal["refused", "reset_at_accept"],
@@ -251,6 +252,7 @@ async def test_an_upstream_refusing_or_resetting_before_the_answer_is_a_fast_502
     assert_no_traceback(gateway_log)
 
 
+@pytest.mark.timing
 async def test_a_black_holed_upstream_is_a_504_envelope_at_the_timeout(
     upstream: CountingUpstream,
     real_redis: RedisServer,
@@ -282,6 +284,7 @@ async def test_a_black_holed_upstream_is_a_504_envelope_at_the_timeout(
     assert_no_traceback(gateway_log)
 
 
+@pytest.mark.timing
 async def test_a_connect_timeout_is_a_502_envelope_at_the_connect_timeout(
     unaccepting_listener: str,
     upstream: CountingUpstream,
@@ -366,6 +369,7 @@ async def test_an_upstream_breaking_mid_body_cuts_the_client_and_its_connection_
     assert_no_traceback(gateway_log)
 
 
+@pytest.mark.timing
 async def test_a_stream_silent_past_the_timeout_is_cut_never_turned_into_a_504(
     upstream: CountingUpstream,
     real_redis: RedisServer,
@@ -570,6 +574,7 @@ async def test_an_upstream_header_line_that_never_ends_is_refused_past_the_limit
 # ---------------------------------------------------------------- the pool
 
 
+@pytest.mark.timing
 async def test_an_exhausted_pool_answers_a_fast_503_and_leaks_no_connection(
     upstream: CountingUpstream,
     real_redis: RedisServer,
