@@ -22,18 +22,9 @@ from yarl import URL
 
 from tests.rig.client import OpenRawClient, RawClient
 from tests.rig.faults import FaultProxy
+from tests.rig.raw_upstream import MALFORMED, MakeRawUpstream, RawUpstream
 from tests.rig.system import free_port
-from tests.rig.upstream import (
-    MALFORMED,
-    MARK,
-    CountingUpstream,
-    MakeRawUpstream,
-    RawUpstream,
-    Reply,
-    ResetMidBody,
-    Slow,
-    Stream,
-)
+from tests.rig.upstream import MARK, CountingUpstream, Reply, ResetMidBody, Slow, Stream
 from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration

@@ -37,7 +37,8 @@ from gateway.logs import ACCESS_LOGGER, JsonFormatter
 from gateway.metrics import Metrics
 from gateway.store import Store
 from tests.rig.client import Answer, OpenRawClient, RawClient
-from tests.rig.upstream import CountingUpstream, MakeRawUpstream
+from tests.rig.raw_upstream import MakeRawUpstream
+from tests.rig.upstream import CountingUpstream
 from tests.rig.waits import until
 
 pytestmark = pytest.mark.integration

@@ -28,8 +28,8 @@ from gateway.loadtest.runner import (
     request_prefix,
 )
 from gateway.loadtest.spec import LoadSpec
+from tests.rig.raw_upstream import RawUpstream
 from tests.rig.system import free_port
-from tests.rig.upstream import RawUpstream
 from tests.rig.waits import bounded, until
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"

@@ -36,19 +36,16 @@ from gateway.identity import HeaderLookup
 from gateway.metrics import Metrics
 from gateway.store import Store
 from tests.rig.client import OpenRawClient, RawClient, head_fields
+from tests.rig.raw_upstream import MakeRawUpstream, RawAnswer, RawUpstream, Serve
 from tests.rig.system import free_port
 from tests.rig.upstream import (
     Behaviour,
     CountingUpstream,
     Handle,
     Handler,
-    MakeRawUpstream,
     MakeUpstream,
-    RawAnswer,
-    RawUpstream,
     Reply,
     Seen,
-    Serve,
 )
 from tests.rig.waits import until
 

@@ -15,9 +15,9 @@ from gateway.model import Bucket, DeviceIdentity, ReplyCode, iso_ms
 from gateway.store import Store
 from gateway.store.keys import shard_of
 from tests.rig.clock import EPOCH_US, FakeClock
+from tests.rig.raw_upstream import MakeRawUpstream
 from tests.rig.redis_server import RedisServer, command_stats, reset_stats
 from tests.rig.system import free_port
-from tests.rig.upstream import MakeRawUpstream
 
 BUCKET = Bucket(rate=1.0, burst=3)
 PHONE = DeviceIdentity(

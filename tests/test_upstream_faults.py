@@ -45,19 +45,16 @@ from tests.rig.gateway import (
     make_settings,
     send,
 )
+from tests.rig.raw_upstream import MALFORMED, MakeRawUpstream, RawUpstream, Script
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import free_port
 from tests.rig.upstream import (
-    MALFORMED,
     MARK,
     Behaviour,
     CountingUpstream,
-    MakeRawUpstream,
     MakeUpstream,
-    RawUpstream,
     Reply,
     ResetMidBody,
-    Script,
     Seen,
     Slow,
     Stream,

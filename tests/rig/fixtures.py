@@ -36,17 +36,9 @@ from tests.rig.client import OpenRawClient, RawClient
 from tests.rig.clock import FakeClock
 from tests.rig.faults import FaultProxy
 from tests.rig.gateway import Gateway, StartGateway
+from tests.rig.raw_upstream import MakeRawUpstream, RawUpstream, Script, Serve
 from tests.rig.redis_server import RedisServer
-from tests.rig.upstream import (
-    REPORT,
-    Behaviour,
-    CountingUpstream,
-    MakeRawUpstream,
-    MakeUpstream,
-    RawUpstream,
-    Script,
-    Serve,
-)
+from tests.rig.upstream import REPORT, Behaviour, CountingUpstream, MakeUpstream
 from tests.rig.waits import WAIT, bounded
 
 
