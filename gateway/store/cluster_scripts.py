@@ -7,6 +7,9 @@ the seeds) at the first call, and again, in the background and at most every
 `REFRESH_GAP` seconds, after a MOVED reply or a failed call: while it is being learnt, a
 call to a node that is gone fails as `StoreUnavailable` (on_error decides), never waits.
 
+Each primary has its own circuit breaker (gateway.store.breaker): a primary that fails is
+skipped at once, while the others serve their devices as before.
+
 Redirects: MOVED (the slot has a new owner: the map is corrected at once and the call sent
 there, once: a second MOVED fails the call), ASK (the slot is migrating and these keys have
 left: the call goes to the importing node behind ASKING), TRYAGAIN (a migration holds some of
@@ -27,6 +30,7 @@ from typing import Any, Final
 
 from gateway.errors import StoreRedirect, StoreUnavailable
 from gateway.redis_topology import NodeAddress, RedisTopology
+from gateway.store.breaker import CircuitBreaker
 from gateway.store.node_query import SLOTS_COUNT, ask, slot_map
 from gateway.store.pipeline import ConnectTo, ScriptPipeline
 from gateway.store.slots import key_slot
@@ -46,6 +50,8 @@ class ClusterScripts:
         self._timeout = timeout
         self._slots: list[NodeAddress | None] = [None] * SLOTS_COUNT
         self._nodes: dict[NodeAddress, ScriptPipeline] = {}
+        # One circuit breaker per primary: one failing node is skipped, not the cluster.
+        self._breakers: dict[NodeAddress, CircuitBreaker] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._last_refresh = -REFRESH_GAP
         self._closed = False
@@ -73,13 +79,26 @@ class ClusterScripts:
             address = self._slots[slot]
             if address is None:
                 raise StoreUnavailable(f"no Redis Cluster node serves slot {slot}")
+        breaker = self._breakers.get(address)
+        if breaker is None:
+            breaker = self._breakers[address] = CircuitBreaker()
+        if not breaker.allow():
+            self.refresh_soon()  # its slots may have a new primary by now
+            raise StoreUnavailable(f"Redis node {address} is failing; its breaker skips it")
         try:
-            return await self._pipeline(address).call(keys, args)
+            reply = await self._pipeline(address).call(keys, args)
         except StoreRedirect as redirect:
+            breaker.success()  # the node answered
             return await self._follow(redirect, keys, args)
         except StoreUnavailable:
+            breaker.failure()
             self.refresh_soon()  # the node may be gone: learn who serves its slots now
             raise
+        except BaseException:
+            breaker.abandon()  # cancelled: neither a success nor a failure of the node
+            raise
+        breaker.success()
+        return reply
 
     async def _follow(
         self, redirect: StoreRedirect, keys: Sequence[str], args: Sequence[str | int]

@@ -46,7 +46,7 @@ class EnforceScript:
     def __init__(
         self,
         keys: KeySchema,
-        breaker: CircuitBreaker,
+        breaker: CircuitBreaker | None,
         *,
         pipeline: ScriptCaller | None,
         fallback: ScriptCall,
@@ -116,8 +116,12 @@ class EnforceScript:
         return _reply(reply, bucket, _POLICY_DEVICE)
 
     async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> list[int]:
-        """One enforce.lua call, through the circuit breaker."""
+        """One enforce.lua call, through the circuit breaker (a cluster's caller keeps one
+        per node itself: one failing primary must not skip the others)."""
         breaker = self._breaker
+        if breaker is None:
+            assert self._pipeline is not None
+            return [int(x) for x in await self._pipeline.call(keys, args)]
         if not breaker.allow():
             raise StoreUnavailable("Redis is failing; the circuit breaker skips it for now")
         try:

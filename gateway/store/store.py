@@ -33,6 +33,7 @@ from gateway.store.clients import (
     redis_client,
     script_caller,
 )
+from gateway.store.cluster_scripts import ClusterScripts
 from gateway.store.enforce_script import EnforceScript, ScriptCaller
 from gateway.store.keys import KeySchema
 from gateway.store.listing import BlockedFilter, DeviceListing
@@ -93,7 +94,7 @@ class Store:
         self._listing = DeviceListing(admin, self._keys, self._admin_call)
         self._enforce_script = EnforceScript(
             self._keys,
-            breaker or CircuitBreaker(),
+            None if isinstance(pipeline, ClusterScripts) else (breaker or CircuitBreaker()),
             pipeline=pipeline,
             fallback=self._run_enforce,
             history_size=history_size,
