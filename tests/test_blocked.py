@@ -17,9 +17,11 @@ from gateway.dataplane import DataPlane, start_public
 from gateway.errors import StoreUnavailable
 from gateway.store import Store
 from gateway.store.blocked import BlockedSeed, BlockedSet, BlockedStatus
-from gateway.store.keys import KeySchema
+from gateway.store.keys import SHARDS, KeySchema
 from gateway.store.reset import RESTORE_CHUNK, StoreReset
 from tests.rig.clock import FakeClock
+from tests.rig.engine_fixtures import RedisEngine, all_ports
+from tests.rig.redis_cluster import RedisCluster
 from tests.rig.redis_server import RedisServer
 from tests.rig.upstream import CountingUpstream
 from tests.rig.waits import until, until_async
@@ -336,3 +338,59 @@ async def test_a_suspected_reset_is_looked_for_at_once(shared: tuple[Store, Any]
         await until(lambda: blocked.status().restored == 1, "the block restored", timeout=WAIT)
     finally:
         await blocked.close()
+
+
+@pytest.mark.timing
+async def test_every_process_learns_of_a_block_within_10_ms_on_each_engine(
+    redis_engine: RedisEngine,
+) -> None:
+    """Four following processes (stores of their own, the poll out of the way): each learns
+    of a block and of an unblock within 10 ms of the admin's call, on one server, a
+    cluster (the script's PUBLISH crosses the cluster bus) and Sentinel."""
+    settings = RedisSettings(url=redis_engine.url, timeout=1.0, write_replicas=0)
+    followers = [Store.from_settings(settings) for _ in range(4)]
+    admin = Store.from_settings(settings)
+    try:
+        for follower in followers:
+            follower.blocked._poll_interval = 30.0  # only the first poll: the rest is pub/sub
+            await follower.start(follow_blocked=True)
+            await asyncio.wait_for(follower.blocked.synced.wait(), WAIT)
+        sharded = isinstance(redis_engine, RedisCluster)
+        channels = (
+            [admin.keys.shard_channel(i) for i in range(SHARDS)]
+            if sharded
+            else [admin.keys.blocked_channel]
+        )
+
+        def subscribers() -> int:
+            """The fewest subscribers any of the channels has, over every node."""
+            counts = dict.fromkeys(channels, 0)
+            for port in all_ports(redis_engine):
+                with redis.Redis(port=port, socket_timeout=WAIT) as raw:
+                    command = "SHARDNUMSUB" if sharded else "NUMSUB"
+                    reply = raw.execute_command("PUBSUB", command, *channels)
+                for name, count in zip(reply[::2], reply[1::2], strict=True):
+                    counts[name.decode()] += int(count)
+            return min(counts.values())
+
+        await until(lambda: subscribers() >= len(followers), "the subscriptions")
+        ids = ("fast-1", "fast-2", "fast-3")
+        for device_id in ids:  # the admin client's first calls on a node connect and load
+            await admin.block(device_id)  # the scripts there: not what is measured
+            await admin.unblock(device_id)
+        await until(
+            lambda: all(not f.blocked.known or "fast-3" not in f.blocked for f in followers),
+            "quiet",
+        )
+        for device_id in ids:
+            for change, seen in ((admin.block, True), (admin.unblock, False)):
+                started = time.monotonic()
+                await change(device_id)
+                while any((device_id in f.blocked) is not seen for f in followers):
+                    assert time.monotonic() - started < WAIT, "never learnt"
+                    await asyncio.sleep(0.0005)
+                took = time.monotonic() - started
+                assert took < 0.010, (device_id, seen, took)
+    finally:
+        for store in (*followers, admin):
+            await store.close()

@@ -1,7 +1,8 @@
 """The token bucket as clients see it: across gateways, against Retry-After, under clock skew.
 
 Every gateway here is a DataPlane with a Store of its own (its own connections and script
-pipeline, as a separate `gateway run` process would have) on one real redis-server, in
+pipeline, as a separate `gateway run` process would have) on each real engine in turn (one
+redis-server, a Redis Cluster, a Sentinel-watched primary), in
 front of a loopback upstream that answers 200. The first test runs on real time (Redis
 `TIME`); the others drive an injected fake clock.
 
@@ -30,7 +31,7 @@ from gateway.model import Bucket
 from gateway.store import Store
 from gateway.typedefs import Clock
 from tests.rig.clock import FakeClock
-from tests.rig.redis_server import RedisServer
+from tests.rig.engine_fixtures import RedisEngine, primary_port_for, primary_ports
 from tests.rig.upstream import CountingUpstream
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ StartPlane = Callable[..., Awaitable[Plane]]
 
 @pytest.fixture
 async def start_plane(
-    real_redis: RedisServer, upstream: CountingUpstream
+    redis_engine: RedisEngine, upstream: CountingUpstream
 ) -> AsyncIterator[StartPlane]:
     """Factory: a DataPlane with a Store of its own on the shared real Redis."""
     prefix = f"acc{uuid.uuid4().hex[:6]}"
@@ -63,7 +64,7 @@ async def start_plane(
         config = {
             "upstream": {"url": upstream.url},
             # Generous: a slow call must not become an unenforced (on_error: open) answer.
-            "redis": {"url": real_redis.url, "timeout": 2.0, "key_prefix": prefix},
+            "redis": {"url": redis_engine.url, "timeout": 2.0, "key_prefix": prefix},
             "rate_limits": {"device": {"rate": rate, "burst": burst}},
         }
         settings = parse_config(orjson.dumps(config).decode(), "test.yaml")  # JSON is YAML
@@ -211,7 +212,7 @@ async def redis_ms(client: aioredis.Redis) -> int:
 async def test_host_clock_skew_changes_no_decision_and_no_timestamp(
     start_plane: StartPlane,
     http: aiohttp.ClientSession,
-    real_redis: RedisServer,
+    redis_engine: RedisEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Production stores: no injected clock, so enforce.lua reads Redis TIME. Three gateways
@@ -226,7 +227,7 @@ async def test_host_clock_skew_changes_no_decision_and_no_timestamp(
         monkeypatch.setattr(time, "time", lambda: real_time() + seconds)
         monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + seconds * 10**9)
 
-    redis_client = aioredis.from_url(real_redis.url, socket_timeout=WAIT)
+    redis_client = aioredis.Redis(port=primary_ports(redis_engine)[0], socket_timeout=WAIT)
     try:
         sequence = [(behind, -30), (ahead, 30), (exact, 0)] * 2
         skewed_answers = []
@@ -251,7 +252,10 @@ async def test_host_clock_skew_changes_no_decision_and_no_timestamp(
 
 
 async def test_timestamps_never_move_backwards_when_a_request_carries_an_older_time(
-    start_plane: StartPlane, http: aiohttp.ClientSession, clock: FakeClock, real_redis: RedisServer
+    start_plane: StartPlane,
+    http: aiohttp.ClientSession,
+    clock: FakeClock,
+    redis_engine: RedisEngine,
 ) -> None:
     # The injected clock is the test hook that can carry an old time into enforce.lua (a
     # call delayed in flight would do the same with a client clock): stores 30 s ahead and
@@ -262,7 +266,9 @@ async def test_timestamps_never_move_backwards_when_a_request_carries_an_older_t
     behind = await start_plane(clock=lambda: clock() - 30_000_000, device=bucket)
     t = clock.now_ms
     record_key = exact.store.keys.device("drift").record
-    redis_client = aioredis.from_url(real_redis.url, socket_timeout=WAIT)
+    redis_client = aioredis.Redis(
+        port=primary_port_for(redis_engine, record_key), socket_timeout=WAIT
+    )
     stamps: list[int] = []
 
     async def step(plane: Plane, method: str = "GET") -> tuple[int, int | None, int, int | None]:

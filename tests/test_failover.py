@@ -20,6 +20,7 @@ import time
 import aiohttp
 import pytest
 
+from gateway.store.breaker import COOLDOWN
 from gateway.store.keys import KeySchema
 from tests.rig.gateway import (
     Load,
@@ -99,7 +100,10 @@ async def test_primary_killed_under_load_blocked_stay_403_enforcement_resumes(
         "enforcement on the promoted replica",
         WAIT,
     )
-    await asyncio.sleep(0.5)  # the scenario: a tail of enforced traffic
+    # Every device is enforced again once each primary's breaker let a probe through (a
+    # breaker opened by CLUSTERDOWN waits its cool-down): then a tail of enforced traffic.
+    settled = promoted + COOLDOWN + 0.3
+    await asyncio.sleep(max(0.0, settled + 0.5 - time.monotonic()))  # the scenario's tail
     answers = await load.stop()
     resumed = min(
         a.done for a in answers if a.sent >= promoted and a.enforced and a.device in victim_devices
@@ -118,10 +122,10 @@ async def test_primary_killed_under_load_blocked_stay_403_enforcement_resumes(
     # Nothing unenforced before the kill: the outage is the failover's, no longer.
     assert all(a.enforced or a.device == blocked for a in answers if a.done < killed)
     assert resumed - promoted < 2.0
-    # Once resumed, every device but the blocked one (a 403 carries no rate-limit headers)
-    # is enforced again.
-    late = [a for a in answers if a.sent > resumed + 0.2 and not a.enforced and a.device != blocked]
-    assert late == [], [(a.device, a.status, a.sent - resumed) for a in late]
+    # Settled, every device but the blocked one (a 403 carries no rate-limit headers) is
+    # enforced again.
+    late = [a for a in answers if a.sent > settled and not a.enforced and a.device != blocked]
+    assert late == [], [(a.device, a.status, a.sent - promoted) for a in late]
     record = await gw.store.get_device(blocked)
     assert record is not None and record.blocked  # the acknowledged block survived
     assert_no_traceback(gateway_log)

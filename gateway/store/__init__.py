@@ -5,6 +5,11 @@
     enforce_script.py  EnforceScript: the data plane's client of enforce.lua (keys and
                        arguments, circuit breaker, the reply typed as an EnforceReply)
     pipeline.py        ScriptPipeline: enforce.lua over one pipelined hiredis connection
+    clients.py         how the store connects per topology: one server, Sentinel, Cluster
+    cluster_scripts.py ClusterScripts: enforce.lua on a Redis Cluster, one pipeline per
+                       primary (slot map, MOVED / ASK / TRYAGAIN, a breaker per primary)
+    node_query.py      one-off questions to one node (CLUSTER SLOTS, a sentinel's primary)
+    slots.py           the cluster's key -> slot function (pure)
     breaker.py         CircuitBreaker (pure)
     keys.py            the Redis key schema and record field names (pure)
     records.py         a Redis hash or flat script reply read back into a Device (pure)

@@ -16,6 +16,7 @@ they only ever come after the tag, and only the first `{...}` of a key is its ta
     <p>:{dNNN}:names        hash    id -> custom name (renamed devices only), for the name search
     <p>:{dNNN}:bver         string  version of the shard's blocked index, bumped by every change
     <p>:blocked             channel "b <id>" / "u <id>" on every block / unblock
+    <p>:{dNNN}:bev          channel the same, on a cluster: the shard's own (SPUBLISH)
     <p>:epoch               string  a random token set once per Redis dataset: gone or changed,
                                     Redis lost the gateway's data (gateway.store.epoch)
     <p>:{aNNN}:ip:<ip>      string  token bucket of an anonymous client address
@@ -143,6 +144,16 @@ class KeySchema:
     def epoch(self) -> str:
         """The epoch marker: a random token that lives as long as the gateway's data in Redis."""
         return f"{self.prefix}:epoch"
+
+    def shard_channel(self, shard: int) -> str:
+        """A shard's own channel of block events (a cluster's sharded pub/sub)."""
+        return f"{self._dev_tags[shard]}bev"
+
+    def device_channel(self, device_id: str, *, sharded: bool) -> str:
+        """The channel a device's block events go to: its shard's, or the one channel."""
+        if sharded:
+            return self.shard_channel(shard_of(device_id))
+        return self.blocked_channel
 
     @property
     def blocked_channel(self) -> str:

@@ -6,7 +6,7 @@ answers in order, so replies are matched to callers first-in first-out and parse
 hiredis' C reader. The connection is opened on first use and again after any failure.
 
 Where it connects is asked of `resolve` each time it opens: a fixed server, or the
-primary the sentinels name now (gateway.store.routes); a cluster keeps one pipeline per
+primary the sentinels name now (gateway.store.clients); a cluster keeps one pipeline per
 primary (gateway.store.cluster_scripts).
 
 Failure handling, at one place: a reply that does not come within `timeout` of its batch's

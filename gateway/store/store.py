@@ -78,8 +78,12 @@ class Store:
         self._pipeline = pipeline
         self._admin = admin
         self._keys = KeySchema(key_prefix)
+        self._one_node = one_node
         self.blocked = BlockedSet(
-            admin, self._keys, restore=self._block_again if restore_blocks else None
+            admin,
+            self._keys,
+            restore=self._block_again if restore_blocks else None,
+            sharded=not one_node,
         )
         self._timeout = timeout
         self._admin_timeout = admin_timeout
@@ -254,7 +258,7 @@ class Store:
         flat, replication = await self._acked(
             self._block,
             (k.record, k.active, k.blocked, k.blocked_version),
-            (self._enforce_script.now(), device_id, self._keys.blocked_channel),
+            (self._enforce_script.now(), device_id, *self._events(device_id)),
         )
         device = device_from_flat(device_id, flat)
         assert device is not None  # block.lua always returns the record
@@ -267,7 +271,7 @@ class Store:
                 k = self._keys.device(device_id)
                 await self._block(
                     (k.record, k.active, k.blocked, k.blocked_version),
-                    (self._enforce_script.now(), device_id, self._keys.blocked_channel),
+                    (self._enforce_script.now(), device_id, *self._events(device_id)),
                     client=pipe,
                 )
             await self._admin_call(pipe.execute())
@@ -282,7 +286,7 @@ class Store:
         flat, replication = await self._acked(
             self._unblock,
             (k.record, k.blocked, k.blocked_version),
-            (device_id, self._keys.blocked_channel),
+            (device_id, *self._events(device_id)),
         )
         return device_from_flat(device_id, flat), replication
 
@@ -296,9 +300,16 @@ class Store:
         removed, replication = await self._acked(
             self._delete,
             (k.record, k.history, k.active, k.blocked, k.names, k.blocked_version),
-            (device_id, self._keys.blocked_channel),
+            (device_id, *self._events(device_id)),
         )
         return bool(removed), replication
+
+    def _events(self, device_id: str) -> tuple[str, str]:
+        """Where block.lua, unblock.lua and delete.lua publish a device's event, and how:
+        its shard's channel by SPUBLISH on a cluster, else the one channel by PUBLISH."""
+        sharded = not self._one_node
+        channel = self._keys.device_channel(device_id, sharded=sharded)
+        return channel, "SPUBLISH" if sharded else "PUBLISH"
 
     @staticmethod
     def _script_text(script: AsyncScript) -> str:

@@ -70,3 +70,19 @@ def primary_ports(engine: RedisEngine) -> list[int]:
     if isinstance(engine, RedisSentinel):
         return [engine.primary_port()]
     return [engine.port]
+
+
+def primary_port_for(engine: RedisEngine, key: str) -> int:
+    """The port of the primary that holds `key` on the engine."""
+    if isinstance(engine, RedisCluster):
+        return engine.primary_for_key(key)
+    return primary_ports(engine)[0]
+
+
+def all_ports(engine: RedisEngine) -> list[int]:
+    """The ports of every data node of the engine (a pub/sub subscriber may be on any)."""
+    if isinstance(engine, RedisCluster):
+        return [node.port for node in engine.nodes]
+    if isinstance(engine, RedisSentinel):
+        return engine.data_ports
+    return [engine.port]

@@ -5,6 +5,7 @@
 -- ARGV[1] now in microseconds since the epoch, or "" to read Redis TIME
 -- ARGV[2] device id
 -- ARGV[3] pub/sub channel of block events
+-- ARGV[4] PUBLISH, or SPUBLISH on a cluster (ARGV[3] is then the shard's own channel)
 -- Reply: the record as a flat HGETALL list.
 -- Every process keeps a copy of the blocked ids for when Redis cannot answer: a change
 -- bumps the shard's version (their poll) and is published (their immediate update).
@@ -20,7 +21,7 @@ else
 end
 local now_ms = string.format('%d', math.floor(now_us / 1000))
 local record, active, blocked, version = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local device_id, channel = ARGV[2], ARGV[3]
+local device_id, channel, publish = ARGV[2], ARGV[3], ARGV[4]
 
 local current = redis.call('HMGET', record,
   {{FIELD_REQUESTS}}, {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}})
@@ -34,6 +35,6 @@ if not current[2] then
   redis.call('ZADD', active, score, device_id)
   redis.call('ZADD', blocked, score, device_id)
   redis.call('INCR', version)
-  redis.call('PUBLISH', channel, 'b ' .. device_id)
+  redis.call(publish, channel, 'b ' .. device_id)
 end
 return redis.call('HGETALL', record)

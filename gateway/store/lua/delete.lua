@@ -3,11 +3,12 @@
 -- KEYS[5] names hash, KEYS[6] the shard's blocked-index version
 -- ARGV[1] device id
 -- ARGV[2] pub/sub channel of block events
+-- ARGV[3] PUBLISH, or SPUBLISH on a cluster (ARGV[2] is then the shard's own channel)
 -- Reply: 1 when a record was removed, 0 when there was none.
 -- Record field names are placeholders in double braces, rendered in from gateway.schema
 -- when the script is loaded (gateway.store.scripts).
 
-local device_id, channel = ARGV[1], ARGV[2]
+local device_id, channel, publish = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HEXISTS', KEYS[1], {{FIELD_REQUESTS}}) == 0 then
   return 0
 end
@@ -15,7 +16,7 @@ redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], device_id)
 if redis.call('ZREM', KEYS[4], device_id) == 1 then
   redis.call('INCR', KEYS[6])
-  redis.call('PUBLISH', channel, 'u ' .. device_id)
+  redis.call(publish, channel, 'u ' .. device_id)
 end
 redis.call('HDEL', KEYS[5], device_id)
 return 1
