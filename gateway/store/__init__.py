@@ -16,6 +16,7 @@
     listing.py         DeviceListing: pages by activity (k-way merge of the shards),
                        the name search
     blocked.py         BlockedSet: each process's copy of the blocked ids, following Redis
+    shard_events.py    a cluster's block events on the shards' own channels (SSUBSCRIBE)
     reset.py           ResetRecovery: Redis lost the gateway's data: block the known ids again
     epoch.py           the epoch marker that tells such a loss (pure)
     snapshot.py        the blocked ids kept on disk for a start while Redis is down

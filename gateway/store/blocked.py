@@ -40,18 +40,13 @@ from gateway.errors import StoreError
 from gateway.store.epoch import EpochCheck, check_epoch, new_epoch
 from gateway.store.keys import SHARDS, KeySchema, shard_of
 from gateway.store.reset import ResetRecovery, Restore, StoreReset
+from gateway.store.shard_events import follow_shard_channels
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL: Final = 1.0
 MIN_POLL_GAP: Final = 0.05  # seconds between two polls, however often one is asked for
 CALL_TIMEOUT: Final = 2.0
-
-# What a primary's own subscription connection takes from the cluster client's settings.
-_NODE_CONNECTION_KEYS: Final = (
-    "host", "port", "username", "password", "socket_connect_timeout",
-    "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname",
-)  # fmt: skip
 
 Source = Literal["redis", "supervisor", "snapshot"]
 SOURCES: Final[tuple[Source, ...]] = ("redis", "supervisor", "snapshot")
@@ -316,79 +311,15 @@ class BlockedSet:
             self._wake.clear()
 
     async def _listen_sharded(self) -> None:
-        """On a cluster: one connection per primary, SSUBSCRIBEd to the shard channels of
-        the slots it owns (a message then never crosses the cluster bus, whose links delay
-        a second message by tens of ms). Any failure, or the slots moving (looked at every
-        poll interval), subscribes again from the cluster's current map."""
-        cluster = cast(RedisCluster, self._client)
+        """On a cluster: the shards' own channels, one connection per primary."""
         channels = [self._keys.shard_channel(i) for i in range(SHARDS)]
-        while not self._closing:
-            listeners: list[asyncio.Task[None]] = []
-            try:
-                async with asyncio.timeout(CALL_TIMEOUT):
-                    await cluster.initialize()
-                owners: dict[str, list[str]] = {}
-                nodes: dict[str, Any] = {}
-                for channel in channels:
-                    node = cluster.get_node_from_key(channel)
-                    if node is None:
-                        raise StoreError(f"no Redis Cluster node serves {channel}")
-                    owners.setdefault(node.name, []).append(channel)
-                    nodes[node.name] = node
-                listeners = [
-                    asyncio.create_task(self._listen_node(nodes[name], mine))
-                    for name, mine in owners.items()
-                ]
-                while not self._closing:
-                    done, _ = await asyncio.wait(
-                        listeners, timeout=self._poll_interval, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if done:
-                        for task in done:
-                            task.result()  # a listener ends only by failing
-                    moved = {
-                        n.name for c in channels if (n := cluster.get_node_from_key(c)) is not None
-                    }
-                    if moved != set(owners):
-                        break
-            except (RedisError, OSError, TimeoutError, StoreError) as exc:
-                log.debug("blocked-set sharded subscription lost: %r", exc)
-            except Exception:
-                # Not Redis's doing: say so loudly, and subscribe again rather than stop.
-                log.exception("blocked-set sharded subscription failed")
-            finally:
-                for task in listeners:
-                    task.cancel()
-                if listeners:
-                    await asyncio.wait(listeners, timeout=CALL_TIMEOUT)
-            if not self._closing:
-                await asyncio.sleep(MIN_POLL_GAP)  # the poll covers the gap meanwhile
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    async with asyncio.timeout(CALL_TIMEOUT):
-                        await cluster.nodes_manager.initialize()
-
-    async def _listen_node(self, node: Any, channels: list[str]) -> None:
-        """Read one primary's shard channels until the connection fails."""
-        given = node.connection_kwargs
-        kwargs = {k: given[k] for k in _NODE_CONNECTION_KEYS if given.get(k) is not None}
-        if "SSL" in getattr(given.get("connection_class"), "__name__", ""):
-            kwargs["ssl"] = True
-        # No read timeout: a subscription is quiet until a block; its failures end it.
-        client = aioredis.Redis(**kwargs, socket_timeout=None)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
-        try:
-            for channel in channels:  # one SSUBSCRIBE per slot: several would be CROSSSLOT
-                await pubsub.ssubscribe(channel)
-            while not self._closing:
-                message = await pubsub.get_message(timeout=self._poll_interval)
-                if message is not None and message.get("type") == "smessage":
-                    data = message["data"]
-                    self.apply(data if isinstance(data, str) else data.decode())
-        finally:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await client.aclose()
+        await follow_shard_channels(
+            cast(RedisCluster, self._client),
+            channels,
+            self.apply,
+            closing=lambda: self._closing,
+            interval=self._poll_interval,
+        )
 
     async def _listen_forever(self) -> None:
         channel = self._keys.blocked_channel
