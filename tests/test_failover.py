@@ -20,6 +20,7 @@ import time
 import aiohttp
 import pytest
 
+from gateway.model import Bucket
 from gateway.store.breaker import COOLDOWN
 from gateway.store.keys import KeySchema
 from tests.rig.gateway import (
@@ -128,4 +129,55 @@ async def test_primary_killed_under_load_blocked_stay_403_enforcement_resumes(
     assert late == [], [(a.device, a.status, a.sent - promoted) for a in late]
     record = await gw.store.get_device(blocked)
     assert record is not None and record.blocked  # the acknowledged block survived
+    assert_no_traceback(gateway_log)
+
+
+async def test_slots_moved_under_load_lose_no_record_and_reset_no_bucket(
+    real_cluster: RedisCluster,
+    upstream: CountingUpstream,
+    http: aiohttp.ClientSession,
+    start_gateway: StartGateway,
+    gateway_log: pytest.LogCaptureFixture,
+) -> None:
+    """The slots of active devices move to another primary (MIGRATE key by key, as
+    `redis-cli --cluster reshard` does) while they send: every enforced request is counted
+    in its record, an exhausted bucket stays exhausted, and nothing but on_error's
+    unenforced answers (ASK/TRYAGAIN past the call's budget) reaches a client."""
+    source = real_cluster.primary_for_key(KEYS.device("move-0").record)
+    target = next(n.port for n in real_cluster.nodes if n.role == "primary" and n.port != source)
+    devices = [
+        d
+        for d in (f"move-{i}" for i in range(2000))
+        if real_cluster.primary_for_key(KEYS.device(d).record) == source
+    ][:8]
+    limited = devices[0]
+    gw = await start_gateway(make_settings(upstream, real_cluster.url, "open"))
+    await gw.store.set_rate_limit(limited, Bucket(rate=0.01, burst=2))
+    for device in devices:
+        assert (await send(http, gw.url, device)).enforced
+    assert (await send(http, gw.url, limited)).status == 200  # the bucket's last token
+    before = {d: await gw.store.get_device(d) for d in devices}
+
+    load = Load(http, gw.url, devices, clients=8)
+    load.start(pace=0.02)
+    await asyncio.sleep(0.3)  # the scenario: traffic before the move
+    slots = sorted({real_cluster.slot_for_key(KEYS.device(d).record) for d in devices})
+    await asyncio.to_thread(real_cluster.move_slots, slots, target)
+    await asyncio.sleep(0.5)  # the scenario: traffic after it
+    answers = await load.stop()
+
+    for answer in answers:
+        assert_envelope(answer)
+    assert [a.status for a in answers if a.status >= 500] == []
+    assert all(real_cluster.primary_for_key(KEYS.device(d).record) == target for d in devices)
+    of_limited = [a for a in answers if a.device == limited]
+    assert of_limited and all(a.status == 429 for a in of_limited if a.enforced)
+    for device in devices:
+        old, new = before[device], await gw.store.get_device(device)
+        assert old is not None and new is not None, device
+        enforced = sum(a.enforced for a in answers if a.device == device)
+        assert new.request_count - old.request_count == enforced, device  # none lost
+        assert new.first_seen == old.first_seen
+    figure("requests", len(answers))
+    figure("unenforced during the move", sum(not a.enforced for a in answers))
     assert_no_traceback(gateway_log)
