@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.metrics import Metrics, SharedCounters, render
+from tests.rig.engine_fixtures import RedisEngine
 from tests.rig.redis_server import RedisServer
 from tests.rig.system import children, free_port
 from tests.rig.upstream import CountingUpstream
@@ -62,15 +63,17 @@ async def wait_for(url: str, headers: dict[str, str] | None = None) -> None:
 
 
 async def test_two_workers_share_the_port_the_counters_and_the_store(
-    tmp_path: Path, own_redis: RedisServer, upstream: CountingUpstream
+    tmp_path: Path, redis_engine: RedisEngine, upstream: CountingUpstream
 ) -> None:
+    """On each real engine (one server, a cluster, Sentinel): two worker processes behind
+    one port, one store, counters that add up, a block that holds in both."""
     public, admin = free_port(), free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
         f"server: {{listen: '127.0.0.1:{public}'}}\n"
         f"admin: {{listen: '127.0.0.1:{admin}', token: '{TOKEN}'}}\n"
         f"upstream: {{url: '{upstream.url}'}}\n"
-        f"redis: {{url: '{own_redis.url}'}}\n"
+        f"redis: {{url: '{redis_engine.url}'}}\n"
         "log: {access: false, level: warning}\n"
     )
     with (tmp_path / "stderr").open("wb") as err:  # the child keeps its own copy
