@@ -41,6 +41,8 @@ HOT_MODULES = [
     "gateway/store/enforce_script.py",
     "gateway/store/pipeline.py",
     "gateway/store/keys.py",
+    "gateway/store/slots.py",
+    "gateway/store/cluster_scripts.py",
     "gateway/store/breaker.py",
     "gateway/metrics.py",
     "gateway/model.py",
