@@ -41,8 +41,9 @@ def ident(device_id: str) -> DeviceIdentity:
     return DeviceIdentity(device_id, "app", "1.0", None, None, None, None)
 
 
-async def enforce(store: Store, device_id: str, **kwargs: object) -> ReplyCode:
-    reply = await store.enforce(ident(device_id), "198.51.100.7", BUCKET, upload=False, **kwargs)  # type: ignore[arg-type]
+async def enforce(store: Store, device_id: str) -> ReplyCode:
+    """One request of the device, as the data plane asks for it: what Redis decided."""
+    reply = await store.enforce(ident(device_id), "198.51.100.7", BUCKET, upload=False)
     return reply.outcome
 
 
