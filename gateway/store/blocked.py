@@ -319,6 +319,7 @@ class BlockedSet:
             self.apply,
             closing=lambda: self._closing,
             interval=self._poll_interval,
+            call_timeout=CALL_TIMEOUT,
         )
 
     async def _listen_forever(self) -> None:

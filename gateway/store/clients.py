@@ -80,11 +80,14 @@ def redis_client(topology: RedisTopology, timeout: float, *, decode: bool) -> ai
     return aioredis.Redis(connection_pool=pool)
 
 
-AckedEval = Callable[[str, Sequence[str], Sequence[str | int]], Awaitable[tuple[Any, int]]]
+# (script, keys, args, ("WAIT", replicas, milliseconds)) -> (reply, replicas reached)
+AckedEval = Callable[
+    [str, Sequence[str], Sequence[str | int], tuple[str, int, int]], Awaitable[tuple[Any, int]]
+]
 
 
 def cluster_acked_eval(
-    client: aioredis.Redis, topology: RedisTopology, replicas: int, wait_ms: int, timeout: float
+    client: aioredis.Redis, topology: RedisTopology, timeout: float
 ) -> AckedEval:
     """An admin script and its WAIT on one connection to the primary of the keys' slot (a
     cluster client's pool may hand WAIT another connection, which has no writes to wait
@@ -93,7 +96,9 @@ def cluster_acked_eval(
     cluster = cast(RedisCluster, client)
     t = topology
 
-    async def run(script: str, keys: Sequence[str], args: Sequence[str | int]) -> tuple[Any, int]:
+    async def run(
+        script: str, keys: Sequence[str], args: Sequence[str | int], wait: tuple[str, int, int]
+    ) -> tuple[Any, int]:
         await cluster.initialize()
         for attempt in (1, 2):
             node = cluster.get_node_from_key(keys[0])
@@ -102,7 +107,7 @@ def cluster_acked_eval(
             try:
                 reply, reached = await ask(
                     NodeAddress(node.host, int(node.port)),
-                    [("EVAL", script, len(keys), *keys, *args), ("WAIT", replicas, wait_ms)],
+                    [("EVAL", script, len(keys), *keys, *args), wait],
                     timeout=timeout,
                     tls=t.tls,
                     username=t.username,

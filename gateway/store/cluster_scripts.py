@@ -142,12 +142,8 @@ class ClusterScripts:
             to = ConnectTo(
                 address.host, address.port, tls=t.tls, username=t.username, password=t.password
             )
-
-            async def fixed() -> ConnectTo:
-                return to
-
-            pipeline = self._nodes[address] = ScriptPipeline(
-                fixed, self._script, timeout=self._timeout
+            pipeline = self._nodes[address] = ScriptPipeline.fixed(
+                to, self._script, timeout=self._timeout
             )
         return pipeline
 

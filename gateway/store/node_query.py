@@ -14,7 +14,7 @@ import hiredis
 
 from gateway.errors import StoreUnavailable
 from gateway.redis_topology import NodeAddress
-from gateway.store.pipeline import pack
+from gateway.store.pipeline import auth, pack
 
 SLOTS_COUNT: Final = 16384
 
@@ -30,9 +30,7 @@ async def ask(
 ) -> list[Any]:
     """Send `commands` (after AUTH when a password is given) and return their replies;
     StoreUnavailable when the node cannot be reached, refuses, or is slower than `timeout`."""
-    setup: list[Sequence[str | int | bytes]] = []
-    if password:
-        setup.append(("AUTH", username, password) if username else ("AUTH", password))
+    setup = auth(username, password)
     wanted = [*setup, *commands]
     reader = hiredis.Reader()
     writer: asyncio.StreamWriter | None = None

@@ -93,6 +93,14 @@ class ConnectTo:
 Resolve = Callable[[], Awaitable[ConnectTo]]
 
 
+def auth(username: str | None, password: str | None) -> list[tuple[str | int | bytes, ...]]:
+    """The AUTH a connection opens with: none without a password (also gateway.store.
+    node_query's one-off connections)."""
+    if not password:
+        return []
+    return [("AUTH", username, password) if username else ("AUTH", password)]
+
+
 class _Call:
     """One caller's place in the reply stream."""
 
@@ -154,14 +162,19 @@ class ScriptPipeline:
         return self._sha.decode()
 
     @classmethod
-    def for_url(cls, url: str, script: str, *, timeout: float) -> ScriptPipeline:
-        """A pipeline to the one server a redis://, rediss:// or unix:// URL names."""
-        target = ConnectTo.from_url(url)
+    def fixed(cls, target: ConnectTo, script: str, *, timeout: float) -> ScriptPipeline:
+        """A pipeline to one server that never moves (a cluster's primary is one too: when
+        its slots move, the router makes another)."""
 
-        async def fixed() -> ConnectTo:
+        async def resolve() -> ConnectTo:
             return target
 
-        return cls(fixed, script, timeout=timeout)
+        return cls(resolve, script, timeout=timeout)
+
+    @classmethod
+    def for_url(cls, url: str, script: str, *, timeout: float) -> ScriptPipeline:
+        """A pipeline to the one server a redis://, rediss:// or unix:// URL names."""
+        return cls.fixed(ConnectTo.from_url(url), script, timeout=timeout)
 
     async def call(
         self, keys: Sequence[str], args: Sequence[str | int], *, asking: bool = False
@@ -233,10 +246,7 @@ class ScriptPipeline:
         self._protocol = protocol
         self._last_error = None
         # Session setup and the script travel ahead of any call on this connection.
-        setup: list[tuple[str | int | bytes, ...]] = []
-        if to.password:
-            user = to.username
-            setup.append(("AUTH", user, to.password) if user else ("AUTH", to.password))
+        setup = auth(to.username, to.password)
         if to.db:
             setup.append(("SELECT", to.db))
         setup.append(("SCRIPT", "LOAD", self._script))

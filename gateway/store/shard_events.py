@@ -26,7 +26,6 @@ from gateway.errors import StoreError
 
 log = logging.getLogger("gateway.store.blocked")  # the follower's lines, under its name
 
-CALL_TIMEOUT: Final = 2.0
 RETRY_GAP: Final = 0.05  # seconds before subscribing again after a failure
 # What a primary's own subscription connection takes from the cluster client's settings.
 NODE_CONNECTION_KEYS: Final = (
@@ -42,12 +41,14 @@ async def follow_shard_channels(
     *,
     closing: Callable[[], bool],
     interval: float,
+    call_timeout: float,
 ) -> None:
-    """Hand every message of `channels` to `apply` until `closing()`."""
+    """Hand every message of `channels` to `apply` until `closing()`; every call to the
+    cluster is bounded by `call_timeout`."""
     while not closing():
         listeners: list[asyncio.Task[None]] = []
         try:
-            async with asyncio.timeout(CALL_TIMEOUT):
+            async with asyncio.timeout(call_timeout):
                 await cluster.initialize()
             owners: dict[str, list[str]] = {}
             nodes: dict[str, Any] = {}
@@ -79,11 +80,11 @@ async def follow_shard_channels(
             for task in listeners:
                 task.cancel()
             if listeners:
-                await asyncio.wait(listeners, timeout=CALL_TIMEOUT)
+                await asyncio.wait(listeners, timeout=call_timeout)
         if not closing():
             await asyncio.sleep(RETRY_GAP)
             with contextlib.suppress(RedisError, OSError, TimeoutError):
-                async with asyncio.timeout(CALL_TIMEOUT):
+                async with asyncio.timeout(call_timeout):
                     await cluster.nodes_manager.initialize()
 
 

@@ -87,8 +87,13 @@ class Store:
         )
         self._timeout = timeout
         self._admin_timeout = admin_timeout
-        self._write_replicas = write_replicas
         self._write_timeout = write_timeout
+        # The WAIT an acknowledged admin write ends with, built once (None: no wait).
+        self._wait = (
+            ("WAIT", write_replicas, max(1, round(write_timeout * 1000)))
+            if write_replicas
+            else None
+        )
         self._acked_eval = acked_eval
         self._enforce = hot.register_script(_script("enforce.lua"))
         self._block = admin.register_script(_script("block.lua"))
@@ -124,7 +129,6 @@ class Store:
         replicas = settings.write_replicas
         if replicas is None:
             replicas = 0 if topology.kind == "single" else 1
-        wait_ms = max(1, round(settings.write_timeout * 1000))
         return cls(
             redis_client(topology, settings.timeout, decode=False),
             admin,
@@ -138,7 +142,7 @@ class Store:
             write_replicas=replicas,
             write_timeout=settings.write_timeout,
             acked_eval=(
-                cluster_acked_eval(admin, topology, replicas, wait_ms, ADMIN_TIMEOUT)
+                cluster_acked_eval(admin, topology, ADMIN_TIMEOUT)
                 if topology.kind == "cluster"
                 else None
             ),
@@ -321,19 +325,19 @@ class Store:
     ) -> tuple[Any, Replication]:
         """Run an admin script; with write_replicas, then WAIT on the same connection for
         that many replicas, at most write_timeout (WAIT answers how many it reached)."""
-        wanted = self._write_replicas
-        if wanted == 0:
+        wait = self._wait
+        if wait is None:
             return await self._admin_call(script(keys, args)), Replication(0, 0)
-        wait_ms = max(1, round(self._write_timeout * 1000))
         if self._acked_eval is not None:  # a cluster: the slot's primary, one connection
             reply, reached = await self._admin_call(
-                self._acked_eval(self._script_text(script), keys, args)
+                self._acked_eval(self._script_text(script), keys, args, wait)
             )
         else:
             async with self._admin.pipeline(transaction=False) as pipe:
                 await script(keys, args, client=pipe)
-                pipe.execute_command("WAIT", wanted, wait_ms)
+                pipe.execute_command(*wait)
                 reply, reached = await self._admin_call(pipe.execute())
+        wanted = wait[1]
         replication = Replication(wanted, int(reached))
         if not replication.in_time:
             log.warning(
