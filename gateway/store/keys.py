@@ -14,6 +14,11 @@ they only ever come after the tag, and only the first `{...}` of a key is its ta
     <p>:{dNNN}:active       zset    id -> last activity (ms): last request, or blocked_at if none
     <p>:{dNNN}:blocked      zset    blocked ids -> last activity (ms), same score as in active
     <p>:{dNNN}:names        hash    id -> custom name (renamed devices only), for the name search
+    <p>:{dNNN}:nw           zset    "<word>\0<id>" for every word of a custom name (scores 0):
+                                    the search by the start of a word (lua/name_words.lua)
+    <p>:{dNNN}:ix           zset    heads of the id index's chunks (scores 0)
+    <p>:{dNNN}:ix:<head>    zset    a chunk of at most 120 lower-cased ids, from <head> on (scores
+                                    0): the search by the start of an id (lua/id_index.lua)
     <p>:{dNNN}:bver         string  version of the shard's blocked index, bumped by every change
     <p>:blocked             channel "b <id>" / "u <id>" on every block / unblock
     <p>:{dNNN}:bev          channel the same, on a cluster: the shard's own (SPUBLISH)

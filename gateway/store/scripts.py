@@ -6,7 +6,8 @@ A script under `lua/` writes each record field name as a placeholder, `{{FIELD_R
 replaces each placeholder by Lua string literals, once, when the store registers the
 script: the names cost a call nothing (they are not sent in ARGV), and the text Redis
 hashes is the same in every process. An unknown placeholder is an error at load rather
-than a script that reads a field nobody writes.
+than a script that reads a field nobody writes. A line `--#include <file>.lua` is replaced by
+that file of `lua/` (the index helpers several scripts share), before the rendering.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from typing import Final
 
 from gateway import schema
 
-__all__ = ["NAMES", "load_script", "render"]
+__all__ = ["CROSS_SLOT", "NAMES", "load_script", "render"]
 
 _PLACEHOLDER: Final = re.compile(r"\{\{([A-Z_]+)\}\}")
 _NAME: Final = re.compile(r"[a-z]+")
+_INCLUDE: Final = re.compile(r"^--#include ([a-z_]+\.lua)$", re.MULTILINE)
+# Lets a script read the keys of several slots of one cluster node (Redis 7): the listing's
+# per-node call. Only where the store is a cluster: elsewhere nothing needs it.
+CROSS_SLOT: Final = "#!lua flags=allow-cross-slot-keys\n"
 
 
 def _lua(name: str) -> str:
@@ -55,10 +60,16 @@ def render(text: str, names: Mapping[str, str] = NAMES) -> str:
     return _PLACEHOLDER.sub(replace, text)
 
 
-def load_script(name: str) -> str:
-    """The script `lua/<name>` as Redis runs it."""
-    text = resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
+def _read(name: str) -> str:
+    return resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def load_script(name: str, *, cross_slot: bool = False) -> str:
+    """The script `lua/<name>` as Redis runs it; `cross_slot` flags it to read the keys of
+    several slots of one cluster node."""
+    text = _INCLUDE.sub(lambda m: _read(m.group(1)).rstrip("\n"), _read(name))
     try:
-        return render(text)
+        rendered = render(text)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+    return CROSS_SLOT + rendered if cross_slot else rendered

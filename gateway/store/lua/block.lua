@@ -12,6 +12,8 @@
 -- Record field names are placeholders in double braces, rendered in from gateway.schema
 -- when the script is loaded (gateway.store.scripts).
 
+--#include id_index.lua
+
 local now_us
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -27,6 +29,7 @@ local current = redis.call('HMGET', record,
   {{FIELD_REQUESTS}}, {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}})
 if not current[1] then
   redis.call('HSET', record, {{FIELD_REQUESTS}}, 0, {{FIELD_DENIED}}, 0)
+  ix_add(active, device_id)
 end
 if not current[2] then
   redis.call('HSET', record, {{FIELD_BLOCKED_AT}}, now_ms)

@@ -8,10 +8,16 @@
 -- Record field names are placeholders in double braces, rendered in from gateway.schema
 -- when the script is loaded (gateway.store.scripts).
 
+--#include id_index.lua
+--#include name_words.lua
+
 local device_id, channel, publish = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('HEXISTS', KEYS[1], {{FIELD_REQUESTS}}) == 0 then
+local current = redis.call('HMGET', KEYS[1], {{FIELD_REQUESTS}}, {{FIELD_NAME}})
+if not current[1] then
   return 0
 end
+nw_apply(KEYS[5], device_id, current[2], 'ZREM')
+ix_remove(KEYS[3], device_id)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], device_id)
 if redis.call('ZREM', KEYS[4], device_id) == 1 then

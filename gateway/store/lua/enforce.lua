@@ -45,6 +45,8 @@
 -- Record field names are placeholders in double braces, rendered in from gateway.schema
 -- when the script is loaded (gateway.store.scripts).
 
+--#include id_index.lua
+
 local COST = 1000
 local MICROS = 1000000
 local INDEX_STEP_MS = 1000  -- the activity index moves when last_active moved this much
@@ -205,6 +207,9 @@ redis.call('HSET', record, unpack(updates))
 -- The list is ordered by last activity to the second: skip the index write in between.
 if is_new or stamp - last >= INDEX_STEP_MS then
   redis.call('ZADD', active, stamp, device_id)
+  if is_new then
+    ix_add(active, device_id)
+  end
   if is_blocked then
     redis.call('ZADD', blocked_idx, stamp, device_id)
   end

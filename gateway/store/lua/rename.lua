@@ -6,11 +6,16 @@
 -- Record field names are placeholders in double braces, rendered in from gateway.schema
 -- when the script is loaded (gateway.store.scripts).
 
+--#include name_words.lua
+
 local record, names, device_id, name = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 -- A record exists once a request or a block made it (an override alone is no record).
-if redis.call('HEXISTS', record, {{FIELD_REQUESTS}}) == 0 then
+local current = redis.call('HMGET', record, {{FIELD_REQUESTS}}, {{FIELD_NAME}})
+if not current[1] then
   return nil
 end
+nw_apply(names, device_id, current[2], 'ZREM')
+nw_apply(names, device_id, name, 'ZADD')
 if name == '' then
   redis.call('HDEL', record, {{FIELD_NAME}})
   redis.call('HDEL', names, device_id)
