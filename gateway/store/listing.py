@@ -1,34 +1,57 @@
-"""The admin list of devices: pages by last activity, and the search by id or name.
+"""The admin list of devices: pages by last activity, keyset cursors, and the two searches.
 
-Devices are spread over `keys.SHARDS` shards, each with its own activity index, so a page
-is a k-way merge of the shards' indexes, read lazily in growing chunks; a name search scans
-each shard's indexes with ZSCAN/HSCAN in bounded steps. Every round trip goes through the
-admin client and the `AdminCall` the Store gives (bounded in time, failures wrapped), in
-pipelines of PIPELINE_CHUNK commands, so an admin list never queues long in front of the
-data plane's calls.
+Devices are spread over `keys.SHARDS` shards, each with its own indexes (gateway.store.keys).
+A page is one read-only script call per Redis node, over the shards that node holds
+(`lua/list.lua`, and `lua/search.lua` for a search by prefix): the node merges its shards
+lazily and answers its first rows with their records; the nodes' answers are merged here.
+One server is one call over all 256 shards; a cluster node runs the script flagged
+allow-cross-slot-keys, and while its slots move (a MOVED, ASK or TRYAGAIN answer) each of
+its shards is asked on its own instead, through the cluster client, which follows them.
+
+- `after=<cursor>` (keyset paging): the page after a row the previous answer named. Its
+  cost does not grow with the depth: each shard is read from the cursor's score down.
+- `page=N`: the rows from (N - 1) x amount on. The node reads and the merge keeps that
+  many rows before the page, and the records come in a second round trip: O(offset).
+- A search by prefix (`match=prefix`, the default): ids, and words of custom names, that
+  start with the text (ASCII letters case-insensitive), from the id index and the name
+  words. It looks at most SEARCH_CAP ids a shard; beyond that the answer says it is cut.
+- A search by substring (`match=contains`): bounded steps through the id index and the
+  names (`lua/scan.lua`), at most SCAN_BUDGET seconds an answer, continued by its cursor.
+
+Every round trip is bounded in time by the `AdminCall` the Store gives, which turns Redis
+failures into StoreUnavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, Literal, Protocol, TypeVar, cast
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import NoScriptError
 
+from gateway.errors import StoreUnavailable
 from gateway.model import Device
 from gateway.store import keys as K
+from gateway.store.cursor import ListCursor, ScanCursor, read_list_cursor, read_scan_cursor
 from gateway.store.keys import SHARDS, KeySchema
 from gateway.store.records import device_from_hash
+from gateway.store.scripts import load_script
 
 T = TypeVar("T")
 BlockedFilter = Literal["all", "hide", "only"]
+Match = Literal["prefix", "contains"]
 
-SCAN_COUNT: Final = 1000  # entries per ZSCAN/HSCAN step of a name search
-SCAN_PARALLEL: Final = 8  # shards scanned at once
-PIPELINE_CHUNK: Final = 64  # commands per admin pipeline
+SEARCH_CAP: Final = 2000  # ids a shard a search by prefix looks at (512,000 in all)
+SCAN_STEP: Final = 20_000  # ids one scan.lua step looks at (a few ms of Redis)
+SCAN_BUDGET: Final = 0.15  # seconds of substring scanning in one answer
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_PER_NODE: Final = ("list.lua", "search.lua")
+FALLBACK_PARALLEL: Final = 8  # shards asked at once while a node's slots move
 
 
 class AdminCall(Protocol):
@@ -37,178 +60,200 @@ class AdminCall(Protocol):
     def __call__(self, call: Awaitable[T], /) -> Awaitable[T]: ...
 
 
-class _Head:
-    """One shard's next entry in the k-way merge: greatest (score, id) first."""
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One answer of the device list."""
 
-    __slots__ = ("id", "score", "shard")
+    devices: list[Device]
+    total: int | None  # devices that match; None for a substring scan (not counted)
+    next_cursor: str | None  # `after=` for the next page; None when this one is the last
+    truncated: bool = False  # a search by prefix looked at SEARCH_CAP ids of some shard
 
-    def __init__(self, score: float, id: str, shard: int) -> None:
-        self.score = score
-        self.id = id
-        self.shard = shard
 
-    def __lt__(self, other: _Head) -> bool:
-        return (self.score, self.id) > (other.score, other.id)
+@dataclass(frozen=True, slots=True)
+class _Row:
+    score: int
+    id: str
+    record: dict[str, str] | None
+
+
+def ascii_lower(text: str) -> str:
+    """Lower-cases ASCII letters only, as the indexes and the Lua scripts do."""
+    return text.translate(_ASCII_LOWER)
+
+
+def _rows(flat: Sequence[Any], start: int) -> list[_Row]:
+    """The (id, score, record) triples a list/search script answered, from `start` on."""
+    rows: list[_Row] = []
+    for j in range(start, len(flat), 3):
+        record = flat[j + 2]
+        pairs = dict(zip(record[::2], record[1::2], strict=True)) if record else None
+        rows.append(_Row(int(flat[j + 1]), flat[j], pairs))
+    return rows
 
 
 class DeviceListing:
     """Lists the devices of one key schema, through the admin client."""
 
-    def __init__(self, admin: aioredis.Redis, keys: KeySchema, call: AdminCall) -> None:
+    def __init__(
+        self, admin: aioredis.Redis | RedisCluster, keys: KeySchema, call: AdminCall
+    ) -> None:
         self._admin = admin
         self._keys = keys
         self._call = call
+        self._scripts = {
+            name: admin.register_script(load_script(name))
+            for name in ("list.lua", "search.lua", "scan.lua")
+        }
+        self._cluster = admin if isinstance(admin, RedisCluster) else None
+        # The per-node variants: on a cluster node, one call reads the keys of many slots.
+        self._cross = {name: load_script(name, cross_slot=True) for name in _PER_NODE}
+        self._cross_sha = {
+            name: hashlib.sha1(text.encode()).hexdigest() for name, text in self._cross.items()
+        }
 
     async def page(
-        self, *, name: str | None, blocked: BlockedFilter, page: int, amount: int
-    ) -> tuple[list[Device], int]:
-        """One page of devices, most recent activity first, and the total that match."""
-        offset = (page - 1) * amount
+        self,
+        *,
+        name: str | None,
+        blocked: BlockedFilter,
+        page: int,
+        amount: int,
+        after: str | None = None,
+        match: Match = "prefix",
+    ) -> ListPage:
+        """One page of devices, most recent activity first."""
+        if name and match == "contains":
+            return await self._contains(ascii_lower(name), blocked, amount, after)
+        cursor = read_list_cursor(after) if after else None
+        offset = 0 if cursor else (page - 1) * amount
+        at = (str(cursor.score), cursor.id) if cursor else ("", "")
+        want = offset + amount + 1  # one more: tells whether a next page exists
+        records = "1" if offset == 0 else "0"
+        truncated = False
         if name:
-            matches = await self._search(name.lower(), blocked)
-            total = len(matches)
-            ids = [device_id for _, device_id in matches[offset : offset + amount]]
-        else:
-            total = await self._count(blocked)
-            ids = await self._merged_page(blocked, offset, amount) if offset < total else []
-        return await self._records(ids), total
-
-    async def _pipelined(
-        self, build: Callable[[Any, int], None], items: Iterable[int]
-    ) -> list[Any]:
-        """Run one command per item in pipelines of PIPELINE_CHUNK commands."""
-        out: list[Any] = []
-        batch = list(items)
-        for start in range(0, len(batch), PIPELINE_CHUNK):
-            async with self._admin.pipeline(transaction=False) as pipe:
-                for item in batch[start : start + PIPELINE_CHUNK]:
-                    build(pipe, item)
-                out.extend(await self._call(pipe.execute()))
-        return out
-
-    async def _count(self, blocked: BlockedFilter) -> int:
-        shards = [self._keys.shard(i) for i in range(SHARDS)]
-        blocked_count: int = sum(
-            await self._pipelined(lambda p, i: p.zcard(shards[i].blocked), range(SHARDS))
-        )
-        if blocked == "only":
-            return blocked_count
-        active_count: int = sum(
-            await self._pipelined(lambda p, i: p.zcard(shards[i].active), range(SHARDS))
-        )
-        return active_count - blocked_count if blocked == "hide" else active_count
-
-    async def _merged_page(self, blocked: BlockedFilter, offset: int, amount: int) -> list[str]:
-        """K-way merge of the shards' indexes, fetched lazily in chunks, newest first."""
-        want = offset + amount
-        # Ids spread evenly over the shards, so the first `want` entries overall hold about
-        # want / SHARDS of each shard: ask for twice that, and double a shard's step each
-        # time it runs dry.
-        chunk = [min(SCAN_COUNT, 2 * want // SHARDS + 16)] * SHARDS
-        shards = [self._keys.shard(i) for i in range(SHARDS)]
-        index = [s.blocked if blocked == "only" else s.active for s in shards]
-        buffers: list[deque[tuple[float, str]]] = [deque() for _ in range(SHARDS)]
-        cursor = [0] * SHARDS
-        done = [False] * SHARDS
-
-        async def refill(indices: list[int]) -> None:
-            replies = await self._pipelined(
-                lambda p, i: p.zrevrange(
-                    index[i], cursor[i], cursor[i] + chunk[i] - 1, withscores=True
-                ),
-                indices,
+            replies = await self._per_node(
+                "search.lua",
+                lambda s: (s.active, s.blocked, s.names),
+                (blocked, ascii_lower(name), SEARCH_CAP, want, *at, records),
             )
-            hidden: list[set[str]] = [set() for _ in indices]
-            if blocked == "hide":
-                members = [[m for m, _ in reply] for reply in replies]
-                asked = [j for j in range(len(indices)) if members[j]]
-                flags = await self._pipelined(
-                    lambda p, j: p.zmscore(shards[indices[j]].blocked, members[j]), asked
-                )
-                for j, got in zip(asked, flags, strict=True):
-                    hidden[j] = {m for m, f in zip(members[j], got, strict=True) if f is not None}
-            for j, (i, reply) in enumerate(zip(indices, replies, strict=True)):
-                cursor[i] += len(reply)
-                done[i] = len(reply) < chunk[i]
-                chunk[i] = min(SCAN_COUNT, chunk[i] * 2)
-                buffers[i].extend((s, m) for m, s in reply if m not in hidden[j])
+            total = sum(int(r[0]) for r in replies)
+            truncated = any(int(r[1]) for r in replies)
+            rows = [row for r in replies for row in _rows(r, 2)]
+        else:
+            replies = await self._per_node(
+                "list.lua",
+                lambda s: (s.active, s.blocked),
+                (blocked, want, *at, records, "1"),
+            )
+            total = sum(int(r[0]) for r in replies)
+            rows = [row for r in replies for row in _rows(r, 1)]
+        rows.sort(key=lambda r: (r.score, r.id), reverse=True)
+        more = len(rows) > offset + amount
+        rows = rows[offset : offset + amount]
+        if records == "1":
+            devices = [device_from_hash(r.id, r.record) for r in rows if r.record]
+        else:
+            devices = await self._records([r.id for r in rows])
+        next_cursor = ListCursor(rows[-1].score, rows[-1].id).encode() if more else None
+        return ListPage(devices, total, next_cursor, truncated)
 
-        async def head_of(i: int) -> _Head | None:
-            while not buffers[i] and not done[i]:
-                await refill([i])
-            if not buffers[i]:
-                return None
-            score, member = buffers[i].popleft()
-            return _Head(score, member, i)
+    async def _per_node(
+        self,
+        name: str,
+        shard_keys: Callable[[K.ShardKeys], tuple[str, ...]],
+        args: tuple[str | int, ...],
+    ) -> list[list[Any]]:
+        """Run the script `name` once a node over the shards it holds; its replies."""
+        cluster = self._cluster
+        if cluster is None:
+            keys = [k for i in range(SHARDS) for k in shard_keys(self._keys.shard(i))]
+            return [await self._call(self._scripts[name](keys=keys, args=args))]
+        await self._call(cluster.initialize())
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for i in range(SHARDS):
+            node = cluster.get_node_from_key(self._keys.shard(i).active)
+            if node is None:
+                raise StoreUnavailable(f"no Redis node serves shard {i}")
+            groups.setdefault(node.name, (node, []))[1].append(i)
 
-        await refill(list(range(SHARDS)))
-        heap = [h for i in range(SHARDS) if (h := await head_of(i)) is not None]
-        heapq.heapify(heap)
-        ids: list[str] = []
-        while heap and len(ids) < want:
-            top = heapq.heappop(heap)
-            ids.append(top.id)
-            nxt = await head_of(top.shard)
-            if nxt is not None:
-                heapq.heappush(heap, nxt)
-        return ids[offset:]
+        async def on_node(node: ClusterNode, shards: list[int]) -> list[list[Any]]:
+            keys = [k for i in shards for k in shard_keys(self._keys.shard(i))]
+            try:
+                return [await self._call(self._eval_on(cluster, node, name, keys, args))]
+            except StoreUnavailable:
+                # Slots moving, or the node gone: each shard on its own, routed (and
+                # redirected) by the cluster client; fails only if that fails too.
+                return list(await asyncio.gather(*(one_shard(i) for i in shards)))
 
-    async def _search(self, needle: str, blocked: BlockedFilter) -> list[tuple[float, str]]:
-        """Devices whose id or custom name contains `needle` (case-insensitive), newest first.
+        gate = asyncio.Semaphore(FALLBACK_PARALLEL)
 
-        Scans each shard's indexes with ZSCAN/HSCAN in bounded steps (never KEYS, never one
-        long script), a few shards at a time, so Redis keeps serving the data plane.
-        """
-        found: dict[str, float] = {}
-        gate = asyncio.Semaphore(SCAN_PARALLEL)
-
-        async def scan_shard(i: int) -> None:
-            s = self._keys.shard(i)
+        async def one_shard(i: int) -> list[Any]:
             async with gate:
-                cursor = 0
-                while True:
-                    cursor, entries = cast(
-                        tuple[int, list[tuple[str, float]]],
-                        await self._call(self._admin.zscan(s.active, cursor, count=SCAN_COUNT)),
-                    )
-                    for member, score in entries:
-                        if needle in member.lower():
-                            found[member] = score
-                    if cursor == 0:
-                        break
-                named: list[str] = []
-                cursor = 0
-                while True:
-                    cursor, pairs = cast(
-                        tuple[int, dict[str, str]],
-                        await self._call(self._admin.hscan(s.names, cursor, count=SCAN_COUNT)),
-                    )
-                    named.extend(m for m, n in pairs.items() if needle in n.lower())
-                    if cursor == 0:
-                        break
-                named = [m for m in named if m not in found]
-                if named:
-                    scores = await self._call(self._admin.zmscore(s.active, named))
-                    found.update(
-                        (m, sc) for m, sc in zip(named, scores, strict=True) if sc is not None
-                    )
-                if blocked != "all" and found:
-                    mine = [m for m in found if K.shard_of(m) == i]
-                    if mine:
-                        flags = await self._call(self._admin.zmscore(s.blocked, mine))
-                        for m, flag in zip(mine, flags, strict=True):
-                            if (flag is None) == (blocked == "only"):
-                                del found[m]
+                script = self._scripts[name]
+                reply: list[Any] = await self._call(
+                    script(keys=shard_keys(self._keys.shard(i)), args=args)
+                )
+                return reply
 
-        await asyncio.gather(*(scan_shard(i) for i in range(SHARDS)))
-        return sorted(((score, m) for m, score in found.items()), reverse=True)
+        per_node = await asyncio.gather(*(on_node(n, s) for n, s in groups.values()))
+        return [reply for replies in per_node for reply in replies]
+
+    async def _eval_on(
+        self,
+        cluster: RedisCluster,
+        node: ClusterNode,
+        name: str,
+        keys: list[str],
+        args: tuple[str | int, ...],
+    ) -> list[Any]:
+        """EVALSHA of the cross-slot variant on `node`, loading it there when missing. The
+        keys go in ARGV (Redis checks declared keys for one slot even with the flag)."""
+        command = ("EVALSHA", self._cross_sha[name], 0, len(keys), *keys, *args)
+        try:
+            reply: list[Any] = await cluster.execute_command(*command, target_nodes=node)
+        except NoScriptError:
+            await cluster.execute_command("SCRIPT LOAD", self._cross[name], target_nodes=node)
+            reply = await cluster.execute_command(*command, target_nodes=node)
+        return reply
+
+    async def _contains(
+        self, needle: str, blocked: BlockedFilter, amount: int, after: str | None
+    ) -> ListPage:
+        """Devices whose id or custom name contains `needle`: the shards in bounded steps
+        from the cursor on, for at most SCAN_BUDGET seconds or until `amount` matched."""
+        start = read_scan_cursor(after, SHARDS) if after else ScanCursor(0, b"")
+        shard, state = start.shard, start.state.decode("ascii", "replace")
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + SCAN_BUDGET
+        found: list[tuple[int, str]] = []
+        while shard < SHARDS:
+            s = self._keys.shard(shard)
+            reply = await self._call(
+                self._scripts["scan.lua"](
+                    keys=(s.active, s.blocked, s.names),
+                    args=(blocked, needle, state, SCAN_STEP, amount - len(found)),
+                )
+            )
+            state = reply[0]
+            found.extend((int(reply[j + 1]), reply[j]) for j in range(1, len(reply), 2))
+            if not state:
+                shard += 1
+            if len(found) >= amount or clock() >= deadline:
+                break
+        found.sort(reverse=True)
+        devices = await self._records([device_id for _, device_id in found])
+        next_cursor = ScanCursor(shard, state.encode()).encode() if shard < SHARDS else None
+        return ListPage(devices, None, next_cursor)
 
     async def _records(self, ids: list[str]) -> list[Device]:
+        """The records of `ids`, in one pipeline (one round trip a node)."""
         if not ids:
             return []
-        records = await self._pipelined(
-            lambda p, j: p.hgetall(self._keys.device(ids[j]).record), range(len(ids))
-        )
+        async with self._admin.pipeline(transaction=False) as pipe:
+            for device_id in ids:
+                pipe.hgetall(self._keys.device(device_id).record)
+            records = await self._call(pipe.execute())
         return [
             device_from_hash(device_id, record)
             for device_id, record in zip(ids, records, strict=True)

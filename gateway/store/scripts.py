@@ -25,8 +25,18 @@ _PLACEHOLDER: Final = re.compile(r"\{\{([A-Z_]+)\}\}")
 _NAME: Final = re.compile(r"[a-z]+")
 _INCLUDE: Final = re.compile(r"^--#include ([a-z_]+\.lua)$", re.MULTILINE)
 # Lets a script read the keys of several slots of one cluster node (Redis 7): the listing's
-# per-node call. Only where the store is a cluster: elsewhere nothing needs it.
-CROSS_SLOT: Final = "#!lua flags=allow-cross-slot-keys\n"
+# per-node call. Only where the store is a cluster: elsewhere nothing needs it. Redis still
+# holds the keys a call declares to one slot, so this variant takes none: ARGV[1] is the
+# number of keys, then the keys, then the script's own arguments, and the prologue gives
+# the script's body its usual KEYS and ARGV as locals.
+CROSS_SLOT: Final = """#!lua flags=allow-cross-slot-keys
+local KEYS, ARGV = (function(argv)
+  local n, keys, args = tonumber(argv[1]), {}, {}
+  for i = 1, n do keys[i] = argv[1 + i] end
+  for i = n + 2, #argv do args[#args + 1] = argv[i] end
+  return keys, args
+end)(ARGV)
+"""
 
 
 def _lua(name: str) -> str:

@@ -36,7 +36,7 @@ from gateway.store.clients import (
 from gateway.store.cluster_scripts import ClusterScripts
 from gateway.store.enforce_script import EnforceScript, ScriptCaller
 from gateway.store.keys import KeySchema
-from gateway.store.listing import BlockedFilter, DeviceListing
+from gateway.store.listing import BlockedFilter, DeviceListing, ListPage, Match
 from gateway.store.records import device_from_flat, device_from_hash, history_entry
 from gateway.store.scripts import load_script
 from gateway.typedefs import Clock
@@ -380,4 +380,21 @@ class Store:
         amount: int = 20,
     ) -> tuple[list[Device], int]:
         """One page of devices, most recent activity first, and the total that match."""
-        return await self._listing.page(name=name, blocked=blocked, page=page, amount=amount)
+        answer = await self.list_page(name=name, blocked=blocked, page=page, amount=amount)
+        return answer.devices, answer.total or 0
+
+    async def list_page(
+        self,
+        *,
+        name: str | None = None,
+        blocked: BlockedFilter = "all",
+        page: int = 1,
+        amount: int = 20,
+        after: str | None = None,
+        match: Match = "prefix",
+    ) -> ListPage:
+        """One answer of the device list: its page, the total, the next page's cursor
+        (gateway.store.listing says what each form costs)."""
+        return await self._listing.page(
+            name=name, blocked=blocked, page=page, amount=amount, after=after, match=match
+        )
