@@ -6,6 +6,7 @@ import logging
 import re
 import unicodedata
 from collections.abc import Collection
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Literal, cast
 
@@ -44,7 +45,10 @@ DEVICE_NOT_FOUND: Final = "Device not found"
 
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _BLOCKED_VALUES: Final = ("all", "hide", "only")
-_LIST_PARAMS: Final = ("name", "blocked", "page", "amount")
+_LIST_PARAMS: Final = ("name", "blocked", "page", "amount", "after", "match")
+_MATCH_VALUES: Final = ("prefix", "contains")
+NEXT_CURSOR_HEADER: Final = "X-Next-Cursor"
+TRUNCATED_HEADER: Final = "X-Search-Truncated"
 REPLICATED_HEADER: Final = "Devicegate-Replicated"
 _READYZ_PARAMS: Final = ("verbose",)
 _FLAGS: Final = {"0": False, "1": True, "false": False, "true": True}
@@ -111,10 +115,20 @@ def _check_params(query: MultiMapping[str], allowed: tuple[str, ...]) -> None:
             raise BadRequest(f"Repeated query parameter: {key}")
 
 
-def parse_list_query(
-    query: MultiMapping[str],
-) -> tuple[str | None, Literal["all", "hide", "only"], int, int]:
-    """`GET /devices` parameters -> (name, blocked, page, amount); unknown ones are refused."""
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """`GET /devices` parameters, checked."""
+
+    name: str | None
+    blocked: Literal["all", "hide", "only"]
+    page: int
+    amount: int
+    after: str | None
+    match: Literal["prefix", "contains"]
+
+
+def parse_list_query(query: MultiMapping[str]) -> ListQuery:
+    """`GET /devices` parameters; unknown or contradictory ones are refused."""
     _check_params(query, _LIST_PARAMS)
     name = check_name(query.get("name", ""), "name") or None
     blocked = query.get("blocked", "all")
@@ -122,7 +136,22 @@ def parse_list_query(
         raise BadRequest("blocked: must be one of all, hide, only")
     page = _int_param(query.get("page", "1"), "page", 1, MAX_PAGE)
     amount = _int_param(query.get("amount", "20"), "amount", 1, MAX_AMOUNT)
-    return name, cast(Literal["all", "hide", "only"], blocked), page, amount
+    match = query.get("match", "contains")
+    if match not in _MATCH_VALUES:
+        raise BadRequest("match: must be one of prefix, contains")
+    if "match" in query and name is None:
+        raise BadRequest("match: needs a name to look for")
+    after = query.get("after") or None
+    if after is not None and "page" in query:
+        raise BadRequest("after: give either page or after, not both")
+    return ListQuery(
+        name,
+        cast(Literal["all", "hide", "only"], blocked),
+        page,
+        amount,
+        after,
+        cast(Literal["prefix", "contains"], match),
+    )
 
 
 def parse_readyz_query(query: MultiMapping[str]) -> bool:
@@ -221,12 +250,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    """One page of devices, most recent activity first; the total in `X-Total-Count`."""
-    name, blocked, page, amount = parse_list_query(request.query)
-    devices, total = await request.app[STORE_KEY].list_devices(
-        name=name, blocked=blocked, page=page, amount=amount
+    """One page of devices, most recent activity first: the total that match in
+    `X-Total-Count` (not for a contains search), the next page's cursor in `X-Next-Cursor`,
+    `X-Search-Truncated: yes` when a search by prefix looked at its most ids a shard."""
+    q = parse_list_query(request.query)
+    answer = await request.app[STORE_KEY].list_page(
+        name=q.name, blocked=q.blocked, page=q.page, amount=q.amount, after=q.after, match=q.match
     )
-    return ok([d.to_json() for d in devices], headers={"X-Total-Count": str(total)})
+    headers: dict[str, str] = {}
+    if answer.total is not None:
+        headers["X-Total-Count"] = str(answer.total)
+    if answer.next_cursor is not None:
+        headers[NEXT_CURSOR_HEADER] = answer.next_cursor
+    if answer.truncated:
+        headers[TRUNCATED_HEADER] = "yes"
+    return ok([d.to_json() for d in answer.devices], headers=headers)
 
 
 async def get_device(request: web.Request) -> web.Response:

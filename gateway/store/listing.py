@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import BadRequest, StoreUnavailable
 from gateway.model import Device
 from gateway.store import keys as K
 from gateway.store.cursor import ListCursor, ScanCursor, read_list_cursor, read_scan_cursor
@@ -51,6 +51,9 @@ SCAN_STEP: Final = 20_000  # ids one scan.lua step looks at (a few ms of Redis)
 SCAN_BUDGET: Final = 0.15  # seconds of substring scanning in one answer
 _ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _PER_NODE: Final = ("list.lua", "search.lua")
+# `page=N` reads every row before the page: deeper than this many rows (and not past the
+# end), a caller pages with the cursor, whose cost does not grow with the depth.
+MAX_OFFSET: Final = 10_000
 FALLBACK_PARALLEL: Final = 8  # shards asked at once while a node's slots move
 
 
@@ -80,6 +83,16 @@ class _Row:
 def ascii_lower(text: str) -> str:
     """Lower-cases ASCII letters only, as the indexes and the Lua scripts do."""
     return text.translate(_ASCII_LOWER)
+
+
+def scan_cut(found: Sequence[tuple[int, str, int, str]], amount: int) -> int:
+    """How many of a scan's matches (in scan order: score, id, shard, state after) one
+    answer takes: `amount`, or more where a cut could not be resumed: after a name match
+    (state "") only the shard's end can be, so its other name matches come along."""
+    cut = min(amount, len(found))
+    while cut < len(found) and found[cut - 1][3] == "" and found[cut][2] == found[cut - 1][2]:
+        cut += 1
+    return cut
 
 
 def _rows(flat: Sequence[Any], start: int) -> list[_Row]:
@@ -120,13 +133,23 @@ class DeviceListing:
         page: int,
         amount: int,
         after: str | None = None,
-        match: Match = "prefix",
+        match: Match = "contains",
     ) -> ListPage:
         """One page of devices, most recent activity first."""
         if name and match == "contains":
-            return await self._contains(ascii_lower(name), blocked, amount, after)
+            return await self._contains(ascii_lower(name), blocked, page, amount, after)
         cursor = read_list_cursor(after) if after else None
         offset = 0 if cursor else (page - 1) * amount
+        if offset > MAX_OFFSET:
+            total = (
+                await self.page(name=name, blocked=blocked, page=1, amount=1, match=match)
+            ).total
+            if total is not None and offset >= total:
+                return ListPage([], total, None)  # past the end: empty, as ever
+            raise BadRequest(
+                f"page: pages more than {MAX_OFFSET} rows deep are read with after=<cursor> "
+                "(the X-Next-Cursor header of the page before)"
+            )
         at = (str(cursor.score), cursor.id) if cursor else ("", "")
         want = offset + amount + 1  # one more: tells whether a next page exists
         records = "1" if offset == 0 else "0"
@@ -218,33 +241,55 @@ class DeviceListing:
         return reply
 
     async def _contains(
-        self, needle: str, blocked: BlockedFilter, amount: int, after: str | None
+        self, needle: str, blocked: BlockedFilter, page: int, amount: int, after: str | None
     ) -> ListPage:
         """Devices whose id or custom name contains `needle`: the shards in bounded steps
-        from the cursor on, for at most SCAN_BUDGET seconds or until `amount` matched."""
+        from the cursor on, for at most SCAN_BUDGET seconds an answer.
+
+        A scan that went through every shard in one answer is complete: its matches are
+        ordered by last activity, counted, and paged by `page` like the list. Otherwise the
+        answer holds the first `amount` matches in the scan's order and a cursor for the
+        rest (no total)."""
         start = read_scan_cursor(after, SHARDS) if after else ScanCursor(0, b"")
         shard, state = start.shard, start.state.decode("ascii", "replace")
         clock = asyncio.get_running_loop().time
         deadline = clock() + SCAN_BUDGET
-        found: list[tuple[int, str]] = []
+        found: list[tuple[int, str, int, str]] = []  # score, id, shard, state after it
         while shard < SHARDS:
-            s = self._keys.shard(shard)
+            # One server: every shard left in one call; a cluster: one shard (one slot).
+            last = shard + 1 if self._cluster is not None else SHARDS
+            keys = [
+                k
+                for i in range(shard, last)
+                for k in (lambda s: (s.active, s.blocked, s.names))(self._keys.shard(i))
+            ]
             reply = await self._call(
-                self._scripts["scan.lua"](
-                    keys=(s.active, s.blocked, s.names),
-                    args=(blocked, needle, state, SCAN_STEP, amount - len(found)),
-                )
+                self._scripts["scan.lua"](keys=keys, args=(blocked, needle, state, SCAN_STEP))
             )
-            state = reply[0]
-            found.extend((int(reply[j + 1]), reply[j]) for j in range(1, len(reply), 2))
-            if not state:
-                shard += 1
-            if len(found) >= amount or clock() >= deadline:
+            found.extend(
+                (int(reply[j + 1]), reply[j], shard + int(reply[j + 2]), reply[j + 3])
+                for j in range(2, len(reply), 4)
+            )
+            shard += int(reply[0])
+            state = reply[1]
+            if clock() >= deadline:
                 break
-        found.sort(reverse=True)
-        devices = await self._records([device_id for _, device_id in found])
-        next_cursor = ScanCursor(shard, state.encode()).encode() if shard < SHARDS else None
-        return ListPage(devices, None, next_cursor)
+        if after is None and shard >= SHARDS:
+            found.sort(reverse=True)
+            offset = (page - 1) * amount
+            rows = found[offset : offset + amount]
+            devices = await self._records([row[1] for row in rows])
+            return ListPage(devices, len(found), None)
+        cut = scan_cut(found, amount)
+        if cut < len(found):
+            _, _, at_shard, at_state = found[cut - 1]
+            resume = ScanCursor(at_shard if at_state else at_shard + 1, at_state.encode())
+        else:
+            resume = ScanCursor(shard, state.encode())
+        rows = sorted(found[:cut], reverse=True)
+        devices = await self._records([row[1] for row in rows])
+        more = resume.shard < SHARDS
+        return ListPage(devices, None, resume.encode() if more else None)
 
     async def _records(self, ids: list[str]) -> list[Device]:
         """The records of `ids`, in one pipeline (one round trip a node)."""

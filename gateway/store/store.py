@@ -391,7 +391,7 @@ class Store:
         page: int = 1,
         amount: int = 20,
         after: str | None = None,
-        match: Match = "prefix",
+        match: Match = "contains",
     ) -> ListPage:
         """One answer of the device list: its page, the total, the next page's cursor
         (gateway.store.listing says what each form costs)."""
