@@ -738,3 +738,43 @@ async def test_delete_removes_the_device(api: AdminTestClient, mem_store: Store)
     resp = await api.get("/devices")
     await expect(resp, 200, [])
     assert resp.headers["X-Total-Count"] == "0"
+
+
+async def test_list_pages_by_cursor_and_searches_by_prefix(
+    api: AdminTestClient, mem_store: Store, clock: FakeClock
+) -> None:
+    for i in range(5):
+        await seen(mem_store, f"cam-{i}")
+        clock.advance(1)
+    await api.put("/devices/cam-0", json={"name": "Dock north"})
+    resp = await api.get("/devices", params={"amount": "2"})
+    assert [d["id"] for d in await expect(resp, 200)] == ["cam-4", "cam-3"]
+    cursor = resp.headers["X-Next-Cursor"]
+    resp = await api.get("/devices", params={"amount": "2", "after": cursor})
+    assert [d["id"] for d in await expect(resp, 200)] == ["cam-2", "cam-1"]
+    assert resp.headers["X-Total-Count"] == "5"
+    resp = await api.get("/devices", params={"name": "NORTH", "match": "prefix"})
+    assert [d["id"] for d in await expect(resp, 200)] == ["cam-0"]
+    resp = await api.get("/devices", params={"name": "orth", "match": "prefix"})
+    assert await expect(resp, 200) == []
+    resp = await api.get("/devices", params={"name": "orth"})  # contains, as ever
+    assert [d["id"] for d in await expect(resp, 200)] == ["cam-0"]
+    assert "X-Next-Cursor" not in resp.headers
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"after": "not-a-cursor"}, "after: not a cursor this API gave"),
+        ({"after": "bDE6eA", "page": "2"}, "after: give either page or after, not both"),
+        ({"match": "prefix"}, "match: needs a name to look for"),
+        ({"name": "x", "match": "regex"}, "match: must be one of prefix, contains"),
+        ({"name": "x", "after": "bDE6eA"}, "after: not a cursor this API gave"),
+    ],
+)
+async def test_list_refuses_bad_cursors_and_matches(
+    api: AdminTestClient, params: dict[str, str], message: str
+) -> None:
+    resp = await api.get("/devices", params=params)
+    assert await resp.json() == {"status": False, "result": message}
+    assert resp.status == 400

@@ -29,6 +29,7 @@ PURE_MODULES = [
     "gateway.envelope",
     "gateway.dataplane.wire",
     "gateway.store.keys",
+    "gateway.store.cursor",
     "gateway.store.records",
     "gateway.store.breaker",
     "gateway.store.epoch",

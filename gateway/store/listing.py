@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -214,13 +214,57 @@ class DeviceListing:
         async def one_shard(i: int) -> list[Any]:
             async with gate:
                 script = self._scripts[name]
-                reply: list[Any] = await self._call(
-                    script(keys=shard_keys(self._keys.shard(i)), args=args)
-                )
+                try:
+                    reply: list[Any] = await self._call(
+                        script(keys=shard_keys(self._keys.shard(i)), args=args)
+                    )
+                except StoreUnavailable:
+                    if name != "list.lua":
+                        raise
+                    # Half migrated, the shard's keys are on two nodes: no script can read
+                    # them together (TRYAGAIN), single keys still can.
+                    reply = await self._list_shard_by_keys(i, args)
                 return reply
 
         per_node = await asyncio.gather(*(on_node(n, s) for n, s in groups.values()))
         return [reply for replies in per_node for reply in replies]
+
+    async def _list_shard_by_keys(self, i: int, args: tuple[str | int, ...]) -> list[Any]:
+        """list.lua's answer for one shard, from single-key reads (each key where it is:
+        the cluster client follows ASK)."""
+        blocked, want, score, after_id = str(args[0]), int(args[1]), str(args[2]), str(args[3])
+        records = str(args[4])
+        s = self._keys.shard(i)
+        source = s.blocked if blocked == "only" else s.active
+        admin = self._admin
+        top = score if score != "" else "+inf"
+        ties = await self._call(admin.zcount(source, score, score)) if score != "" else 0
+        got = cast(
+            list[tuple[str, float]],
+            await self._call(
+                admin.zrevrangebyscore(
+                    source, top, "-inf", start=0, num=want + ties, withscores=True
+                )
+            ),
+        )
+        rows = [(m, int(sc)) for m, sc in got if score == "" or sc < int(score) or m < after_id]
+        if blocked == "hide" and rows:
+            flags = await self._call(admin.zmscore(s.blocked, [m for m, _ in rows]))
+            rows = [row for row, flag in zip(rows, flags, strict=True) if flag is None]
+        if blocked == "only":
+            total = await self._call(admin.zcard(s.blocked))
+        else:
+            total = await self._call(admin.zcard(s.active))
+            if blocked == "hide":
+                total -= await self._call(admin.zcard(s.blocked))
+        reply: list[Any] = [total]
+        for device_id, sc in rows[:want]:
+            record = None
+            if records == "1":
+                pairs = await self._call(admin.hgetall(self._keys.device(device_id).record))
+                record = [x for kv in pairs.items() for x in kv] or None
+            reply += [device_id, sc, record]
+        return reply
 
     async def _eval_on(
         self,
