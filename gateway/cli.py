@@ -7,6 +7,7 @@ gateway.loadtest; this module turns their failures into messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import sys
@@ -15,7 +16,13 @@ from pathlib import Path
 from typing import TextIO
 
 from gateway.config import Settings, load_config
-from gateway.errors import AdminClientError, AdminTokenError, ConfigError, WorkerFailed
+from gateway.errors import (
+    AdminClientError,
+    AdminTokenError,
+    ConfigError,
+    StoreError,
+    WorkerFailed,
+)
 from gateway.loadtest import cli as loadtest_cli
 from gateway.redis_topology import describe, parse_redis_url
 
@@ -31,6 +38,22 @@ def _config_path(arg: str | None, env: Mapping[str, str]) -> str | None:
     if env.get("GATEWAY_CONFIG"):
         return env["GATEWAY_CONFIG"]
     return "config.yaml" if Path("config.yaml").is_file() else None
+
+
+async def _reindex(settings: Settings, out: TextIO, err: TextIO) -> int:
+    """`gateway reindex`: every device of the store into the search indexes."""
+    from gateway.store import Store
+
+    store = Store.from_settings(settings.redis)
+    try:
+        count = await store.reindex()
+    except StoreError as exc:
+        print(f"gateway: reindex failed: {exc}", file=err)
+        return EXIT_FAILURE
+    finally:
+        await store.close()
+    print(f"reindexed {count} devices", file=out)
+    return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", help="config file (default: ./config.yaml if present)")
+
+    reindex = sub.add_parser(
+        "reindex",
+        help="put every device of the configured store in the search indexes (once, after "
+        "upgrading from a release without them; idempotent)",
+    )
+    reindex.add_argument("--config", help="config file (default: ./config.yaml if present)")
 
     # Accepted before or after the action (`gateway devices --json list` and
     # `gateway devices list --json`); SUPPRESS keeps a later parser from resetting them.
@@ -150,6 +180,8 @@ def main(
         print(f"config ok: {_config_path(args.config, env) or '<defaults>'}", file=out)
         print(f"store: {describe(parse_redis_url(settings.redis.url))}", file=out)
         return EXIT_OK
+    if args.command == "reindex":
+        return asyncio.run(_reindex(settings, out, err))
     if args.command == "run":
         if args.log_level:
             settings = dataclasses.replace(

@@ -3,13 +3,17 @@ one script call a node a page, and the indexes kept in step with the records."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import random
 from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from gateway import cli
 from gateway.config import RedisSettings
 from gateway.errors import BadRequest
 from gateway.model import Bucket, DeviceIdentity
@@ -377,3 +381,35 @@ async def test_listing_stays_whole_while_a_slot_migrates(
 
 def cluster_store(cluster: RedisCluster, clock: FakeClock) -> Store:
     return Store.from_settings(RedisSettings(url=cluster.url, timeout=2.0), clock=clock)
+
+
+async def test_reindex_puts_records_written_before_the_indexes_in_them(
+    real_redis: RedisServer,
+    real_redis_store: Store,
+    real_redis_client: redis.Redis,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    store = real_redis_store
+    await register(store, clock, [f"Old-{i:03d}" for i in range(300)])
+    await store.rename("Old-007", "Loading dock")
+    index_keys = [
+        k
+        for k in real_redis_client.scan_iter(match="dg:*", count=1000)
+        if k.endswith((":nw", ":ix")) or ":ix:" in k
+    ]
+    real_redis_client.delete(*index_keys)  # as a release without the indexes left them
+    assert (await store.list_page(name="old-", match="prefix")).total == 0
+    config = tmp_path / "config.yaml"
+    config.write_text(f"redis:\n  url: {real_redis.url}\n")
+    out = io.StringIO()
+    reindex = ["reindex", "--config", str(config)]
+    assert await asyncio.to_thread(cli.main, reindex, env={}, out=out) == 0
+    assert out.getvalue() == "reindexed 300 devices\n"
+    assert (await store.list_page(name="old-", match="prefix")).total == 300
+    assert [d.id for d in (await store.list_page(name="dock", match="prefix")).devices] == [
+        "Old-007"
+    ]
+    assert index_problems(real_redis_client, store) == []
+    assert await asyncio.to_thread(cli.main, reindex, env={}, out=io.StringIO()) == 0
+    assert index_problems(real_redis_client, store) == []

@@ -100,6 +100,7 @@ class Store:
         self._unblock = admin.register_script(_script("unblock.lua"))
         self._rename = admin.register_script(_script("rename.lua"))
         self._delete = admin.register_script(_script("delete.lua"))
+        self._reindex = admin.register_script(_script("reindex.lua"))
         self._listing = DeviceListing(admin, self._keys, self._admin_call)
         self._enforce_script = EnforceScript(
             self._keys,
@@ -370,6 +371,25 @@ class Store:
         return bool(removed)
 
     # -- admin: lists ----------------------------------------------------------------
+
+    async def reindex(self, chunk: int = 500) -> int:
+        """Put every device in the search indexes (records written before they existed);
+        idempotent, in bounded calls of `chunk` ids. How many devices it went through."""
+        done = 0
+        for i in range(K.SHARDS):
+            s = self._keys.shard(i)
+            cursor = 0
+            while True:
+                cursor, entries = cast(
+                    tuple[int, list[tuple[str, float]]],
+                    await self._admin_call(self._admin.zscan(s.active, cursor, count=chunk)),
+                )
+                if entries:
+                    ids = [member for member, _ in entries]
+                    done += int(await self._admin_call(self._reindex((s.active, s.names), ids)))
+                if cursor == 0:
+                    break
+        return done
 
     async def list_devices(
         self,
