@@ -20,6 +20,8 @@ from gateway.model import Bucket, DeviceIdentity, ReplyCode
 from gateway.store import Store
 from tests.rig.bucket_model import BucketModel
 from tests.rig.clock import FakeClock
+from tests.rig.redis_cluster import RedisCluster
+from tests.rig.redis_sentinel import RedisSentinel
 from tests.rig.redis_server import RedisServer
 
 
@@ -32,6 +34,15 @@ def runner(request: pytest.FixtureRequest) -> Iterator[tuple[asyncio.Runner, str
         else:
             server: RedisServer = request.getfixturevalue("redis_server")
             yield loop, server.url
+
+
+@pytest.fixture(scope="module", params=["cluster", "sentinel"])
+def engine_runner(request: pytest.FixtureRequest) -> Iterator[tuple[asyncio.Runner, str]]:
+    """The same on the session's Redis Cluster and Sentinel deployment."""
+    engine: RedisCluster | RedisSentinel = request.getfixturevalue(f"redis_{request.param}")
+    engine.ensure_healthy()
+    with asyncio.Runner() as loop:
+        yield loop, engine.url
 
 
 steps = st.lists(
@@ -56,6 +67,37 @@ steps = st.lists(
     anonymous=st.booleans(),
 )
 def test_lua_bucket_matches_the_model(
+    runner: tuple[asyncio.Runner, str],
+    rate_milli: int,
+    burst: int,
+    elapsed: list[int],
+    anonymous: bool,
+) -> None:
+    check_against_the_model(runner, rate_milli, burst, elapsed, anonymous)
+
+
+# Fewer examples: the arithmetic is the same script's; what differs is the way to it (the
+# cluster's slot routing, a Sentinel-resolved primary), and each example starts a store.
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rate_milli=st.integers(min_value=1, max_value=50_000),
+    burst=st.integers(min_value=1, max_value=20),
+    elapsed=steps,
+    anonymous=st.booleans(),
+)
+def test_lua_bucket_matches_the_model_on_cluster_and_sentinel(
+    engine_runner: tuple[asyncio.Runner, str],
+    rate_milli: int,
+    burst: int,
+    elapsed: list[int],
+    anonymous: bool,
+) -> None:
+    check_against_the_model(engine_runner, rate_milli, burst, elapsed, anonymous)
+
+
+def check_against_the_model(
     runner: tuple[asyncio.Runner, str],
     rate_milli: int,
     burst: int,
