@@ -21,7 +21,7 @@ from gateway.store.blocked import BlockedSeed, BlockedSet, BlockedStatus
 from gateway.store.keys import SHARDS, KeySchema
 from gateway.store.reset import RESTORE_CHUNK, StoreReset
 from tests.rig.clock import FakeClock
-from tests.rig.engine_fixtures import RedisEngine, all_ports
+from tests.rig.engine_fixtures import RedisEngine, all_ports, primary_port_for
 from tests.rig.redis_cluster import RedisCluster
 from tests.rig.redis_server import RedisServer
 from tests.rig.upstream import CountingUpstream
@@ -39,18 +39,34 @@ def own_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+def fewest_subscribers(engine: RedisEngine, keys: KeySchema) -> int:
+    """The fewest subscribers any channel of block events has, over every node of the
+    engine (the shards' own channels on a cluster, the one channel elsewhere)."""
+    sharded = isinstance(engine, RedisCluster)
+    channels = [keys.shard_channel(i) for i in range(SHARDS)] if sharded else [keys.blocked_channel]
+    counts = dict.fromkeys(channels, 0)
+    for port in all_ports(engine):
+        with redis.Redis(port=port, socket_timeout=WAIT) as raw:
+            command = "SHARDNUMSUB" if sharded else "NUMSUB"
+            reply = raw.execute_command("PUBSUB", command, *channels)
+        for name, count in zip(reply[::2], reply[1::2], strict=True):
+            counts[name.decode()] += int(count)
+    return min(counts.values())
+
+
 @pytest.mark.timing
 async def test_blocks_reach_other_processes_at_once_through_pubsub(
-    own_redis: RedisServer,
+    redis_engine: RedisEngine,
 ) -> None:
-    follower = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
+    """On each engine: a block, an unblock and the delete of a blocked device reach a
+    following process through pub/sub (its poll is out of the way)."""
+    settings = RedisSettings(url=redis_engine.url, timeout=1.0, write_replicas=0)
+    follower = Store.from_settings(settings)
     follower.blocked._poll_interval = 30.0  # only the first poll: the rest is pub/sub
-    admin = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
+    admin = Store.from_settings(settings)
     await follower.start(follow_blocked=True)
     await asyncio.wait_for(follower.blocked.synced.wait(), WAIT)
-    channel = follower.keys.blocked_channel
-    with redis.Redis(port=own_redis.port) as raw:
-        await until(lambda: raw.pubsub_numsub(channel)[0][1] > 0, "the subscription")
+    await until(lambda: fewest_subscribers(redis_engine, admin.keys) > 0, "the subscription")
     await admin.block("phone-1")
     assert await until(lambda: "phone-1" in follower.blocked, "the block") < 0.5
     await admin.unblock("phone-1")
@@ -64,16 +80,19 @@ async def test_blocks_reach_other_processes_at_once_through_pubsub(
 
 
 @pytest.mark.timing
-async def test_a_missed_message_is_caught_up_by_the_poll(own_redis: RedisServer) -> None:
-    admin = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
+async def test_a_missed_message_is_caught_up_by_the_poll(redis_engine: RedisEngine) -> None:
+    """On each engine: a block whose message never arrived is learnt by the poll."""
+    settings = RedisSettings(url=redis_engine.url, timeout=1.0, write_replicas=0)
+    admin = Store.from_settings(settings)
     await admin.block("early")  # blocked before the follower starts: the first poll reads it
-    follower = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
+    follower = Store.from_settings(settings)
     await follower.start(follow_blocked=True)
     await asyncio.wait_for(follower.blocked.synced.wait(), WAIT)
     assert "early" in follower.blocked
-    # A block whose message never arrived: the index and the shard version, no publish.
+    # A block whose message never arrived: the index and the shard version, no publish,
+    # written on the node that holds the device's keys.
     keys = admin.keys.device("quiet")
-    with redis.Redis(port=own_redis.port) as raw:
+    with redis.Redis(port=primary_port_for(redis_engine, keys.record)) as raw:
         raw.hset(keys.record, mapping={"rc": 0, "dc": 0, "b": 1})
         raw.zadd(keys.blocked, {"quiet": 1})
         raw.incr(keys.blocked_version)
@@ -356,25 +375,10 @@ async def test_every_process_learns_of_a_block_within_10_ms_on_each_engine(
             follower.blocked._poll_interval = 30.0  # only the first poll: the rest is pub/sub
             await follower.start(follow_blocked=True)
             await asyncio.wait_for(follower.blocked.synced.wait(), WAIT)
-        sharded = isinstance(redis_engine, RedisCluster)
-        channels = (
-            [admin.keys.shard_channel(i) for i in range(SHARDS)]
-            if sharded
-            else [admin.keys.blocked_channel]
+        await until(
+            lambda: fewest_subscribers(redis_engine, admin.keys) >= len(followers),
+            "the subscriptions",
         )
-
-        def subscribers() -> int:
-            """The fewest subscribers any of the channels has, over every node."""
-            counts = dict.fromkeys(channels, 0)
-            for port in all_ports(redis_engine):
-                with redis.Redis(port=port, socket_timeout=WAIT) as raw:
-                    command = "SHARDNUMSUB" if sharded else "NUMSUB"
-                    reply = raw.execute_command("PUBSUB", command, *channels)
-                for name, count in zip(reply[::2], reply[1::2], strict=True):
-                    counts[name.decode()] += int(count)
-            return min(counts.values())
-
-        await until(lambda: subscribers() >= len(followers), "the subscriptions")
         ids = ("fast-1", "fast-2", "fast-3")
         for device_id in ids:  # the admin client's first calls on a node connect and load
             await admin.block(device_id)  # the scripts there: not what is measured
