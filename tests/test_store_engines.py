@@ -27,7 +27,7 @@ from gateway.store.slots import key_slot
 from tests.rig.redis_cluster import RedisCluster
 from tests.rig.redis_sentinel import RedisSentinel
 from tests.rig.redis_server import RedisServer
-from tests.rig.waits import WAIT, until
+from tests.rig.waits import WAIT, until, until_async
 
 pytestmark = pytest.mark.integration
 
@@ -382,3 +382,95 @@ def test_no_header_when_no_wait_was_asked() -> None:
     assert replicated(Replication(0, 0)) == {}
     assert replicated(Replication(1, 0)) == {REPLICATED_HEADER: "no"}
     assert replicated(Replication(2, 3)) == {REPLICATED_HEADER: "yes"}
+
+
+# ---------------------------------------------------------------- faults on both engines
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+async def engine_store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Store, list[int]]]:
+    """A store on the cluster or on Sentinel, and the ports of the engine's primaries."""
+    engine: RedisCluster | RedisSentinel = request.getfixturevalue(f"real_{request.param}")
+    if isinstance(engine, RedisCluster):
+        ports = [node.port for node in engine.nodes if node.role == "primary"]
+    else:
+        ports = [engine.primary_port()]
+    store = open_store(engine.url)
+    await store.start()
+    yield store, ports
+    await store.close()
+
+
+def on_primaries(ports: list[int], *command: str | int) -> None:
+    for port in ports:
+        with redis.Redis(port=port, socket_timeout=WAIT) as client:
+            client.execute_command(*command)
+
+
+def script_stats(ports: list[int]) -> tuple[int, int, int]:
+    """EVALSHA calls, EVALSHA failed calls, SCRIPT LOADs, summed over the primaries."""
+    calls = failed = loads = 0
+    for port in ports:
+        with redis.Redis(port=port, socket_timeout=WAIT) as client:
+            stats = client.info("commandstats")
+        calls += int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+        failed += int(stats.get("cmdstat_evalsha", {}).get("failed_calls", 0))
+        loads += int(stats.get("cmdstat_script|load", {}).get("calls", 0))
+    return calls, failed, loads
+
+
+async def test_an_emptied_script_cache_on_every_primary_is_reloaded_once_a_node(
+    engine_store: tuple[Store, list[int]],
+) -> None:
+    store, ports = engine_store
+    devices = [f"script-{i}" for i in range(12)]
+    for device_id in devices:
+        assert await enforce(store, device_id) is ReplyCode.ALLOW
+    on_primaries(ports, "SCRIPT", "FLUSH")
+    on_primaries(ports, "CONFIG", "RESETSTAT")
+    outcomes = await asyncio.gather(*(enforce(store, d) for d in devices * 3))
+    assert set(outcomes) == {ReplyCode.ALLOW}  # no request saw the miss
+    calls, failed, loads = script_stats(ports)
+    assert 1 <= failed <= len(devices) * 3  # the calls that met NOSCRIPT, sent again
+    assert calls == len(devices) * 3 + failed
+    assert loads <= len(ports)  # once a node, whatever the number of calls that missed
+    on_primaries(ports, "CONFIG", "RESETSTAT")
+    for device_id in devices:
+        assert await enforce(store, device_id) is ReplyCode.ALLOW
+    assert script_stats(ports) == (len(devices), 0, 0)  # one EVALSHA a request again
+
+
+async def test_a_primary_out_of_memory_fails_the_call_then_decides_again(
+    engine_store: tuple[Store, list[int]],
+) -> None:
+    store, ports = engine_store
+    assert await enforce(store, "known") is ReplyCode.ALLOW
+    await store.block("stolen")
+    try:
+        on_primaries(ports, "CONFIG", "SET", "maxmemory", "1")  # every write refused (OOM)
+        with pytest.raises(StoreUnavailable, match="OOM"):
+            await enforce(store, "fresh")
+        with pytest.raises(StoreUnavailable):
+            await store.block("another")
+    finally:
+        on_primaries(ports, "CONFIG", "SET", "maxmemory", "0")
+    assert await until_decided(store, "known") is ReplyCode.ALLOW
+    assert await enforce(store, "stolen") is ReplyCode.BLOCKED
+    assert await store.get_device("fresh") is None  # the refused call wrote nothing
+
+
+async def until_decided(store: Store, device_id: str) -> ReplyCode:
+    """The device's outcome once the store answers again (its breaker may be open a while)."""
+    outcome: ReplyCode | None = None
+
+    async def decided() -> bool:
+        nonlocal outcome
+        try:
+            outcome = await enforce(store, device_id)
+        except StoreUnavailable:
+            return False
+        return True
+
+    await until_async(decided, "the store to decide again", WAIT, every=0.05)
+    assert outcome is not None
+    return outcome
