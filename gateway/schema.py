@@ -2,8 +2,10 @@
 
 The one source of the six fields a request declares about its device: their order, the
 name the model and the admin API give each, the header it comes in by default (config.yaml
-`devices.headers`) and its field in the Redis record hash. The record's other field names
-are here too, so the record's whole layout is in one place.
+`devices.headers`) and its short key (history entries name a field by it). The Redis record
+keeps the six values in one field, `df` (FIELD_DECLARED), joined in this order: they have no
+field of their own (a record of an older devicegate may still have one under the key). The
+record's other field names are here too, so the record's whole layout is in one place.
 
 Taken from here: `gateway.model.DEVICE_FIELDS`, the defaults of
 `gateway.config.DeviceHeaders`, `gateway.store.keys` (DEVICE_FIELD_KEYS and FIELD_*), and
@@ -25,7 +27,9 @@ class DeviceField:
 
     name: str  # attribute of DeviceIdentity and Device, admin API key, history `field`
     header: str  # its identification header unless config.yaml names another
-    key: str  # its field in the Redis record hash: short, every device pays for it
+    # Its short key: history entries name the field by it (the value lives in the record's
+    # `df`; a record of an older devicegate may also have a hash field of this name).
+    key: str
 
 
 # The header of the device id (not a record field: the id is in the record's key).
@@ -59,6 +63,7 @@ FIELD_BLOCKED_AT: Final = "b"
 FIELD_OVERRIDE_RATE: Final = "rr"  # milli-tokens per second
 FIELD_OVERRIDE_BURST: Final = "rb"
 FIELD_BUCKET: Final = "tb"  # the device's token bucket, read and written by enforce.lua only
-# The declared fields as enforce.lua last saw them, joined by the unit separator: while a
-# device declares the same, the script neither reads nor compares the six fields.
+# The six declared values, in DECLARED_FIELDS order, joined by the unit separator (an empty
+# part: never declared): their only copy in the record. A device declaring the same costs
+# enforce.lua one string compare.
 FIELD_DECLARED: Final = "df"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from gateway.config import RedisSettings
 from gateway.errors import StoreUnavailable
@@ -251,36 +255,115 @@ async def test_anonymous_buckets_are_per_address(store: Store) -> None:
     assert await store.list_devices() == ([], 0)
 
 
-async def test_the_declared_fields_are_kept_joined_and_compared_only_when_they_change(
-    store: Store, clock: FakeClock
-) -> None:
+# The six declared values' own hash fields, as an older devicegate wrote them beside `df`.
+OWN_FIELDS = ("a", "av", "o", "ov", "mf", "md")
+JOINED = "FieldApp\x1f2.4.1\x1fAndroid\x1f15\x1fSamsung\x1fGalaxy S24"
+
+
+async def test_the_declared_values_live_in_df_only(store: Store, clock: FakeClock) -> None:
     record = store.keys.device("phone-1").record
     await call(store)
-    joined = "FieldApp\x1f2.4.1\x1fAndroid\x1f15\x1fSamsung\x1fGalaxy S24"
-    assert await store._admin.hget(record, "df") == joined
-    # While the declaration stays the same the script trusts `df`: a field edited beside it
-    # (nothing in devicegate does that) is not even read...
-    await store._admin.hset(record, "o", "edited")
-    await call(store)
-    assert await store._admin.hget(record, "o") == "edited"
-    # ...and a changed declaration is compared field by field, with history.
+    assert await store._admin.hget(record, "df") == JOINED
+    assert set(OWN_FIELDS).isdisjoint(await store._admin.hkeys(record))
+    # A changed declaration is compared part by part with `df`, with history.
     clock.advance(1.0)
     await call(store, dataclasses.replace(PHONE, os_version="16"))
     device = await store.get_device("phone-1")
     assert device is not None
-    assert (device.os, device.os_version) == ("Android", "16")  # each declared field written
-    assert await store._admin.hget(record, "df") == joined.replace("\x1f15\x1f", "\x1f16\x1f")
+    assert (device.os, device.os_version) == ("Android", "16")
+    changed = JOINED.replace("\x1f15\x1f", "\x1f16\x1f")
+    assert await store._admin.hget(record, "df") == changed
+    assert set(OWN_FIELDS).isdisjoint(await store._admin.hkeys(record))
     history = await store.history("phone-1")
     assert history is not None
-    assert [(e.field, e.old, e.new) for e in history] == [
-        ("os_version", "15", "16"),
-        ("os", "edited", "Android"),
-    ]
-    # A partial declaration keeps what is stored for the rest.
+    assert [(e.field, e.old, e.new) for e in history] == [("os_version", "15", "16")]
+    # A partial declaration keeps what is stored for the rest: `df` holds the merged values.
     await call(store, DeviceIdentity("phone-1", model="Galaxy S25"))
     device = await store.get_device("phone-1")
     assert device is not None
-    assert (device.application, device.model) == ("FieldApp", "Galaxy S25")
+    assert (device.application, device.os_version, device.model) == (
+        "FieldApp",
+        "16",
+        "Galaxy S25",
+    )
+    assert await store._admin.hget(record, "df") == changed.replace("S24", "S25")
+    assert set(OWN_FIELDS).isdisjoint(await store._admin.hkeys(record))
+    history = await store.history("phone-1")
+    assert history is not None
+    assert [(e.field, e.old, e.new) for e in history] == [
+        ("model", "Galaxy S24", "Galaxy S25"),
+        ("os_version", "15", "16"),
+    ]
+
+
+async def test_an_empty_declared_value_keeps_the_stored_one(store: Store) -> None:
+    record = store.keys.device("phone-1").record
+    await call(store)
+    await call(store, DeviceIdentity("phone-1", os="Android", model="Galaxy S24"))
+    await call(store, DeviceIdentity("phone-1"))
+    assert await store._admin.hget(record, "df") == JOINED
+    # A device never declaring a field leaves its part empty.
+    await call(store, DeviceIdentity("tablet", os="Android"))
+    assert await store._admin.hget(store.keys.device("tablet").record, "df") == (
+        "\x1f\x1fAndroid\x1f\x1f\x1f"
+    )
+    tablet = await store.get_device("tablet")
+    assert tablet is not None
+    assert (tablet.application, tablet.os, tablet.model) == (None, "Android", None)
+    assert await store.history("phone-1") == await store.history("tablet") == []
+
+
+async def old_record(store: Store, clock: FakeClock, **fields: str) -> str:
+    """A record as an older devicegate wrote it: the six values in fields of their own."""
+    record = store.keys.device("phone-1").record
+    stamp = str(clock.now_ms)
+    values = {"rc": "4", "dc": "0", "fs": stamp, "la": stamp}
+    values |= zip(OWN_FIELDS, JOINED.split("\x1f"), strict=True)
+    values |= fields
+    await store._admin.hset(record, items=[x for item in values.items() for x in item])
+    return record
+
+
+async def test_a_record_with_no_df_still_reads_and_changes(store: Store, clock: FakeClock) -> None:
+    record = await old_record(store, clock)
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.application, device.os_version, device.model) == ("FieldApp", "15", "Galaxy S24")
+    clock.advance(1_000)
+    # It declares a new os version and leaves its model out: the model stays the stored one.
+    await call(store, dataclasses.replace(PHONE, os_version="16", model=None))
+    history = await store.history("phone-1")
+    assert history is not None
+    assert [(e.field, e.old, e.new) for e in history] == [("os_version", "15", "16")]
+    assert await store._admin.hget(record, "df") == JOINED.replace("\x1f15\x1f", "\x1f16\x1f")
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.os_version, device.model, device.request_count) == ("16", "Galaxy S24", 5)
+
+
+async def test_a_record_whose_df_left_values_out_still_reads_and_changes(
+    store: Store, clock: FakeClock
+) -> None:
+    # An older devicegate kept in `df` the declaration as sent: a device that declared only
+    # its application last left the rest in their own fields.
+    record = await old_record(store, clock, df="FieldApp\x1f\x1f\x1f\x1f\x1f")
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.application, device.os, device.model) == ("FieldApp", "Android", "Galaxy S24")
+    clock.advance(1_000)
+    await call(store, DeviceIdentity("phone-1", application="FieldApp", model="Galaxy S25"))
+    history = await store.history("phone-1")
+    assert history is not None
+    assert [(e.field, e.old, e.new) for e in history] == [("model", "Galaxy S24", "Galaxy S25")]
+    assert await store._admin.hget(record, "df") == JOINED.replace("S24", "S25")
+    # The old fields stay behind, unread: `df` has a value for each.
+    assert await store._admin.hget(record, "md") == "Galaxy S24"
+    await store._admin.hset(record, "o", "edited")
+    await call(store, dataclasses.replace(PHONE, model="Galaxy S25"))
+    device = await store.get_device("phone-1")
+    assert device is not None
+    assert (device.os, device.model) == ("Android", "Galaxy S25")
+    assert len(await store.history("phone-1") or []) == 1
 
 
 async def test_a_known_device_declaring_the_same_reads_its_record_once(
@@ -300,7 +383,48 @@ async def test_a_known_device_declaring_the_same_reads_its_record_once(
         assert "lpush" not in stats
         reset_stats(real_redis)
         await call(store, dataclasses.replace(PHONE, model="Galaxy S25"))
-        assert command_stats(real_redis)["hmget"]["calls"] == 2  # the state, then the fields
+        assert command_stats(real_redis)["hmget"]["calls"] == 1  # `df` came with the state
+    finally:
+        await store.close()
+
+
+@contextlib.contextmanager
+def script_writes(server: RedisServer) -> Iterator[list[list[str]]]:
+    """The HSETs the scripts make inside the block, each as [key, field, value, ...] (MONITOR;
+    values with no double quote in them)."""
+    writes: list[list[str]] = []
+    with redis.Redis(port=server.port, socket_timeout=2) as monitoring, monitoring.monitor() as m:
+        yield writes
+        with redis.Redis(port=server.port, socket_timeout=2) as other:
+            other.echo("script-writes-end")
+        while True:
+            line = m.connection.read_response()
+            text = line.decode() if isinstance(line, bytes) else str(line)
+            args = re.findall(r'"(.*?)(?<!\\)"', text.split("] ", 1)[1])
+            if args == ["ECHO", "script-writes-end"]:
+                break
+            if "[0 lua]" in text and args[0].upper() == "HSET":
+                writes.append(args[1:])
+
+
+async def test_a_declaration_that_matches_df_does_not_rewrite_it(
+    real_redis: RedisServer, clock: FakeClock
+) -> None:
+    store = Store.from_settings(
+        RedisSettings(url=real_redis.url, timeout=2.0, key_prefix="tdf"), clock=clock
+    )
+    await store.start()
+    try:
+        await call(store)
+        reset_stats(real_redis)
+        with script_writes(real_redis) as writes:
+            await call(store)  # the same six: one string compare
+            await call(store, DeviceIdentity("phone-1", model="Galaxy S24"))  # part of them
+            await call(store, DeviceIdentity("phone-1"))  # none
+            await call(store, dataclasses.replace(PHONE, model="Galaxy S25"))  # a change
+            await call(store, dataclasses.replace(PHONE, model="Galaxy S25"))  # the same again
+        assert ["df" in hset[1::2] for hset in writes] == [False, False, False, True, False]
+        assert command_stats(real_redis)["hmget"]["calls"] == 5  # the state only, each time
     finally:
         await store.close()
 

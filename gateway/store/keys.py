@@ -9,7 +9,7 @@ they only ever come after the tag, and only the first `{...}` of a key is its ta
     <p>:{dNNN}:dev:<id>     hash    the device record (short field names: gateway.schema),
                                     with the rate-limit override in `rr`/`rb` when set and
                                     the token bucket "<milli-tokens>:<us>" in `tb` and
-                                    the last declared fields, joined, in `df`
+                                    the six declared values, joined, in `df` only
     <p>:{dNNN}:hist:<id>    list    change history, newest first, capped
     <p>:{dNNN}:active       zset    id -> last activity (ms): last request, or blocked_at if none
     <p>:{dNNN}:blocked      zset    blocked ids -> last activity (ms), same score as in active

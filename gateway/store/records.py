@@ -2,8 +2,10 @@
 
 A record is the hash `<p>:{dNNN}:dev:<id>` with the short field names of
 `gateway.store.keys`; the admin scripts answer with the same hash as a flat
-`[field, value, ...]` list. A history entry is one string, its parts joined by
-`keys.SEPARATOR`.
+`[field, value, ...]` list. The six declared values are the parts of its `df`, joined by
+`keys.SEPARATOR` (an empty part: never declared); a record of an older devicegate may also
+hold each in a field of its own (`a`, `av`, ...), which counts where `df` has no value. A
+history entry is one string, its parts joined by `keys.SEPARATOR`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,20 @@ def device_from_flat(device_id: str, flat: list[str] | None) -> Device | None:
     return device_from_hash(device_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
+def _declared(h: dict[str, str]) -> list[str | None]:
+    """The six declared values of a record, in DEVICE_FIELDS order (None: never declared):
+    the parts of `df`, and where a part is empty (or there is no `df`) the field of its own
+    that a record of an older devicegate may have."""
+    joined = h.get(K.FIELD_DECLARED)
+    parts = joined.split(K.SEPARATOR) if joined else []
+    if len(parts) != len(K.DEVICE_FIELD_KEYS):
+        parts = [""] * len(K.DEVICE_FIELD_KEYS)
+    return [part or h.get(key) for part, key in zip(parts, K.DEVICE_FIELD_KEYS, strict=True)]
+
+
 def device_from_hash(device_id: str, h: dict[str, str]) -> Device:
     """A record from its hash (HGETALL), which holds at least the request count."""
-    declared = dict(zip(DEVICE_FIELDS, (h.get(f) for f in K.DEVICE_FIELD_KEYS), strict=True))
+    declared = dict(zip(DEVICE_FIELDS, _declared(h), strict=True))
     rate, burst = h.get(K.FIELD_OVERRIDE_RATE), h.get(K.FIELD_OVERRIDE_BURST)
     return Device(
         id=device_id,

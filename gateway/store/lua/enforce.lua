@@ -20,9 +20,9 @@
 -- ARGV[6]  device id                                                 (device mode)
 -- ARGV[7]  the declared application, application_version, os, os_version, manufacturer
 --          and model, joined by "\31" (a control character, never in a valid value); an
---          empty one was not declared (the stored value is kept). The record keeps the last
---          one in `df`: while a device declares the same, its six fields are neither read
---          nor compared.
+--          empty one was not declared (the stored value is kept). The record keeps the six
+--          stored values, joined the same way, in `df` only (their one copy: no field of
+--          their own): while a device declares what is stored, one string compare.
 -- ARGV[8]  "1": a new device must first be approved by its address's registration budget
 --          (answer 3 and write nothing); "0": register it (approved, or no budget)
 --          (4 KEYS); with 5 KEYS, the budget's rate (milli-tokens per second)
@@ -63,6 +63,16 @@ local burst = tonumber(ARGV[3])
 
 local function int(x)
   return string.format('%d', x)
+end
+
+-- The parts of a "\31"-joined string, an empty one as false.
+local function split(joined)
+  local parts, i = {}, 0
+  for part in string.gmatch(joined .. '\31', '([^\31]*)\31') do
+    i = i + 1
+    parts[i] = part ~= '' and part
+  end
+  return parts
 end
 
 -- Refill `state` (a bucket string, or false for a full bucket), then try to take one
@@ -119,6 +129,8 @@ local history_cap = tonumber(ARGV[5])
 local device_id = ARGV[6]
 local now_ms = math.floor(now_us / 1000)
 
+-- The declared fields' keys: history entries name a field by them (and a record of an
+-- older devicegate has them as fields of their own).
 local FIELDS = { {{DEVICE_FIELD_KEYS}} }
 local current = redis.call('HMGET', record, {{FIELD_REQUESTS}}, {{FIELD_DENIED}},
   {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}}, {{FIELD_OVERRIDE_RATE}}, {{FIELD_OVERRIDE_BURST}},
@@ -177,30 +189,46 @@ if new_state then
   updates[#updates + 1] = {{FIELD_BUCKET}}
   updates[#updates + 1] = new_state
 end
--- The declared fields changed since the last call (or this is the first): compare each.
+-- The declared fields differ from `df` (or this is the first call): merge them into it.
+-- `df` is the one copy of the six values: a device that keeps declaring the same (all six)
+-- costs this one string compare; one that leaves some out, a split and no write.
 local declared_all = ARGV[7]
 if declared_all ~= current[8] then
-  updates[#updates + 1] = {{FIELD_DECLARED}}
-  updates[#updates + 1] = declared_all
-  local stored = {}  -- a new record has none
+  local declared = split(declared_all)
+  local stored = current[8] and split(current[8]) or {}
+  -- A record of an older devicegate kept each value in its own field too, and `df` then held
+  -- the declaration as sent (an empty part there may hide a stored value), or no `df` at all:
+  -- read those fields once where `df` has no value to compare with (a newer record: never).
   if not is_new then
-    stored = redis.call('HMGET', record, {{DEVICE_FIELD_KEYS}})
-  end
-  local i = 0
-  for declared in string.gmatch(declared_all .. '\31', '([^\31]*)\31') do
-    i = i + 1
-    if declared ~= '' then
-      local old = stored[i]
-      if old ~= declared then
-        updates[#updates + 1] = FIELDS[i]
-        updates[#updates + 1] = declared
-        -- A first value is information, not a change: only a differing stored one is history.
-        if old and history_cap > 0 then
-          redis.call('LPUSH', history, table.concat({int(stamp), FIELDS[i], old, declared}, '\31'))
-          redis.call('LTRIM', history, 0, history_cap - 1)
-        end
+    local gap = not current[8]
+    for i = 1, #FIELDS do
+      gap = gap or (declared[i] and not stored[i])
+    end
+    if gap then
+      local legacy = redis.call('HMGET', record, {{DEVICE_FIELD_KEYS}})
+      for i = 1, #FIELDS do
+        stored[i] = stored[i] or legacy[i]
       end
     end
+  end
+  local merged = {}
+  for i = 1, #FIELDS do
+    local new, old = declared[i], stored[i]
+    if new and new ~= old then
+      merged[i] = new
+      -- A first value is information, not a change: only a differing stored one is history.
+      if old and history_cap > 0 then
+        redis.call('LPUSH', history, table.concat({int(stamp), FIELDS[i], old, new}, '\31'))
+        redis.call('LTRIM', history, 0, history_cap - 1)
+      end
+    else
+      merged[i] = old or ''  -- not declared: the stored value stays
+    end
+  end
+  local merged_all = table.concat(merged, '\31')
+  if merged_all ~= current[8] then
+    updates[#updates + 1] = {{FIELD_DECLARED}}
+    updates[#updates + 1] = merged_all
   end
 end
 redis.call('HSET', record, unpack(updates))
