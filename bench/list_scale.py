@@ -40,7 +40,6 @@ import hiredis
 import redis
 
 from gateway.config import RedisSettings
-from gateway.errors import StoreUnavailable
 from gateway.model import Bucket
 from gateway.store import Store
 from gateway.store.cursor import ListCursor
@@ -432,6 +431,17 @@ async def timings(url: str, targets: Targets) -> list[Row]:
     store = Store.from_settings(RedisSettings(url=url, timeout=5.0))
     out: list[Row] = []
 
+    async def failed(row: Row, started: float, exc: Exception) -> None:
+        """Note a call that failed (a timeout: the script may still run in Redis), and
+        wait until Redis answers again so that the next call is not refused (BUSY)."""
+        elapsed = time.perf_counter() - started
+        waited = time.perf_counter()
+        while not await store.ping() and time.perf_counter() - waited < 600:
+            await asyncio.sleep(0.05)
+        busy = time.perf_counter() - waited
+        message = f"{type(exc).__name__}: {exc}".split(";")[0][:80]
+        row.note = f"FAILED after {elapsed:.1f} s ({message}); Redis busy {busy:.1f} s more"
+
     async def timed(label: str, call: Callable[[], Awaitable[ListPage]]) -> ListPage | None:
         row = Row(label)
         out.append(row)
@@ -440,8 +450,8 @@ async def timings(url: str, targets: Targets) -> list[Row]:
             started = time.perf_counter()
             try:
                 page = await call()
-            except StoreUnavailable as exc:
-                row.note = f"failed: {exc}"
+            except Exception as exc:
+                await failed(row, started, exc)
                 return None
             row.times.append(time.perf_counter() - started)
         assert page is not None
@@ -463,9 +473,14 @@ async def timings(url: str, targets: Targets) -> list[Row]:
 
     try:
         # One untimed call of each script: loads it on every node.
-        await store.list_page()
-        await store.list_page(name="warehouse")
-        await store.list_page(name="x-", match="contains")
+        warm = Row("(untimed: loading the scripts)")
+        for call in (lister(), lister(name="warehouse"), lister(name="x-", match="contains")):
+            started = time.perf_counter()
+            try:
+                await call()
+            except Exception as exc:
+                await failed(warm, started, exc)
+                out.append(warm)
 
         filters: tuple[BlockedFilter, ...] = ("all", "hide", "only")
         for blocked in filters:
@@ -478,10 +493,15 @@ async def timings(url: str, targets: Targets) -> list[Row]:
                 if cursor is None:
                     break
                 started = time.perf_counter()
-                answer = await store.list_page(blocked=blocked, after=cursor)
+                try:
+                    answer = await store.list_page(blocked=blocked, after=cursor)
+                except Exception as exc:
+                    await failed(walk, started, exc)
+                    cursor = None
+                    break
                 walk.times.append(time.perf_counter() - started)
                 cursor = answer.next_cursor
-            walk.note = f"{len(walk.times)} pages"
+            walk.note = walk.note or f"{len(walk.times)} pages"
             if cursor is not None:
                 await timed(f"page {WALK + 2} by after=, blocked={blocked}",
                             lister(blocked, after=cursor))  # fmt: skip
@@ -493,31 +513,69 @@ async def timings(url: str, targets: Targets) -> list[Row]:
         searches: list[tuple[str, BlockedFilter]] = [
             (targets.uuid_prefix, "all"),
             (targets.serial_prefix, "all"),
-            ("sn-", "all"),
             ("warehouse", "all"),
             ("warehouse", "only"),
             ("north", "only"),
+            ("sn-", "all"),  # 40 % of the ids: the capped worst case, last
         ]
         for name, blocked in searches:
             await timed(f"prefix {name!r}, blocked={blocked}", lister(blocked, name=name))
         for needle in ("scanner 12", "x-"):
             row = Row(f"contains {needle!r}: each answer (<= {CONTAINS_CAP})")
             out.append(row)
-            after, found = None, 0
+            after, found, done = None, 0, False
             for _ in range(CONTAINS_CAP):
                 started = time.perf_counter()
-                answer = await store.list_page(name=needle, match="contains", after=after)
+                try:
+                    answer = await store.list_page(name=needle, match="contains", after=after)
+                except Exception as exc:
+                    await failed(row, started, exc)
+                    break
                 row.times.append(time.perf_counter() - started)
                 found += len(answer.devices)
                 after = answer.next_cursor
                 if after is None:
+                    done = True
                     break
             row.rows = found
-            done = "done" if after is None else "not done"
-            row.note = f"{len(row.times)} answers, {done}"
+            if not row.note:
+                row.note = f"{len(row.times)} answers, {'done' if done else 'not done'}"
     finally:
         await store.close()
     return out
+
+
+SLOWLOG_US: Final = 1000  # the longest commands of the timings: those over 1 ms
+
+
+def script_names() -> dict[str, str]:
+    """sha -> the listing's script name (the per-node variants marked)."""
+    names = {}
+    for name in ("list.lua", "search.lua", "scan.lua"):
+        names[hashlib.sha1(load_script(name).encode()).hexdigest()] = name
+        text = load_script(name, cross_slot=True)
+        names[hashlib.sha1(text.encode()).hexdigest()] = f"{name} (per node)"
+    return names
+
+
+def slowest(clients: dict[int, redis.Redis]) -> list[tuple[str, str]]:
+    """From SLOWLOG: per script, how many runs took over 1 ms, and the longest (what a
+    node spends without serving anything else, its data plane included)."""
+    names = script_names()
+    longest: dict[str, list[int]] = {}
+    for client in clients.values():
+        for entry in client.slowlog_get(100_000):
+            raw = entry.get("command", b"")
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            command = text.split(" ")[:2]
+            what = "other commands"
+            if command[0].upper() == "EVALSHA" and len(command) > 1:
+                what = names.get(command[1].lower(), "EVALSHA " + command[1][:8])
+            longest.setdefault(what, []).append(int(entry["duration"]))
+    return [
+        (f"  {what}", f"{len(runs):,} runs over 1 ms, longest {max(runs) / 1000:,.1f} ms")
+        for what, runs in sorted(longest.items(), key=lambda x: -max(x[1]))
+    ]
 
 
 # -- one engine ------------------------------------------------------------------------------
@@ -581,13 +639,18 @@ def bench_engine(kind: str, count: int, workers: int) -> Result:
             serial_prefix=first_serial[:6].lower(),
             middle=ListCursor(int(middle_score), middle_id.decode()).encode(),
         )
+        for client in clients.values():
+            client.config_set("slowlog-log-slower-than", SLOWLOG_US)
+            client.config_set("slowlog-max-len", 100_000)
+            client.slowlog_reset()
         print(f"== {kind}: timing the list", file=sys.stderr, flush=True)
         rows = asyncio.run(timings(engine.url, targets))
+        slow = slowest(clients)
     finally:
+        engine.stop()  # first: nothing (not even a closed stderr) may keep it running
         for client in clients.values():
             client.close()
-        print(f"== {kind}: stopping", file=sys.stderr, flush=True)
-        engine.stop()
+        print(f"== {kind}: stopped", file=sys.stderr, flush=True)
 
     per = 1 / count
     shown = "+".join(str(p) for p in engine.primaries)
@@ -612,6 +675,8 @@ def bench_engine(kind: str, count: int, workers: int) -> Result:
     if engine.replicas:
         facts.append(("replicas' used_memory (not counted above)",
                       f"{replica_memory / 2**30:,.2f} GiB"))  # fmt: skip
+    facts.append(("scripts of the timings (SLOWLOG, per node)", ""))
+    facts += slow
     facts.append(("search targets", f"{targets.uuid_prefix!r} (of {first_uuid}), "
                                     f"{targets.serial_prefix!r} (of {first_serial})"))  # fmt: skip
     return Result(engine.name, facts, rows)
@@ -624,12 +689,14 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f}"
 
 
-def print_table(header: list[str], lines: list[list[str]], right_from: int = 1) -> None:
+def print_table(header: list[str], lines: list[list[str]], note: bool = True) -> None:
+    """Column 0 (and the last, a note, if `note`) to the left, the others to the right."""
+    left = {0, len(header) - 1} if note else {0}
     widths = [max(len(x[c]) for x in [header, *lines]) for c in range(len(header))]
 
     def show(cells: list[str]) -> str:
         return "  ".join(
-            cell.ljust(w) if c < right_from else cell.rjust(w)
+            cell.ljust(w) if c in left else cell.rjust(w)
             for c, (cell, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
@@ -660,21 +727,25 @@ def print_combined(results: list[Result]) -> None:
     header = ["call"]
     for r in results:
         header += [f"{r.engine} med", f"{r.engine} max"]
-    header += ["rows", "total"]
+    header += ["rows", "total", "note"]
     lines = []
     for label in labels:
         cells = [label]
         rows: list[str] = []
         totals: list[str] = []
+        notes: list[str] = []
         for r in results:
             row = next((x for x in r.rows if x.label == label), None)
+            if row is not None and row.note and not row.note.endswith(" pages"):
+                notes.append(f"{r.engine}: {row.note}")
             if row is None or not row.times:
-                cells += ["-", "-"]
+                cells += ["FAILED" if row is not None else "-", "-"]
                 continue
             cells += [ms(statistics.median(row.times)), ms(max(row.times))]
             rows.append("-" if row.rows is None else f"{row.rows:,}")
             totals.append("-" if row.total is None else f"{row.total:,}")
         cells += ["/".join(dict.fromkeys(rows)), "/".join(dict.fromkeys(totals))]
+        cells.append("; ".join(notes))
         lines.append(cells)
     print_table(header, lines)
 
