@@ -3,11 +3,15 @@
     bench/chaos [--only NAME ...] [--seconds 10] [--rate 200] [--workers N]
 
 Starts on 127.0.0.1, on free ports, and stops at the end (also on Ctrl-C, SIGTERM or an
-error): a counting upstream, then per scenario its own redis-server and gateway subprocess
-(`python -m gateway run --config <generated>`). The load is gateway.loadtest's engine, open
-loop at a fixed rate, from a simulated fleet with 5% of its devices blocked through the
-admin API first. Each scenario checks its pass/fail rules; a table is printed at the end and
-the JSON goes to bench/results/chaos-<time>.json. Exit status 1 when any scenario fails.
+error): a counting upstream, then per scenario its own Redis and gateway subprocess
+(`python -m gateway run --config <generated>`). Redis is one redis-server, or for
+cluster-failover and cluster-reshard a 3+3 Redis Cluster and for sentinel-failover a
+primary, a replica and 3 sentinels (the test suite's engines, tests/rig: they need
+redis-cli and the test extra, pip install -e '.[test]'). The load is gateway.loadtest's
+engine, open loop at a fixed rate, from a simulated fleet with 5% of its devices blocked
+through the admin API first. Each scenario checks its pass/fail rules; a table is printed at
+the end and the JSON goes to bench/results/chaos-<time>.json. Every scenario runs by
+default (3 to 4 minutes on 2 cores); exit status 1 when any scenario fails.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+from chaos_engines import cluster_failover, cluster_reshard, sentinel_failover
 from chaos_env import Context, start_upstream
 from chaos_redis import redis_black_hole, redis_kill
 from chaos_report import Outcome, render_checks, render_table
@@ -41,6 +47,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+T = TypeVar("T")
 
 Scenario = Callable[[Context], Awaitable[Outcome]]
 SCENARIOS: dict[str, Scenario] = {
@@ -49,6 +57,9 @@ SCENARIOS: dict[str, Scenario] = {
     "redis-black-hole": redis_black_hole,
     "overload": overload,
     "sigterm-under-load": sigterm_under_load,
+    "cluster-failover": cluster_failover,
+    "sentinel-failover": sentinel_failover,
+    "cluster-reshard": cluster_reshard,
 }
 
 
@@ -80,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--seconds",
         type=float,
         default=10.0,
-        help="outage / overload length in seconds (default 10)",
+        help="outage / overload length; for the failovers, from the kill to the old "
+        "primary's restart; for the reshard, how long the slots stay moved (default 10)",
     )
     p.add_argument(
         "--rate",
@@ -145,9 +157,41 @@ async def run_all(opts: Options, procs: Processes, results: dict[str, Any]) -> l
     return outcomes
 
 
+async def cancel_on_signals(work: Awaitable[T]) -> T:
+    """`work`, cancelled by SIGTERM or SIGHUP through the loop, then KeyboardInterrupt.
+
+    A Python signal handler raising KeyboardInterrupt (peers.terminate_as_interrupt) can
+    land inside a transport callback, which uvloop logs and swallows: the run would go on.
+    The loop's own handler cancels the run instead, so every finally block stops what it
+    started; terminate_as_interrupt's handlers are back for the stop that follows.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if received:
+            raise KeyboardInterrupt(received[0].name) from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+
 def run_blocking(opts: Options, procs: Processes, results: dict[str, Any]) -> list[Outcome]:
     """On uvloop when installed (the load generator needs every cycle), else asyncio's."""
-    return loops.run(run_all(opts, procs, results))
+    return loops.run(cancel_on_signals(run_all(opts, procs, results)))
 
 
 def write_results(results: dict[str, Any], output: Path | None) -> Path:

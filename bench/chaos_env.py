@@ -1,5 +1,6 @@
 """What a chaos scenario runs against: a counting upstream, a redis-server that keeps its data
-across a SIGKILL, and a gateway subprocess with a generated config; all on loopback.
+across a SIGKILL, and a gateway subprocess with a generated config (on that redis-server or on
+any Redis URL: a cluster, a Sentinel service); all on loopback.
 
 Processes start through bench/procs.py (own process group, bounded waits, stopped at the
 end); the gateway's admin API is reached with gateway.admin_client.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -112,6 +114,7 @@ class Redis:
 
 
 SERIOUS = ("error", "critical")
+DECISION_LINE = re.compile(r'devicegate_requests_total\{decision="([^"]+)"\} (\d+)')
 
 
 def _level(line: str) -> str:
@@ -140,6 +143,21 @@ class Gateway:
         """RSS of the gateway and its workers, in bytes."""
         return sum(rss_bytes(pid) or 0 for pid in tree(self.proc.pid))
 
+    def decisions(self) -> dict[str, int]:
+        """The public listener's requests by decision, all workers added up (admin /metrics):
+        `store_down_open` counts the requests let through unenforced by on_error open."""
+        request = urllib.request.Request(
+            f"{self.admin_url}/metrics", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            text = response.read().decode()
+        found: dict[str, int] = {}
+        for line in text.splitlines():
+            match = DECISION_LINE.fullmatch(line)
+            if match:
+                found[match[1]] = int(match[2])
+        return found
+
     def log_problems(self) -> list[str]:
         """Lines of the gateway's log that carry a traceback or an error-level record."""
         try:
@@ -154,13 +172,18 @@ def start_gateway(
     name: str,
     *,
     upstream_port: int,
-    redis_port: int,
+    redis_port: int | None = None,
+    redis_url: str | None = None,
     on_error: str,
     workers: int,
     shutdown_timeout: float = 10.0,
 ) -> Gateway:
     """`python -m gateway run --config <generated> --workers N`; ready when /healthz and an
-    anonymous request through it answer 200."""
+    anonymous request through it answer 200. Redis is one redis-server on `redis_port`, or
+    any URL the gateway takes (`redis_url`: redis+cluster://..., redis+sentinel://...)."""
+    if (redis_port is None) == (redis_url is None):
+        raise ValueError("start_gateway: give redis_port or redis_url, not both or neither")
+    url = redis_url or f"redis://127.0.0.1:{redis_port}/0"
     port, admin_port = free_port(), free_port()
     token = secrets.token_urlsafe(24)
     lots = {"rate": 100_000, "burst": 100_000}  # nothing is 429: the outcomes are the faults'
@@ -169,7 +192,7 @@ def start_gateway(
         "admin": {"listen": f"127.0.0.1:{admin_port}", "token": token},
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
         "redis": {
-            "url": f"redis://127.0.0.1:{redis_port}/0",
+            "url": url,
             "timeout": REDIS_TIMEOUT,
             "on_error": on_error,
         },
