@@ -371,6 +371,8 @@ async def test_listing_stays_whole_while_a_slot_migrates(
         try:
             assert await walk(store) == order
             assert await walk(store, blocked="hide") == order
+            contains = await store.list_page(name="ev-0", amount=100)
+            assert contains.total == 60 and [d.id for d in contains.devices] == order
         finally:
             real_cluster.migrate_keys(slot, source, target)
             real_cluster.finish_migration(slot, source, target)

@@ -32,13 +32,15 @@ from typing import Any, Final, Literal, Protocol, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import NoScriptError
+from redis.asyncio.connection import Connection, SSLConnection
 
 from gateway.errors import BadRequest, StoreUnavailable
 from gateway.model import Device
+from gateway.redis_topology import NodeAddress
 from gateway.store import keys as K
 from gateway.store.cursor import ListCursor, ScanCursor, read_list_cursor, read_scan_cursor
 from gateway.store.keys import SHARDS, KeySchema
+from gateway.store.node_query import ask
 from gateway.store.records import device_from_hash
 from gateway.store.scripts import load_script
 
@@ -49,8 +51,10 @@ Match = Literal["prefix", "contains"]
 SEARCH_CAP: Final = 2000  # ids a shard a search by prefix looks at (512,000 in all)
 SCAN_STEP: Final = 20_000  # ids one scan.lua step looks at (a few ms of Redis)
 SCAN_BUDGET: Final = 0.15  # seconds of substring scanning in one answer
+SCAN_KEYWISE_STEP: Final = 1000  # ids a step looks at, reading a shard key by key
+SCAN_PARALLEL: Final = 16  # a node's shards scanned at once while its slots move
 _ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-_PER_NODE: Final = ("list.lua", "search.lua")
+_PER_NODE: Final = ("list.lua", "search.lua", "scan.lua")
 # `page=N` reads every row before the page: deeper than this many rows (and not past the
 # end), a caller pages with the cursor, whose cost does not grow with the depth.
 MAX_OFFSET: Final = 10_000
@@ -109,9 +113,15 @@ class DeviceListing:
     """Lists the devices of one key schema, through the admin client."""
 
     def __init__(
-        self, admin: aioredis.Redis | RedisCluster, keys: KeySchema, call: AdminCall
+        self,
+        admin: aioredis.Redis | RedisCluster,
+        keys: KeySchema,
+        call: AdminCall,
+        *,
+        node_timeout: float = 5.0,
     ) -> None:
         self._admin = admin
+        self._node_timeout = node_timeout  # a cluster node's own connection, per call
         self._keys = keys
         self._call = call
         self._scripts = {
@@ -174,9 +184,9 @@ class DeviceListing:
         rows.sort(key=lambda r: (r.score, r.id), reverse=True)
         more = len(rows) > offset + amount
         rows = rows[offset : offset + amount]
-        if records == "1":
+        if all(r.record is not None for r in rows):
             devices = [device_from_hash(r.id, r.record) for r in rows if r.record]
-        else:
+        else:  # a page by number, or shards read key by key: the page's records now
             devices = await self._records([r.id for r in rows])
         next_cursor = ListCursor(rows[-1].score, rows[-1].id).encode() if more else None
         return ListPage(devices, total, next_cursor, truncated)
@@ -205,26 +215,20 @@ class DeviceListing:
             try:
                 return [await self._call(self._eval_on(cluster, node, name, keys, args))]
             except StoreUnavailable:
-                # Slots moving, or the node gone: each shard on its own, routed (and
-                # redirected) by the cluster client; fails only if that fails too.
+                if name != "list.lua":
+                    raise StoreUnavailable(
+                        "a Redis node's slots are moving (or it failed): search again soon"
+                    ) from None
+                # Slots moving, or the node gone: no script can read a shard whose keys a
+                # migration left on two nodes (TRYAGAIN); single keys can, each where it
+                # is (the cluster client follows ASK).
                 return list(await asyncio.gather(*(one_shard(i) for i in shards)))
 
         gate = asyncio.Semaphore(FALLBACK_PARALLEL)
 
         async def one_shard(i: int) -> list[Any]:
             async with gate:
-                script = self._scripts[name]
-                try:
-                    reply: list[Any] = await self._call(
-                        script(keys=shard_keys(self._keys.shard(i)), args=args)
-                    )
-                except StoreUnavailable:
-                    if name != "list.lua":
-                        raise
-                    # Half migrated, the shard's keys are on two nodes: no script can read
-                    # them together (TRYAGAIN), single keys still can.
-                    reply = await self._list_shard_by_keys(i, args)
-                return reply
+                return await self._list_shard_by_keys(i, args)
 
         per_node = await asyncio.gather(*(on_node(n, s) for n, s in groups.values()))
         return [reply for replies in per_node for reply in replies]
@@ -233,7 +237,6 @@ class DeviceListing:
         """list.lua's answer for one shard, from single-key reads (each key where it is:
         the cluster client follows ASK)."""
         blocked, want, score, after_id = str(args[0]), int(args[1]), str(args[2]), str(args[3])
-        records = str(args[4])
         s = self._keys.shard(i)
         source = s.blocked if blocked == "only" else s.active
         admin = self._admin
@@ -259,11 +262,7 @@ class DeviceListing:
                 total -= await self._call(admin.zcard(s.blocked))
         reply: list[Any] = [total]
         for device_id, sc in rows[:want]:
-            record = None
-            if records == "1":
-                pairs = await self._call(admin.hgetall(self._keys.device(device_id).record))
-                record = [x for kv in pairs.items() for x in kv] or None
-            reply += [device_id, sc, record]
+            reply += [device_id, sc, None]  # records: the page reads the ones it shows
         return reply
 
     async def _eval_on(
@@ -275,13 +274,29 @@ class DeviceListing:
         args: tuple[str | int, ...],
     ) -> list[Any]:
         """EVALSHA of the cross-slot variant on `node`, loading it there when missing. The
-        keys go in ARGV (Redis checks declared keys for one slot even with the flag)."""
+        keys go in ARGV (Redis checks declared keys for one slot even with the flag). Sent
+        over a connection of its own: a refusal (ASK, TRYAGAIN while a slot moves) is the
+        caller's to handle, and must not leave the cluster client's routing in doubt."""
+        options = cluster.connection_kwargs
         command = ("EVALSHA", self._cross_sha[name], 0, len(keys), *keys, *args)
+
+        async def send(*commands: tuple[str | int, ...]) -> list[Any]:
+            return await ask(
+                NodeAddress(node.host, int(node.port)),
+                commands,
+                timeout=self._node_timeout,
+                tls=issubclass(options.get("connection_class", Connection), SSLConnection),
+                username=options.get("username"),
+                password=options.get("password"),
+                decode=True,
+            )
+
         try:
-            reply: list[Any] = await cluster.execute_command(*command, target_nodes=node)
-        except NoScriptError:
-            await cluster.execute_command("SCRIPT LOAD", self._cross[name], target_nodes=node)
-            reply = await cluster.execute_command(*command, target_nodes=node)
+            reply: list[Any] = (await send(command))[0]
+        except StoreUnavailable as exc:
+            if "NOSCRIPT" not in str(exc):
+                raise
+            reply = (await send(("SCRIPT", "LOAD", self._cross[name]), command))[1]
         return reply
 
     async def _contains(
@@ -300,22 +315,20 @@ class DeviceListing:
         deadline = clock() + SCAN_BUDGET
         found: list[tuple[int, str, int, str]] = []  # score, id, shard, state after it
         while shard < SHARDS:
-            # One server: every shard left in one call; a cluster: one shard (one slot).
-            last = shard + 1 if self._cluster is not None else SHARDS
-            keys = [
-                k
-                for i in range(shard, last)
-                for k in (lambda s: (s.active, s.blocked, s.names))(self._keys.shard(i))
+            calls, end = await self._scan_round(shard, state, blocked, needle)
+            # Every call went through its shards in order: what lies before the first shard
+            # any call left unfinished is done; what came after it is asked again next time.
+            unfinished = [
+                (shards[done], reply[1])
+                for shards, reply in calls
+                if (done := int(reply[0])) < len(shards)
             ]
-            reply = await self._call(
-                self._scripts["scan.lua"](keys=keys, args=(blocked, needle, state, SCAN_STEP))
-            )
-            found.extend(
-                (int(reply[j + 1]), reply[j], shard + int(reply[j + 2]), reply[j + 3])
-                for j in range(2, len(reply), 4)
-            )
-            shard += int(reply[0])
-            state = reply[1]
+            shard, state = min(unfinished, default=(end, ""))
+            for shards, reply in calls:
+                for j in range(2, len(reply), 4):
+                    at = shards[int(reply[j + 2])]
+                    if at <= shard:
+                        found.append((int(reply[j + 1]), reply[j], at, reply[j + 3]))
             if clock() >= deadline:
                 break
         if after is None and shard >= SHARDS:
@@ -324,6 +337,9 @@ class DeviceListing:
             rows = found[offset : offset + amount]
             devices = await self._records([row[1] for row in rows])
             return ListPage(devices, len(found), None)
+        # Back into the scan's order (the nodes answered side by side): by shard, then by
+        # place in the shard: its id index in order, then its names (state "").
+        found.sort(key=lambda f: (f[2], f[3] == "", f[3]))
         cut = scan_cut(found, amount)
         if cut < len(found):
             _, _, at_shard, at_state = found[cut - 1]
@@ -334,6 +350,115 @@ class DeviceListing:
         devices = await self._records([row[1] for row in rows])
         more = resume.shard < SHARDS
         return ListPage(devices, None, resume.encode() if more else None)
+
+    async def _scan_round(
+        self, shard: int, state: str, blocked: BlockedFilter, needle: str
+    ) -> tuple[list[tuple[list[int], list[Any]]], int]:
+        """One round of scan.lua from `shard` (at `state`) on: one call over every shard
+        left on one server; on a cluster one call a node over its shards (the cross-slot
+        variant), or, while a node's slots move, its shards read key by key.
+        Each call's shards, in order, with its reply; and the shard the round went up to
+        (not included) when every call finished."""
+        args = (blocked, needle, state, SCAN_STEP)
+        keys = [(s.active, s.blocked, s.names) for s in map(self._keys.shard, range(SHARDS))]
+        cluster = self._cluster
+        if cluster is None:
+            shards = list(range(shard, SHARDS))
+            flat = [k for i in shards for k in keys[i]]
+            reply = await self._call(self._scripts["scan.lua"](keys=flat, args=args))
+            return [(shards, reply)], SHARDS
+        await self._call(cluster.initialize())
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for i in range(shard, SHARDS):
+            node = cluster.get_node_from_key(keys[i][0])
+            if node is None:
+                raise StoreUnavailable(f"no Redis node serves shard {i}")
+            groups.setdefault(node.name, (node, []))[1].append(i)
+
+        async def on_node(node: ClusterNode, shards: list[int]) -> tuple[list[int], list[Any]]:
+            at = state if shards[0] == shard else ""
+            flat = [k for i in shards for k in keys[i]]
+            command = self._eval_on(cluster, node, "scan.lua", flat, (*args[:2], at, SCAN_STEP))
+            return shards, await self._call(command)
+
+        gate = asyncio.Semaphore(SCAN_PARALLEL)
+
+        async def one_shard(i: int) -> tuple[list[int], list[Any]]:
+            async with gate:
+                at = state if i == shard else ""
+                return [i], await self._scan_shard_by_keys(i, at, blocked, needle)
+
+        async def node_or_shards(
+            node: ClusterNode, shards: list[int]
+        ) -> list[tuple[list[int], list[Any]]]:
+            try:
+                return [await on_node(node, shards)]
+            except StoreUnavailable:
+                # Slots moving: no script can read a shard whose keys a migration left on
+                # two nodes (TRYAGAIN); this node's shards key by key, each where it is
+                # (the cluster client follows ASK), in smaller steps.
+                return list(await asyncio.gather(*(one_shard(i) for i in shards)))
+
+        rounds = await asyncio.gather(*(node_or_shards(n, s) for n, s in groups.values()))
+        return [call for calls in rounds for call in calls], SHARDS
+
+    async def _scan_shard_by_keys(
+        self, i: int, state: str, blocked: BlockedFilter, needle: str
+    ) -> list[Any]:
+        """scan.lua's step over one shard, from single-key reads (the cluster client follows
+        ASK for each key): for a shard whose slot is half migrated."""
+        admin, s = self._admin, self._keys.shard(i)
+        index = f"{s.active[: -len('active')]}ix"
+        reply: list[Any] = [0, ""]
+
+        async def keep(device_id: str, after: str) -> None:
+            score = await self._call(admin.zscore(s.active, device_id))
+            if score is None:
+                return
+            if blocked != "all":
+                is_blocked = await self._call(admin.zscore(s.blocked, device_id)) is not None
+                if is_blocked != (blocked == "only"):
+                    return
+            reply.extend((device_id, int(score), 0, after))
+
+        after = state[1:] if state else None
+
+        async def lex(
+            key: str, low: str, high: str, *, rev: bool = False, one: bool = True
+        ) -> list[str]:
+            limit = (0, 1) if one else (None, None)
+            call = (
+                admin.zrevrangebylex(key, low, high, *limit)
+                if rev
+                else admin.zrangebylex(key, low, high, *limit)
+            )
+            return cast(list[str], await self._call(call))
+
+        heads: list[str] = []
+        if after is not None:
+            heads = await lex(index, f"[{after}", "-", rev=True)
+        if not heads:
+            heads = await lex(index, "-", "+")
+        looked = 0
+        while heads:
+            head = heads[0]
+            start = f"({after}" if after is not None else "-"
+            for entry in await lex(f"{index}:{head}", start, "+", one=False):
+                low, _, original = entry.partition("\0")
+                if needle in low:
+                    await keep(original or low, f"i{entry}")
+                looked += 1
+                if looked >= SCAN_KEYWISE_STEP:
+                    reply[1] = f"i{entry}"
+                    return reply
+            after = None
+            heads = await lex(index, f"({head}", "+")
+        names = cast(dict[str, str], await self._call(admin.hgetall(s.names)))
+        for device_id, name in names.items():
+            if needle in ascii_lower(name) and needle not in ascii_lower(device_id):
+                await keep(device_id, "")
+        reply[0] = 1
+        return reply
 
     async def _records(self, ids: list[str]) -> list[Device]:
         """The records of `ids`, in one pipeline (one round trip a node)."""

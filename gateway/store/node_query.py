@@ -1,6 +1,7 @@
 """One-off questions to one Redis node over a short-lived connection, bounded in time: the
-cluster's slot map (CLUSTER SLOTS) and the primary a sentinel names (SENTINEL
-get-master-addr-by-name). Rare (at start, after a failure or a redirect), never per request.
+cluster's slot map (CLUSTER SLOTS), the primary a sentinel names (SENTINEL
+get-master-addr-by-name), and the admin list's one script call a cluster node a page
+(gateway.store.listing). Never per request.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ async def ask(
     tls: bool = False,
     username: str | None = None,
     password: str | None = None,
+    decode: bool = False,
 ) -> list[Any]:
-    """Send `commands` (after AUTH when a password is given) and return their replies;
-    StoreUnavailable when the node cannot be reached, refuses, or is slower than `timeout`."""
+    """Send `commands` (after AUTH when a password is given) and return their replies (as
+    str with `decode`); StoreUnavailable when the node cannot be reached, refuses, or is
+    slower than `timeout`."""
     setup = auth(username, password)
     wanted = [*setup, *commands]
-    reader = hiredis.Reader()
+    reader = hiredis.Reader(encoding="utf-8") if decode else hiredis.Reader()
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):

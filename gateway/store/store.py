@@ -101,7 +101,9 @@ class Store:
         self._rename = admin.register_script(_script("rename.lua"))
         self._delete = admin.register_script(_script("delete.lua"))
         self._reindex = admin.register_script(_script("reindex.lua"))
-        self._listing = DeviceListing(admin, self._keys, self._admin_call)
+        self._listing = DeviceListing(
+            admin, self._keys, self._admin_call, node_timeout=self._admin_timeout
+        )
         self._enforce_script = EnforceScript(
             self._keys,
             None if isinstance(pipeline, ClusterScripts) else (breaker or CircuitBreaker()),
