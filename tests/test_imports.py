@@ -30,6 +30,7 @@ PURE_MODULES = [
     "gateway.dataplane.wire",
     "gateway.store.keys",
     "gateway.store.cursor",
+    "gateway.store.listing_types",
     "gateway.store.records",
     "gateway.store.breaker",
     "gateway.store.epoch",

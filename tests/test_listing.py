@@ -21,6 +21,7 @@ from gateway.store import Store
 from gateway.store import listing as L
 from gateway.store.cursor import ListCursor, ScanCursor, read_list_cursor, read_scan_cursor
 from gateway.store.keys import SHARDS, shard_of
+from gateway.store.keywise import ascii_lower
 from gateway.store.listing import ListPage, scan_cut
 from tests.rig.clock import FakeClock
 from tests.rig.engine_fixtures import primary_ports
@@ -272,9 +273,7 @@ def index_problems(client: Any, store: Store) -> list[str]:
             problems.append(f"shard {i}: names {names}")
         words = set(client.zrange(f"{s.active[:-6]}nw", 0, -1))
         want_words = {
-            f"{w}\0{d}"
-            for d, n in names.items()
-            for w in L.ascii_lower(n).replace(",", " ").split()
+            f"{w}\0{d}" for d, n in names.items() for w in ascii_lower(n).replace(",", " ").split()
         }
         if words != want_words:
             problems.append(f"shard {i}: words {sorted(words)} != {sorted(want_words)}")

@@ -8,13 +8,17 @@
     clients.py         how the store connects per topology: one server, Sentinel, Cluster
     cluster_scripts.py ClusterScripts: enforce.lua on a Redis Cluster, one pipeline per
                        primary (slot map, MOVED / ASK / TRYAGAIN, a breaker per primary)
-    node_query.py      one-off questions to one node (CLUSTER SLOTS, a sentinel's primary)
+    node_query.py      one-off questions to one node (CLUSTER SLOTS, a sentinel's primary,
+                       the list's one script call a cluster node)
     slots.py           the cluster's key -> slot function (pure)
     breaker.py         CircuitBreaker (pure)
     keys.py            the Redis key schema and record field names (pure)
     records.py         a Redis hash or flat script reply read back into a Device (pure)
-    listing.py         DeviceListing: pages by activity (k-way merge of the shards),
-                       the name search
+    listing.py         DeviceListing: a page is one script call a node (list.lua), keyset
+                       cursors, the search by prefix (search.lua) and by substring (scan.lua)
+    keywise.py         KeywiseReader: a shard read key by key while a cluster's slots move
+    listing_types.py   what the list's modules share: the filter, the admin call (pure)
+    cursor.py          the list's continuation cursors (pure)
     blocked.py         BlockedSet: each process's copy of the blocked ids, following Redis
     shard_events.py    a cluster's block events on the shards' own channels (SSUBSCRIBE)
     reset.py           ResetRecovery: Redis lost the gateway's data: block the known ids again

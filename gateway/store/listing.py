@@ -5,17 +5,19 @@ A page is one read-only script call per Redis node, over the shards that node ho
 (`lua/list.lua`, and `lua/search.lua` for a search by prefix): the node merges its shards
 lazily and answers its first rows with their records; the nodes' answers are merged here.
 One server is one call over all 256 shards; a cluster node runs the script flagged
-allow-cross-slot-keys, and while its slots move (a MOVED, ASK or TRYAGAIN answer) each of
-its shards is asked on its own instead, through the cluster client, which follows them.
+allow-cross-slot-keys, over a connection of its own. While a node's slots move (its call
+refused: ASK, TRYAGAIN), the list and the substring scan read its shards key by key
+(gateway.store.keywise); the search by prefix answers StoreUnavailable until they settle.
 
 - `after=<cursor>` (keyset paging): the page after a row the previous answer named. Its
   cost does not grow with the depth: each shard is read from the cursor's score down.
 - `page=N`: the rows from (N - 1) x amount on. The node reads and the merge keeps that
   many rows before the page, and the records come in a second round trip: O(offset).
-- A search by prefix (`match=prefix`, the default): ids, and words of custom names, that
+- A search by prefix (`match=prefix`): ids, and words of custom names, that
   start with the text (ASCII letters case-insensitive), from the id index and the name
   words. It looks at most SEARCH_CAP ids a shard; beyond that the answer says it is cut.
-- A search by substring (`match=contains`): bounded steps through the id index and the
+- A search by substring (`match=contains`, the default, as the name filter always was):
+  bounded steps through the id index and the
   names (`lua/scan.lua`), at most SCAN_BUDGET seconds an answer, continued by its cursor.
 
 Every round trip is bounded in time by the `AdminCall` the Store gives, which turns Redis
@@ -26,9 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TypeVar, cast
+from typing import Any, Final, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -40,31 +42,35 @@ from gateway.redis_topology import NodeAddress
 from gateway.store import keys as K
 from gateway.store.cursor import ListCursor, ScanCursor, read_list_cursor, read_scan_cursor
 from gateway.store.keys import SHARDS, KeySchema
+from gateway.store.keywise import KeywiseReader, ascii_lower
+from gateway.store.listing_types import AdminCall, BlockedFilter
 from gateway.store.node_query import ask
 from gateway.store.records import device_from_hash
 from gateway.store.scripts import load_script
 
-T = TypeVar("T")
-BlockedFilter = Literal["all", "hide", "only"]
+__all__ = [
+    "MAX_OFFSET",
+    "SCAN_BUDGET",
+    "SCAN_STEP",
+    "SEARCH_CAP",
+    "BlockedFilter",
+    "DeviceListing",
+    "ListPage",
+    "Match",
+    "ascii_lower",
+    "scan_cut",
+]
+
 Match = Literal["prefix", "contains"]
 
 SEARCH_CAP: Final = 2000  # ids a shard a search by prefix looks at (512,000 in all)
 SCAN_STEP: Final = 20_000  # ids one scan.lua step looks at (a few ms of Redis)
 SCAN_BUDGET: Final = 0.15  # seconds of substring scanning in one answer
-SCAN_KEYWISE_STEP: Final = 1000  # ids a step looks at, reading a shard key by key
-SCAN_PARALLEL: Final = 16  # a node's shards scanned at once while its slots move
-_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _PER_NODE: Final = ("list.lua", "search.lua", "scan.lua")
 # `page=N` reads every row before the page: deeper than this many rows (and not past the
 # end), a caller pages with the cursor, whose cost does not grow with the depth.
 MAX_OFFSET: Final = 10_000
-FALLBACK_PARALLEL: Final = 8  # shards asked at once while a node's slots move
-
-
-class AdminCall(Protocol):
-    """One admin round trip, bounded in time; Redis failures come out as StoreUnavailable."""
-
-    def __call__(self, call: Awaitable[T], /) -> Awaitable[T]: ...
+KEYWISE_PARALLEL: Final = 16  # a node's shards read at once, key by key, while slots move
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +88,6 @@ class _Row:
     score: int
     id: str
     record: dict[str, str] | None
-
-
-def ascii_lower(text: str) -> str:
-    """Lower-cases ASCII letters only, as the indexes and the Lua scripts do."""
-    return text.translate(_ASCII_LOWER)
 
 
 def scan_cut(found: Sequence[tuple[int, str, int, str]], amount: int) -> int:
@@ -122,6 +123,7 @@ class DeviceListing:
     ) -> None:
         self._admin = admin
         self._node_timeout = node_timeout  # a cluster node's own connection, per call
+        self._keywise = KeywiseReader(admin, keys, call)
         self._keys = keys
         self._call = call
         self._scripts = {
@@ -224,46 +226,14 @@ class DeviceListing:
                 # is (the cluster client follows ASK).
                 return list(await asyncio.gather(*(one_shard(i) for i in shards)))
 
-        gate = asyncio.Semaphore(FALLBACK_PARALLEL)
+        gate = asyncio.Semaphore(KEYWISE_PARALLEL)
 
         async def one_shard(i: int) -> list[Any]:
             async with gate:
-                return await self._list_shard_by_keys(i, args)
+                return await self._keywise.list_shard(i, args)
 
         per_node = await asyncio.gather(*(on_node(n, s) for n, s in groups.values()))
         return [reply for replies in per_node for reply in replies]
-
-    async def _list_shard_by_keys(self, i: int, args: tuple[str | int, ...]) -> list[Any]:
-        """list.lua's answer for one shard, from single-key reads (each key where it is:
-        the cluster client follows ASK)."""
-        blocked, want, score, after_id = str(args[0]), int(args[1]), str(args[2]), str(args[3])
-        s = self._keys.shard(i)
-        source = s.blocked if blocked == "only" else s.active
-        admin = self._admin
-        top = score if score != "" else "+inf"
-        ties = await self._call(admin.zcount(source, score, score)) if score != "" else 0
-        got = cast(
-            list[tuple[str, float]],
-            await self._call(
-                admin.zrevrangebyscore(
-                    source, top, "-inf", start=0, num=want + ties, withscores=True
-                )
-            ),
-        )
-        rows = [(m, int(sc)) for m, sc in got if score == "" or sc < int(score) or m < after_id]
-        if blocked == "hide" and rows:
-            flags = await self._call(admin.zmscore(s.blocked, [m for m, _ in rows]))
-            rows = [row for row, flag in zip(rows, flags, strict=True) if flag is None]
-        if blocked == "only":
-            total = await self._call(admin.zcard(s.blocked))
-        else:
-            total = await self._call(admin.zcard(s.active))
-            if blocked == "hide":
-                total -= await self._call(admin.zcard(s.blocked))
-        reply: list[Any] = [total]
-        for device_id, sc in rows[:want]:
-            reply += [device_id, sc, None]  # records: the page reads the ones it shows
-        return reply
 
     async def _eval_on(
         self,
@@ -381,12 +351,12 @@ class DeviceListing:
             command = self._eval_on(cluster, node, "scan.lua", flat, (*args[:2], at, SCAN_STEP))
             return shards, await self._call(command)
 
-        gate = asyncio.Semaphore(SCAN_PARALLEL)
+        gate = asyncio.Semaphore(KEYWISE_PARALLEL)
 
         async def one_shard(i: int) -> tuple[list[int], list[Any]]:
             async with gate:
                 at = state if i == shard else ""
-                return [i], await self._scan_shard_by_keys(i, at, blocked, needle)
+                return [i], await self._keywise.scan_shard(i, at, blocked, needle)
 
         async def node_or_shards(
             node: ClusterNode, shards: list[int]
@@ -401,64 +371,6 @@ class DeviceListing:
 
         rounds = await asyncio.gather(*(node_or_shards(n, s) for n, s in groups.values()))
         return [call for calls in rounds for call in calls], SHARDS
-
-    async def _scan_shard_by_keys(
-        self, i: int, state: str, blocked: BlockedFilter, needle: str
-    ) -> list[Any]:
-        """scan.lua's step over one shard, from single-key reads (the cluster client follows
-        ASK for each key): for a shard whose slot is half migrated."""
-        admin, s = self._admin, self._keys.shard(i)
-        index = f"{s.active[: -len('active')]}ix"
-        reply: list[Any] = [0, ""]
-
-        async def keep(device_id: str, after: str) -> None:
-            score = await self._call(admin.zscore(s.active, device_id))
-            if score is None:
-                return
-            if blocked != "all":
-                is_blocked = await self._call(admin.zscore(s.blocked, device_id)) is not None
-                if is_blocked != (blocked == "only"):
-                    return
-            reply.extend((device_id, int(score), 0, after))
-
-        after = state[1:] if state else None
-
-        async def lex(
-            key: str, low: str, high: str, *, rev: bool = False, one: bool = True
-        ) -> list[str]:
-            limit = (0, 1) if one else (None, None)
-            call = (
-                admin.zrevrangebylex(key, low, high, *limit)
-                if rev
-                else admin.zrangebylex(key, low, high, *limit)
-            )
-            return cast(list[str], await self._call(call))
-
-        heads: list[str] = []
-        if after is not None:
-            heads = await lex(index, f"[{after}", "-", rev=True)
-        if not heads:
-            heads = await lex(index, "-", "+")
-        looked = 0
-        while heads:
-            head = heads[0]
-            start = f"({after}" if after is not None else "-"
-            for entry in await lex(f"{index}:{head}", start, "+", one=False):
-                low, _, original = entry.partition("\0")
-                if needle in low:
-                    await keep(original or low, f"i{entry}")
-                looked += 1
-                if looked >= SCAN_KEYWISE_STEP:
-                    reply[1] = f"i{entry}"
-                    return reply
-            after = None
-            heads = await lex(index, f"({head}", "+")
-        names = cast(dict[str, str], await self._call(admin.hgetall(s.names)))
-        for device_id, name in names.items():
-            if needle in ascii_lower(name) and needle not in ascii_lower(device_id):
-                await keep(device_id, "")
-        reply[0] = 1
-        return reply
 
     async def _records(self, ids: list[str]) -> list[Device]:
         """The records of `ids`, in one pipeline (one round trip a node)."""
