@@ -42,7 +42,7 @@ import redis
 from gateway.config import RedisSettings
 from gateway.model import Bucket
 from gateway.store import Store
-from gateway.store.cursor import ListCursor
+from gateway.store.cursor import ListCursor, read_scan_cursor
 from gateway.store.keys import SEPARATOR, SHARDS, KeySchema
 from gateway.store.listing import BlockedFilter, ListPage, Match
 from gateway.store.scripts import load_script
@@ -538,8 +538,16 @@ async def timings(url: str, targets: Targets) -> list[Row]:
                     done = True
                     break
             row.rows = found
-            if not row.note:
-                row.note = f"{len(row.times)} answers, {'done' if done else 'not done'}"
+            slowest = f", the slowest #{row.times.index(max(row.times)) + 1}" if row.times else ""
+            if not row.note and done:
+                row.note = f"{len(row.times)} answers, done{slowest}"
+            elif not row.note and after is not None:
+                # Not through yet: how far, in shards, and so about how many answers in all.
+                at = read_scan_cursor(after, SHARDS).shard
+                whole = f"~{len(row.times) * SHARDS / at:,.0f}" if at else "?"
+                row.note = (
+                    f"{len(row.times)} answers: at shard {at}/{SHARDS}, {whole} in all{slowest}"
+                )
     finally:
         await store.close()
     return out
