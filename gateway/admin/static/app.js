@@ -4,7 +4,9 @@ import { devicePath } from "./paths.js";
 import { displayParts, displayText } from "./text.js";
 
 const TOKEN_KEY = "devicegate.adminToken";
-const state = { name: "", blocked: "all", page: 1, amount: 20, total: 0, selected: null };
+const state = {
+  name: "", blocked: "all", page: 1, amount: 20, total: 0, truncated: false, selected: null,
+};
 // Page number -> the cursor (X-Next-Cursor) that starts it: the next page is asked with
 // after=, whose cost does not grow with depth; a page reached otherwise goes by number.
 let cursors = new Map();
@@ -119,6 +121,7 @@ async function loadList() {
     const { result, headers } = await api("GET", "devices?" + params.toString());
     if (seq !== listSeq) return;
     state.total = Number(headers.get("X-Total-Count")) || 0;
+    state.truncated = headers.get("X-Search-Truncated") === "yes";
     const next = headers.get("X-Next-Cursor");
     if (next) cursors.set(state.page + 1, next);
     const lastPage = Math.max(1, Math.ceil(state.total / state.amount));
@@ -166,7 +169,9 @@ function renderRows(devices) {
   $("empty").hidden = devices.length > 0;
   const first = state.total === 0 ? 0 : (state.page - 1) * state.amount + 1;
   const last = (state.page - 1) * state.amount + devices.length;
-  $("range").textContent = `${first}–${last} of ${state.total}`;
+  $("range").textContent =
+    `${first}–${last} of ${state.total}` +
+    (state.truncated ? " (too many matches: the first looked at; type more to narrow)" : "");
   $("prev").disabled = state.page <= 1;
   $("next").disabled = state.page * state.amount >= state.total;
 }
