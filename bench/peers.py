@@ -4,7 +4,8 @@
 
 Starts on 127.0.0.1, all on free ports and all stopped at the end (also on Ctrl-C or an
 error): a fast upstream (nginx `return 200`, else a small aiohttp app), redis-server, and
-the targets: the upstream alone, nginx as a keep-alive reverse proxy, the gateway on Redis
+the targets: the upstream alone, nginx as a keep-alive reverse proxy, the openresty peer
+(nginx + lua-nginx-module, one Redis script per request, N workers), the gateway on Redis
 with 1 and N workers, the gateway on memory://. The same load hits each target for the
 same time, interleaved over rounds; medians are printed with CPU per request, Redis cost
 per request and the throughput ratios. Then a fresh gateway registers 100,000 and
@@ -45,6 +46,7 @@ from loadgen import (
     wrk_errors,
 )
 from measure import Sample, Target, measure, medians
+from openresty_peer import KEY_PREFIX, find_lua_nginx, start_peer
 from procs import (
     BenchError,
     Proc,
@@ -70,6 +72,7 @@ from servers import (
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 SCALE_STEPS = (100_000, 1_000_000)
+PEER = "openresty-peer"  # its target key
 MIN_REGISTER_RATE = 500  # devices/s assumed at worst when bounding a registration step
 
 
@@ -403,6 +406,33 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
         )
         targets.append(Target("nginx-proxy", "nginx reverse proxy (keep-alive)", port, proxy))
     store = RedisServer(procs, redis_server) if redis_server else None
+    if nginx and store:
+        # The peer users of Kong and OpenResty would pick: same N workers, same Redis.
+        lua = find_lua_nginx(procs, nginx)
+        if isinstance(lua, str):
+            notes.append(f"the openresty-peer target is skipped: {lua}")
+            print(f"note: {notes[-1]}", file=sys.stderr)
+        else:
+            results["machine"]["openresty_peer"] = lua.versions()
+            results["settings"]["openresty_peer"] = {
+                "workers": opts.workers,
+                "redis": "the gateways' redis-server",
+                "key_prefix": KEY_PREFIX,
+            }
+            port = free_port()
+            peer = start_peer(
+                procs,
+                nginx,
+                lua,
+                port=port,
+                upstream_port=upstream_port,
+                redis_port=store.port,
+                workers=opts.workers,
+            )
+            label = f"openresty peer, Redis, {opts.workers} worker{'s' if opts.workers > 1 else ''}"
+            targets.append(Target(PEER, label, port, peer, store))
+    elif nginx:
+        notes.append("no redis-server: the openresty-peer target is skipped")
     one = 1 if workers_flag else None
     if store:
         g = start_gateway(
@@ -457,17 +487,8 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
         for t in targets
     }
     results["targets"] = figures
+    results["ratios"] = ratios_of(figures)
     base = figures["upstream"]
-    proxy_fig = figures.get("nginx-proxy")
-    ratios = {}
-    for key in ("gateway-1w", "gateway-Nw", "gateway-memory"):
-        if key in figures:
-            rps = figures[key]["load"]["rps"]
-            ratios[key] = {
-                "vs_nginx_proxy": rps / proxy_fig["load"]["rps"] if proxy_fig else None,
-                "vs_upstream_alone": rps / base["load"]["rps"],
-            }
-    results["ratios"] = ratios
     added = {
         key: {
             "p50_us": f["latency_c1"]["p50_us"] - base["latency_c1"]["p50_us"],
@@ -483,14 +504,40 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
 
     steps = scale_steps(opts.devices_max)
     if store and steps:
-        # The throughput gateways are done: stop them so they hold no memory meanwhile.
+        # The throughput targets on Redis are done: stop them so they hold no memory meanwhile.
         for t in targets:
-            if t.key.startswith("gateway"):
+            if t.key.startswith("gateway") or t.key == PEER:
                 procs.stop(t.proc)
         workers = (opts.workers if opts.workers > 1 else 1) if workers_flag else None
         scale(procs, load, binary, upstream_port, store, workers, steps, results)
     elif steps:
         notes.append("no redis-server: device registration (RSS, Redis memory) skipped")
+
+
+def ratios_of(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """req/s of the peer and each gateway over nginx's, the upstream's and (gateways) the
+    peer's; and CPU per request over the peer's."""
+    base = figures["upstream"]["load"]
+    proxy = figures.get("nginx-proxy", {}).get("load")
+    peer = figures.get(PEER, {}).get("load")
+    ratios: dict[str, dict[str, float | None]] = {}
+    for key in (PEER, "gateway-1w", "gateway-Nw", "gateway-memory"):
+        if key not in figures:
+            continue
+        m = figures[key]["load"]
+        row: dict[str, float | None] = {
+            "vs_nginx_proxy": m["rps"] / proxy["rps"] if proxy else None,
+            "vs_upstream_alone": m["rps"] / base["rps"],
+        }
+        if key != PEER:
+            row["vs_openresty_peer"] = m["rps"] / peer["rps"] if peer else None
+            row["cpu_per_req_vs_openresty_peer"] = (
+                m["cpu_us_per_req"] / peer["cpu_us_per_req"]
+                if peer and peer["cpu_us_per_req"]
+                else None
+            )
+        ratios[key] = row
+    return ratios
 
 
 def write_results(results: dict[str, Any], output: Path | None) -> Path:

@@ -57,8 +57,14 @@ def report(results: dict[str, Any]) -> str:
         f"uvloop {info['packages'].get('uvloop', '-')}; load {results['settings']['load_tool']} "
         f"-c{opts.connections} over {opts.devices:,} device ids, {opts.duration:g} s runs, "
         f"medians of {opts.rounds} interleaved round(s)",
-        "",
     ]
+    lua = info.get("openresty_peer")
+    if lua:
+        parts.append(
+            f"openresty peer: {lua['lua_module']}, {lua['redis_client']}, "
+            f"keys {results['settings']['openresty_peer']['key_prefix']}* in the same redis-server"
+        )
+    parts.append("")
     range_col = opts.rounds > 1
     rows = []
     for f in figures.values():
@@ -144,16 +150,28 @@ def report(results: dict[str, Any]) -> str:
         parts += ["(commands include those run inside the script; see docs/bench.md)", ""]
 
     rows = []
+    peer = figures.get("openresty-peer")
+    lines = []
     for key, r in results["ratios"].items():
-        rows.append(
-            [
-                figures[key]["label"],
-                "-" if r["vs_nginx_proxy"] is None else f"{r['vs_nginx_proxy']:.1%}",
-                f"{r['vs_upstream_alone']:.1%}",
-            ]
-        )
+        row = [
+            figures[key]["label"],
+            "-" if r["vs_nginx_proxy"] is None else f"{r['vs_nginx_proxy']:.1%}",
+            f"{r['vs_upstream_alone']:.1%}",
+        ]
+        if peer:
+            vs_peer = r.get("vs_openresty_peer")
+            row.append("" if vs_peer is None else f"{vs_peer:.2f}x")
+            cpu = r.get("cpu_per_req_vs_openresty_peer")
+            if vs_peer is not None and key.startswith("gateway-") and key != "gateway-memory":
+                lines.append(
+                    f"{figures[key]['label']} / openresty peer: {vs_peer:.2f}x req/s"
+                    + ("" if cpu is None else f", {cpu:.2f}x CPU per request")
+                )
+        rows.append(row)
     if rows:
-        parts += [table(["throughput ratio", "vs nginx proxy", "vs upstream alone"], rows), ""]
+        head = ["throughput ratio", "vs nginx proxy", "vs upstream alone"]
+        head += ["vs openresty peer"] if peer else []
+        parts += [table(head, rows), *lines, ""]
 
     sc = results.get("scale")
     if sc:

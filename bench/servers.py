@@ -56,8 +56,8 @@ def version_of(argv: list[str]) -> str | None:
 NGINX_MAIN = """\
 daemon off;
 master_process on;
-worker_processes 1;
-pid {dir}/{name}.pid;
+worker_processes {workers};
+{main}pid {dir}/{name}.pid;
 error_log {dir}/{name}.error.log warn;
 events {{ worker_connections 4096; }}
 http {{
@@ -96,18 +96,44 @@ PROXY_BODY = """\
     }}"""
 
 
-def start_nginx(procs: Processes, nginx: str, name: str, body: str, port: int) -> Proc:
-    """An nginx instance of its own: generated config, pid and logs in the work directory."""
+def nginx_conf(
+    procs: Processes, nginx: str, name: str, body: str, *, workers: int = 1, main: str = ""
+) -> list[str]:
+    """Write an nginx config of its own (pid and logs in the work directory); its argv.
+
+    `main` holds extra main-context directives (load_module lines), one per line.
+    """
     conf = procs.workdir / f"{name}.conf"
-    conf.write_text(NGINX_MAIN.format(dir=procs.workdir, name=name, body=body))
+    text = NGINX_MAIN.format(dir=procs.workdir, name=name, body=body, workers=workers, main=main)
+    conf.write_text(text)
     argv = [nginx, "-p", str(procs.workdir), "-c", str(conf)]
     version = version_of([nginx, "-v"])
     found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version or "")
     if found and tuple(int(g) for g in found.groups()) >= (1, 19, 5):
         argv[1:1] = ["-e", str(procs.workdir / f"{name}.error.log")]  # not the system's log
-    proc = procs.start(name, argv)
+    return argv
+
+
+def start_nginx(
+    procs: Processes,
+    nginx: str,
+    name: str,
+    body: str,
+    port: int,
+    *,
+    workers: int = 1,
+    main: str = "",
+) -> Proc:
+    """An nginx instance of its own, ready when it answers 200 with all its workers up."""
+    proc = procs.start(name, nginx_conf(procs, nginx, name, body, workers=workers, main=main))
     url = f"http://127.0.0.1:{port}/"
     wait_until(proc, f"{url} answering 200", lambda: http_status(url) == 200, START_TIMEOUT)
+    wait_until(
+        proc,
+        f"{workers} worker processes",
+        lambda: len(tree(proc.pid)) > workers,  # the master and its workers
+        START_TIMEOUT,
+    )
     return proc
 
 
