@@ -414,3 +414,15 @@ async def test_reindex_puts_records_written_before_the_indexes_in_them(
     assert index_problems(real_redis_client, store) == []
     assert await asyncio.to_thread(cli.main, reindex, env={}, out=io.StringIO()) == 0
     assert index_problems(real_redis_client, store) == []
+
+
+async def test_every_page_by_number_matches_the_order(store: Store, clock: FakeClock) -> None:
+    """Pages by number up to 130 rows deep: a page's first rows are selected by a bounded
+    insertion, and by a sort past 64 rows (lua/list_order.lua): both give the order."""
+    order = await register(store, clock, (f"dev-{i:03d}" for i in range(130)))
+    for page in range(1, 15):
+        devices, total = await store.list_devices(page=page, amount=10)
+        assert [d.id for d in devices] == order[(page - 1) * 10 : page * 10], page
+        assert total == 130
+    matched = await store.list_page(name="dev-1", match="prefix", page=3, amount=10)
+    assert [d.id for d in matched.devices] == [i for i in order if i.startswith("dev-1")][20:30]

@@ -39,10 +39,7 @@ if counted then
   end
 end
 
--- a before b in the list's order
-local function before(a, b)
-  return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2])
-end
+--#include list_order.lua
 
 local top = has_after and ARGV[3] or '+inf'
 local step = math.floor(2 * limit / n) + 2
@@ -73,7 +70,8 @@ for i = 1, n do
   read(i)
 end
 while true do
-  table.sort(candidates, before)
+  -- Only the first `limit` can make the page: more reads only push the others further.
+  candidates = first_k(candidates, limit)
   local kth = candidates[limit]
   local again = false
   for i = 1, n do

@@ -13,6 +13,8 @@
 -- Reply: {matches, truncated (1 when a shard had more ids than ARGV[3] under the prefix),
 --         id, score, record, ...}
 
+--#include list_order.lua
+
 local n = #KEYS / 3
 local mode, prefix, cap, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local has_after = ARGV[5] ~= ''
@@ -74,25 +76,27 @@ for i = 1, n do
   end
 end
 
-local function before(a, b)
-  return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2])
-end
-table.sort(matches, before)
-
-local reply = {#matches, truncated}
-for _, m in ipairs(matches) do
-  if #reply >= 2 + 3 * limit then
-    break
-  end
-  if not has_after or m[1] < after_score or (m[1] == after_score and m[2] < after_id) then
-    reply[#reply + 1] = m[2]
-    reply[#reply + 1] = string.format('%d', m[1])
-    if with_records then
-      local active = KEYS[3 * m[3] - 2]
-      reply[#reply + 1] = redis.call('HGETALL', string.sub(active, 1, -7) .. 'dev:' .. m[2])
-    else
-      reply[#reply + 1] = false
+local count = #matches
+if has_after then  -- the matches after the cursor
+  local kept = {}
+  for _, m in ipairs(matches) do
+    if m[1] < after_score or (m[1] == after_score and m[2] < after_id) then
+      kept[#kept + 1] = m
     end
+  end
+  matches = kept
+end
+matches = first_k(matches, limit)
+
+local reply = {count, truncated}
+for _, m in ipairs(matches) do
+  reply[#reply + 1] = m[2]
+  reply[#reply + 1] = string.format('%d', m[1])
+  if with_records then
+    local active = KEYS[3 * m[3] - 2]
+    reply[#reply + 1] = redis.call('HGETALL', string.sub(active, 1, -7) .. 'dev:' .. m[2])
+  else
+    reply[#reply + 1] = false
   end
 end
 return reply
