@@ -63,9 +63,10 @@ __all__ = [
 
 Match = Literal["prefix", "contains"]
 
-# Ids a shard a search by prefix looks at: 8,192 in all, a few tens of ms of Redis at most
-# (at 2,000 a shard, a prefix of 4,000,000 ids held Redis 10 s at 10,000,000 devices).
-SEARCH_CAP: Final = 32
+# Ids a shard a search by prefix looks at: 4,096 in all. A prefix of millions of ids costs
+# about 50-100 ms of Redis at that (measured at 2,000,000 devices on a loaded machine: 92 ms
+# at 32 a shard); at 2,000 a shard such a search held Redis 10 s at 10,000,000 devices.
+SEARCH_CAP: Final = 16
 SCAN_STEP: Final = 20_000  # ids one scan.lua step looks at (a few ms of Redis)
 SCAN_BUDGET: Final = 0.15  # seconds of substring scanning in one answer
 _PER_NODE: Final = ("list.lua", "search.lua", "scan.lua")
