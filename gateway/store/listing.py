@@ -67,8 +67,8 @@ Match = Literal["prefix", "contains"]
 # about 50-100 ms of Redis at that (measured at 2,000,000 devices on a loaded machine: 92 ms
 # at 32 a shard); at 2,000 a shard such a search held Redis 10 s at 10,000,000 devices.
 SEARCH_CAP: Final = 16
-SCAN_STEP: Final = 20_000  # ids one scan.lua step looks at (a few ms of Redis)
-SCAN_BUDGET: Final = 0.15  # seconds of substring scanning in one answer
+SCAN_STEP: Final = 10_000  # ids one scan.lua step looks at (a few ms of Redis)
+SCAN_BUDGET: Final = 0.12  # seconds of substring scanning in one answer (+ one step, records)
 _PER_NODE: Final = ("list.lua", "search.lua", "scan.lua")
 # `page=N` reads every row before the page: deeper than this many rows (and not past the
 # end), a caller pages with the cursor, whose cost does not grow with the depth.
