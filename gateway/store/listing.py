@@ -207,13 +207,7 @@ class DeviceListing:
         if cluster is None:
             keys = [k for i in range(SHARDS) for k in shard_keys(self._keys.shard(i))]
             return [await self._call(self._scripts[name](keys=keys, args=args))]
-        await self._call(cluster.initialize())
-        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
-        for i in range(SHARDS):
-            node = cluster.get_node_from_key(self._keys.shard(i).active)
-            if node is None:
-                raise StoreUnavailable(f"no Redis node serves shard {i}")
-            groups.setdefault(node.name, (node, []))[1].append(i)
+        groups = await self._node_groups(cluster, 0)
 
         async def on_node(node: ClusterNode, shards: list[int]) -> list[list[Any]]:
             keys = [k for i in shards for k in shard_keys(self._keys.shard(i))]
@@ -237,6 +231,19 @@ class DeviceListing:
 
         per_node = await asyncio.gather(*(on_node(n, s) for n, s in groups.values()))
         return [reply for replies in per_node for reply in replies]
+
+    async def _node_groups(
+        self, cluster: RedisCluster, first: int
+    ) -> dict[str, tuple[ClusterNode, list[int]]]:
+        """The shards from `first` on, grouped by the primary that holds them, in order."""
+        await self._call(cluster.initialize())
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for i in range(first, SHARDS):
+            node = cluster.get_node_from_key(self._keys.shard(i).active)
+            if node is None:
+                raise StoreUnavailable(f"no Redis node serves shard {i}")
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        return groups
 
     async def _eval_on(
         self,
@@ -340,13 +347,7 @@ class DeviceListing:
             flat = [k for i in shards for k in keys[i]]
             reply = await self._call(self._scripts["scan.lua"](keys=flat, args=args))
             return [(shards, reply)], SHARDS
-        await self._call(cluster.initialize())
-        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
-        for i in range(shard, SHARDS):
-            node = cluster.get_node_from_key(keys[i][0])
-            if node is None:
-                raise StoreUnavailable(f"no Redis node serves shard {i}")
-            groups.setdefault(node.name, (node, []))[1].append(i)
+        groups = await self._node_groups(cluster, shard)
 
         async def on_node(node: ClusterNode, shards: list[int]) -> tuple[list[int], list[Any]]:
             at = state if shards[0] == shard else ""
