@@ -25,7 +25,7 @@ from gateway.redis_topology import NodeAddress, RedisTopology
 from gateway.store.cluster_scripts import ClusterScripts
 from gateway.store.enforce_script import ScriptCaller
 from gateway.store.node_query import ask
-from gateway.store.pipeline import ConnectTo, Resolve, ScriptPipeline
+from gateway.store.pipeline import Batching, ConnectTo, Resolve, ScriptPipeline
 
 POOL_SIZE: Final = 64
 
@@ -132,13 +132,18 @@ def _decoded(reply: Any) -> Any:
     return reply
 
 
-def script_caller(topology: RedisTopology, script: str, *, timeout: float) -> ScriptCaller:
-    """The data plane's pipelined caller of `script` for the topology."""
+def script_caller(
+    topology: RedisTopology, script: str, *, timeout: float, batch: str | None = None
+) -> ScriptCaller:
+    """The data plane's pipelined caller of `script` for the topology; `batch`, the text of
+    its batch variant (gateway.store.pipeline.Batching), sends each tick's calls as one."""
     if topology.kind == "cluster":
-        return ClusterScripts(topology, script, timeout=timeout)
+        return ClusterScripts(topology, script, timeout=timeout, batch=batch)
+    batching = None if batch is None else Batching(batch)
     if topology.kind == "sentinel":
-        return ScriptPipeline(sentinel_primary(topology, timeout), script, timeout=timeout)
-    return ScriptPipeline.for_url(topology.url, script, timeout=timeout)
+        resolve = sentinel_primary(topology, timeout)
+        return ScriptPipeline(resolve, script, timeout=timeout, batch=batching)
+    return ScriptPipeline.for_url(topology.url, script, timeout=timeout, batch=batching)
 
 
 def sentinel_primary(topology: RedisTopology, timeout: float) -> Resolve:

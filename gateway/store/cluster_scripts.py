@@ -32,7 +32,8 @@ from gateway.errors import StoreRedirect, StoreUnavailable
 from gateway.redis_topology import NodeAddress, RedisTopology
 from gateway.store.breaker import CircuitBreaker
 from gateway.store.node_query import SLOTS_COUNT, ask, slot_map
-from gateway.store.pipeline import ConnectTo, ScriptPipeline
+from gateway.store.pipeline import Batching, ConnectTo, ScriptPipeline
+from gateway.store.scripts import CROSS_SLOT
 from gateway.store.slots import key_slot
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,13 @@ TRYAGAIN_PAUSE: Final = 0.005  # seconds before a TRYAGAIN call is sent again
 class ClusterScripts:
     """Calls one script on a Redis Cluster, one pipelined connection per primary."""
 
-    def __init__(self, topology: RedisTopology, script: str, *, timeout: float) -> None:
+    def __init__(
+        self, topology: RedisTopology, script: str, *, timeout: float, batch: str | None = None
+    ) -> None:
         self._topology = topology
         self._script = script
+        # A node's batch spans its slots: flagged to reach them all, its keys in ARGV.
+        self._batch = None if batch is None else Batching(CROSS_SLOT + batch, cross_slot=True)
         self._timeout = timeout
         self._slots: list[NodeAddress | None] = [None] * SLOTS_COUNT
         self._nodes: dict[NodeAddress, ScriptPipeline] = {}
@@ -143,7 +148,7 @@ class ClusterScripts:
                 address.host, address.port, tls=t.tls, username=t.username, password=t.password
             )
             pipeline = self._nodes[address] = ScriptPipeline.fixed(
-                to, self._script, timeout=self._timeout
+                to, self._script, timeout=self._timeout, batch=self._batch
             )
         return pipeline
 

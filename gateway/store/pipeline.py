@@ -5,6 +5,14 @@ same event-loop tick is packed with hiredis and written to the socket in one wri
 answers in order, so replies are matched to callers first-in first-out and parsed by
 hiredis' C reader. The connection is opened on first use and again after any failure.
 
+With a batch variant of the script (`Batching`: enforce_batch.lua for enforce.lua), the calls
+of one tick are not N commands but ONE: the batch script runs each call as the script would
+alone, in order, and answers a list of N replies (at most `BATCH_MAX` calls a batch). Redis
+then dispatches one command and reads the clock once for the tick, not once per request; a
+lone call is still sent as the plain script. A failed entry of a batch fails its call alone
+(on a cluster, where a batch spans the node's slots, it is sent again alone, as the plain
+script with its keys declared, so that a moved slot answers MOVED or ASK to the router).
+
 Where it connects is asked of `resolve` each time it opens: a fixed server, or the
 primary the sentinels name now (gateway.store.clients); a cluster keeps one pipeline per
 primary (gateway.store.cluster_scripts).
@@ -34,6 +42,7 @@ from redis.connection import parse_url as _parse_url
 from gateway.errors import StoreRedirect, StoreUnavailable
 
 MAX_IN_FLIGHT: Final = 20_000  # calls waiting for a reply; past it, refuse at once
+BATCH_MAX: Final = 128  # calls in one batch script call (Redis runs a batch without a pause)
 # Replies of a server that is not a writable primary (any more): drop the connection.
 _NOT_PRIMARY: Final = ("READONLY", "LOADING", "MASTERDOWN")
 _REDIRECTS: Final = ("MOVED", "ASK", "TRYAGAIN")
@@ -101,17 +110,44 @@ def auth(username: str | None, password: str | None) -> list[tuple[str | int | b
     return [("AUTH", username, password) if username else ("AUTH", password)]
 
 
-class _Call:
-    """One caller's place in the reply stream."""
+class Batching:
+    """A batch variant of the pipeline's script: it takes the calls of one tick and answers
+    one reply (or error) per call, in order. Its arguments: KEYS, every call's keys one call
+    after the other; ARGV[1] the number of calls n, ARGV[2..2n+1] each call's number of keys
+    and of arguments, then every call's arguments. `cross_slot`: the script is a cluster
+    node's, flagged to reach the keys of all its slots (gateway.store.scripts.CROSS_SLOT),
+    and its keys travel in ARGV."""
 
-    __slots__ = ("command", "future", "loads_script", "retried", "sent_at")
+    __slots__ = ("cross_slot", "script")
+
+    def __init__(self, script: str, *, cross_slot: bool = False) -> None:
+        self.script = script
+        self.cross_slot = cross_slot
+
+
+class _Call:
+    """One caller's place in the reply stream, or a batch's (its `members`)."""
+
+    __slots__ = ("args", "command", "future", "keys", "loads_script", "members", "retried",
+                 "sent_at")  # fmt: skip
 
     def __init__(
-        self, command: bytes, future: asyncio.Future[Any] | None, *, loads_script: bool = False
+        self,
+        command: bytes | None,
+        future: asyncio.Future[Any] | None,
+        *,
+        loads_script: bool = False,
+        keys: Sequence[str] = (),
+        args: Sequence[str | int] = (),
+        members: list[_Call] | None = None,
     ) -> None:
+        # None until the flush packs it: alone, or as a member of a batch.
         self.command = command
-        self.future = future  # None for the connection's own commands (AUTH, SCRIPT LOAD)
+        self.future = future  # None for the connection's own commands and for a batch
         self.loads_script = loads_script
+        self.keys = keys
+        self.args = args
+        self.members = members  # a batch: the calls it carries, in order
         self.retried = False
         self.sent_at = 0.0
 
@@ -138,10 +174,16 @@ class _Protocol(asyncio.Protocol):
 class ScriptPipeline:
     """Calls one Lua script by EVALSHA, batching concurrent calls into one write per tick."""
 
-    def __init__(self, resolve: Resolve, script: str, *, timeout: float) -> None:
+    def __init__(
+        self, resolve: Resolve, script: str, *, timeout: float, batch: Batching | None = None
+    ) -> None:
         self._resolve = resolve
         self._script = script.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()  # Redis names scripts by SHA1
+        self._batch_script = b"" if batch is None else batch.script.encode()
+        self._batch_sha = hashlib.sha1(self._batch_script).hexdigest().encode()
+        self._batching = batch is not None
+        self._cross_slot = batch is not None and batch.cross_slot
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
@@ -162,19 +204,23 @@ class ScriptPipeline:
         return self._sha.decode()
 
     @classmethod
-    def fixed(cls, target: ConnectTo, script: str, *, timeout: float) -> ScriptPipeline:
+    def fixed(
+        cls, target: ConnectTo, script: str, *, timeout: float, batch: Batching | None = None
+    ) -> ScriptPipeline:
         """A pipeline to one server that never moves (a cluster's primary is one too: when
         its slots move, the router makes another)."""
 
         async def resolve() -> ConnectTo:
             return target
 
-        return cls(resolve, script, timeout=timeout)
+        return cls(resolve, script, timeout=timeout, batch=batch)
 
     @classmethod
-    def for_url(cls, url: str, script: str, *, timeout: float) -> ScriptPipeline:
+    def for_url(
+        cls, url: str, script: str, *, timeout: float, batch: Batching | None = None
+    ) -> ScriptPipeline:
         """A pipeline to the one server a redis://, rediss:// or unix:// URL names."""
-        return cls.fixed(ConnectTo.from_url(url), script, timeout=timeout)
+        return cls.fixed(ConnectTo.from_url(url), script, timeout=timeout, batch=batch)
 
     async def call(
         self, keys: Sequence[str], args: Sequence[str | int], *, asking: bool = False
@@ -188,10 +234,12 @@ class ScriptPipeline:
             raise StoreUnavailable("too many store calls in flight")
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        command = _pack_command((b"EVALSHA", self._sha, len(keys), *keys, *args))
         if asking:
+            # ASKING holds for the next command only: the call goes alone, right behind it.
             self._outbox.append(_Call(pack("ASKING"), None))
-        self._outbox.append(_Call(command, future))
+            self._outbox.append(_Call(self._alone(keys, args), future))
+        else:
+            self._outbox.append(_Call(None, future, keys=keys, args=args))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -250,6 +298,8 @@ class ScriptPipeline:
         if to.db:
             setup.append(("SELECT", to.db))
         setup.append(("SCRIPT", "LOAD", self._script))
+        if self._batching:
+            setup.append(("SCRIPT", "LOAD", self._batch_script))
         self._outbox[:0] = [_Call(pack(*c), None) for c in setup]
         self._reloading = False
         self._flush()
@@ -264,15 +314,65 @@ class ScriptPipeline:
         if transport is None or transport.is_closing():
             self._fail_all(self._last_error or StoreUnavailable("Redis connection lost"))
             return
-        batch, self._outbox = self._outbox, []
+        outbox, self._outbox = self._outbox, []
+        sent = self._packed(outbox)
         loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
-        for call in batch:
+        for call in sent:
             call.sent_at = now
-        self._pending.extend(batch)
-        transport.write(b"".join([c.command for c in batch]))
+        self._pending.extend(sent)
+        transport.write(b"".join([c.command for c in sent]))  # type: ignore[misc]
         if self._timer is None:
             self._timer = loop.call_later(self._timeout, self._expired)
+
+    def _packed(self, outbox: list[_Call]) -> list[_Call]:
+        """The outbox as the commands to write: each call not packed yet goes alone, or with
+        batching, with the others of its run in batches of at most BATCH_MAX."""
+        if not self._batching:
+            for call in outbox:
+                if call.command is None:
+                    call.command = self._alone(call.keys, call.args)
+            return outbox
+        sent: list[_Call] = []
+        run: list[_Call] = []
+        for call in outbox:
+            if call.command is None:
+                run.append(call)
+                if len(run) == BATCH_MAX:
+                    sent.append(self._batched(run))
+                    run = []
+                continue
+            if run:
+                sent.append(self._batched(run))
+                run = []
+            sent.append(call)
+        if run:
+            sent.append(self._batched(run))
+        return sent
+
+    def _alone(self, keys: Sequence[str], args: Sequence[str | int]) -> bytes:
+        """One call as the plain script, its keys declared."""
+        return _pack_command((b"EVALSHA", self._sha, len(keys), *keys, *args))
+
+    def _batched(self, run: list[_Call]) -> _Call:
+        """A run of calls as one batch script call (a lone call as the plain script)."""
+        if len(run) == 1:
+            call = run[0]
+            call.command = self._alone(call.keys, call.args)
+            return call
+        keys: list[str] = []
+        counts: list[int] = []
+        args: list[str | int] = []
+        for call in run:
+            keys.extend(call.keys)
+            args.extend(call.args)
+            counts.append(len(call.keys))
+            counts.append(len(call.args))
+        if self._cross_slot:  # the keys in ARGV, behind their number (CROSS_SLOT prologue)
+            parts = (b"EVALSHA", self._batch_sha, 0, len(keys), *keys, len(run), *counts, *args)
+        else:
+            parts = (b"EVALSHA", self._batch_sha, len(keys), *keys, len(run), *counts, *args)
+        return _Call(_pack_command(parts), None, members=run)
 
     def _expired(self) -> None:
         """The timer aims at the oldest unanswered call's deadline; past it, give up."""
@@ -295,43 +395,103 @@ class ScriptPipeline:
             self._timer = None
         if call.loads_script:
             self._reloading = False
-        future = call.future
-        if isinstance(reply, hiredis.ReplyError):
-            message = str(reply)
-            if future is None:
-                # AUTH/SELECT/SCRIPT LOAD refused: this connection is unusable.
-                self._fail_all(StoreUnavailable(f"Redis refused the session setup: {message}"))
-                return
-            if message.startswith("NOSCRIPT") and not call.retried:
-                call.retried = True
-                if not self._reloading:
-                    # Every call in flight meets NOSCRIPT: the script is loaded once, ahead
-                    # of all of them (Redis answers in order).
-                    self._reloading = True
-                    load = pack("SCRIPT", "LOAD", self._script)
-                    self._outbox.append(_Call(load, None, loads_script=True))
-                self._outbox.append(call)
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
-                return
-            if message.startswith(_REDIRECTS):
-                if not future.done():
-                    future.set_exception(StoreRedirect(message))
-                return
-            if message.startswith(_NOT_PRIMARY):
-                # A replica, a demoted primary or one still loading: every call in flight
-                # meets the same, and the next connection resolves the primary again.
-                error = StoreUnavailable(f"Redis is not a usable primary: {message}")
-                if not future.done():
-                    future.set_exception(error)
-                self._fail_all(error)
-                return
-            if not future.done():
-                future.set_exception(StoreUnavailable(f"Redis error: {message}"))
+        members = call.members
+        if members is not None:
+            self._on_batch_reply(call, members, reply)
             return
-        if future is not None and not future.done():
+        if call.future is None:
+            if isinstance(reply, hiredis.ReplyError):
+                # AUTH/SELECT/SCRIPT LOAD refused: this connection is unusable.
+                self._fail_all(StoreUnavailable(f"Redis refused the session setup: {reply}"))
+            return
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            self._send_again(call)
+            return
+        self._settle(call, reply)
+
+    def _on_batch_reply(self, batch: _Call, members: list[_Call], reply: Any) -> None:
+        """A batch's reply: each entry settles its call; an error of the whole batch (the
+        script missing, a server that is no primary) is every member's."""
+        if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith("NOSCRIPT"):
+                self._send_again(batch)
+                return
+            message = str(reply)
+            not_primary = message.startswith(_NOT_PRIMARY)
+            what = "Redis is not a usable primary" if not_primary else "Redis error"
+            error = StoreUnavailable(f"{what}: {message}")
+            for member in members:
+                if member.future is not None and not member.future.done():
+                    member.future.set_exception(error)
+            if not_primary:
+                self._fail_all(error)  # the calls in flight behind it meet the same
+            return
+        if not isinstance(reply, list) or len(reply) != len(members):
+            error = StoreUnavailable(f"Redis answered a batch of {len(members)} with {reply!r}")
+            for member in members:
+                if member.future is not None and not member.future.done():
+                    member.future.set_exception(error)
+            return
+        for member, entry in zip(members, reply, strict=True):
+            if (
+                self._cross_slot
+                and isinstance(entry, hiredis.ReplyError)
+                and not str(entry).startswith(_NOT_PRIMARY)
+                and not member.retried
+            ):
+                # On a cluster, most likely a key of a slot this node no longer (or not yet
+                # fully) serves: alone, with its keys declared, Redis answers MOVED or ASK.
+                member.retried = True
+                member.command = self._alone(member.keys, member.args)
+                self._queue(member)
+                continue
+            self._settle(member, entry)
+
+    def _settle(self, call: _Call, reply: Any) -> None:
+        """Answer one caller: its reply, or its error as the exception the callers expect."""
+        future = call.future
+        if future is None or future.done():
+            return
+        if not isinstance(reply, hiredis.ReplyError):
             future.set_result(reply)
+            return
+        message = str(reply)
+        if message.startswith(_REDIRECTS):
+            future.set_exception(StoreRedirect(message))
+        elif message.startswith(_NOT_PRIMARY):
+            # A replica, a demoted primary or one still loading: every call in flight meets
+            # the same, and the next connection resolves the primary again.
+            error = StoreUnavailable(f"Redis is not a usable primary: {message}")
+            future.set_exception(error)
+            self._fail_all(error)
+        else:
+            future.set_exception(StoreUnavailable(f"Redis error: {message}"))
+
+    def _send_again(self, call: _Call) -> None:
+        """NOSCRIPT (Redis restarted or flushed its scripts): load them once, ahead of every
+        call in flight (each meets NOSCRIPT: Redis answers in order), and send the call again,
+        once; a second NOSCRIPT fails it."""
+        if call.retried:
+            error = StoreUnavailable("Redis error: NOSCRIPT again after loading the script")
+            for member in call.members or (call,):
+                if member.future is not None and not member.future.done():
+                    member.future.set_exception(error)
+            return
+        call.retried = True
+        if not self._reloading:
+            self._reloading = True
+            self._outbox.append(_Call(pack("SCRIPT", "LOAD", self._script), None))
+            if self._batching:
+                self._outbox.append(_Call(pack("SCRIPT", "LOAD", self._batch_script), None))
+            self._outbox[-1].loads_script = True
+        self._queue(call)
+
+    def _queue(self, call: _Call) -> None:
+        """Put a call (packed already) in the outbox again, for this tick's flush."""
+        self._outbox.append(call)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     def _on_lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if protocol is self._protocol:
@@ -352,5 +512,6 @@ class ScriptPipeline:
         if transport is not None:
             transport.abort()
         for call in calls:
-            if call.future is not None and not call.future.done():
-                call.future.set_exception(error)
+            for member in call.members or (call,):
+                if member.future is not None and not member.future.done():
+                    member.future.set_exception(error)

@@ -7,7 +7,8 @@ replaces each placeholder by Lua string literals, once, when the store registers
 script: the names cost a call nothing (they are not sent in ARGV), and the text Redis
 hashes is the same in every process. An unknown placeholder is an error at load rather
 than a script that reads a field nobody writes. A line `--#include <file>.lua` is replaced by
-that file of `lua/` (the index helpers several scripts share), before the rendering.
+that file of `lua/` (the index helpers several scripts share, enforce.lua's body), includes
+of includes too, before the rendering.
 """
 
 from __future__ import annotations
@@ -74,10 +75,23 @@ def _read(name: str) -> str:
     return resources.files("gateway.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+def _expand(text: str, within: tuple[str, ...]) -> str:
+    """`text` with its `--#include` lines replaced, includes of includes too (a file that
+    includes itself, however indirectly, is an error)."""
+
+    def include(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in within:
+            raise ValueError(f"{within[0]}: {' -> '.join((*within, name))} includes itself")
+        return _expand(_read(name), (*within, name)).rstrip("\n")
+
+    return _INCLUDE.sub(include, text)
+
+
 def load_script(name: str, *, cross_slot: bool = False) -> str:
     """The script `lua/<name>` as Redis runs it; `cross_slot` flags it to read the keys of
     several slots of one cluster node."""
-    text = _INCLUDE.sub(lambda m: _read(m.group(1)).rstrip("\n"), _read(name))
+    text = _expand(_read(name), (name,))
     try:
         rendered = render(text)
     except ValueError as exc:

@@ -139,7 +139,12 @@ class Store:
             timeout=settings.timeout,
             history_size=history_size,
             clock=clock,
-            pipeline=script_caller(topology, _script("enforce.lua"), timeout=settings.timeout),
+            pipeline=script_caller(
+                topology,
+                _script("enforce.lua"),
+                timeout=settings.timeout,
+                batch=_script("enforce_batch.lua"),
+            ),
             restore_blocks=settings.restore_blocks,
             one_node=topology.kind != "cluster",
             write_replicas=replicas,
