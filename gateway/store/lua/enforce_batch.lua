@@ -18,7 +18,7 @@ local time_us
 local replies = {}
 local k, a = 0, 2 * n + 1
 for c = 1, n do
-  local nk, na = tonumber(ARGV[2 * c]), tonumber(ARGV[2 * c + 1])
+  local nk, na = num(ARGV[2 * c]), num(ARGV[2 * c + 1])
   local keys, args = {}, {}
   for i = 1, nk do
     keys[i] = KEYS[k + i]

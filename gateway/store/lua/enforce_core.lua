@@ -119,11 +119,27 @@ local function take(state, rate, burst, now_us)
   return {outcome, math.floor(tokens / COST), retry_after, full_after, rate, burst}, new_state
 end
 
+-- The declared fields' keys: history entries name a field by them (and a record of an
+-- older devicegate has them as fields of their own).
+local FIELDS = { {{DEVICE_FIELD_KEYS}} }
+
+-- Numbers the calls of a batch repeat (the default rate and burst, an override's, the history
+-- cap), each converted once: tonumber costs as much as a hash read.
+local numbers = {}
+local function num(text)
+  local n = numbers[text]
+  if not n then
+    n = tonumber(text)
+    numbers[text] = n
+  end
+  return n
+end
+
 -- One request's decision and upsert (the modes, KEYS, ARGV and reply above); `now_us` is
 -- its clock (`clock`).
 local function enforce(KEYS, ARGV, now_us)
-  local rate = tonumber(ARGV[2])
-  local burst = tonumber(ARGV[3])
+  local rate = num(ARGV[2])
+  local burst = num(ARGV[3])
   if #KEYS == 1 then
     local reply, new_state = take(redis.call('GET', KEYS[1]), rate, burst, now_us)
     if new_state then
@@ -135,25 +151,21 @@ local function enforce(KEYS, ARGV, now_us)
 
   local record, history, active, blocked_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local upload = ARGV[4] == '1'
-  local history_cap = tonumber(ARGV[5])
   local device_id = ARGV[6]
   local now_ms = math.floor(now_us / 1000)
 
-  -- The declared fields' keys: history entries name a field by them (and a record of an
-  -- older devicegate has them as fields of their own).
-  local FIELDS = { {{DEVICE_FIELD_KEYS}} }
-  local current = redis.call('HMGET', record, {{FIELD_REQUESTS}}, {{FIELD_DENIED}},
-    {{FIELD_BLOCKED_AT}}, {{FIELD_LAST_ACTIVE}}, {{FIELD_OVERRIDE_RATE}}, {{FIELD_OVERRIDE_BURST}},
-    {{FIELD_BUCKET}}, {{FIELD_DECLARED}})
+  -- The denied count is not read: a denial adds to it (HINCRBY), an allowed request leaves it.
+  local current = redis.call('HMGET', record, {{FIELD_REQUESTS}}, {{FIELD_BLOCKED_AT}},
+    {{FIELD_LAST_ACTIVE}}, {{FIELD_OVERRIDE_RATE}}, {{FIELD_OVERRIDE_BURST}}, {{FIELD_BUCKET}},
+    {{FIELD_DECLARED}})
   local requests = tonumber(current[1] or '0')
-  local denied = tonumber(current[2] or '0')
   local is_new = not current[1]
-  local is_blocked = current[3] ~= false
-  local last = tonumber(current[4] or '0')
+  local is_blocked = current[2] ~= false
+  local last = tonumber(current[3] or '0')
   if is_new and #KEYS == 5 then
     -- Charge the address's budget first: a refused device leaves no trace but the budget.
     local device_rate, device_burst = rate, burst
-    rate, burst = tonumber(ARGV[8]), tonumber(ARGV[9])
+    rate, burst = num(ARGV[8]), num(ARGV[9])
     local budget, budget_state = take(redis.call('GET', KEYS[5]), rate, burst, now_us)
     if not budget_state then
       budget[7] = 2
@@ -169,31 +181,28 @@ local function enforce(KEYS, ARGV, now_us)
   if is_blocked then
     reply = {1, 0, 0, 0, rate, burst}
   else
-    if current[5] then
-      rate = tonumber(current[5])
-      burst = tonumber(current[6])
+    if current[4] then
+      rate = num(current[4])
+      burst = num(current[5])
     end
-    reply, new_state = take(current[7], rate, burst, now_us)
+    reply, new_state = take(current[6], rate, burst, now_us)
   end
   reply[7] = is_new and 1 or 0
-  if reply[1] ~= 0 then
-    denied = denied + 1
-  end
 
   -- Upsert: timestamps come from this one clock; last_active never moves backwards.
   local stamp = math.max(now_ms, last)
+  local at = int(stamp)
   local updates = {
     {{FIELD_REQUESTS}}, int(requests + 1),
-    {{FIELD_DENIED}}, int(denied),
-    {{FIELD_LAST_ACTIVE}}, int(stamp),
+    {{FIELD_LAST_ACTIVE}}, at,
   }
   if upload then
     updates[#updates + 1] = {{FIELD_LAST_UPLOAD}}
-    updates[#updates + 1] = int(stamp)
+    updates[#updates + 1] = at
   end
   if is_new then
     updates[#updates + 1] = {{FIELD_FIRST_SEEN}}
-    updates[#updates + 1] = int(stamp)
+    updates[#updates + 1] = at
   end
   if new_state then
     updates[#updates + 1] = {{FIELD_BUCKET}}
@@ -203,14 +212,14 @@ local function enforce(KEYS, ARGV, now_us)
   -- `df` is the one copy of the six values: a device that keeps declaring the same (all six)
   -- costs this one string compare; one that leaves some out, a split and no write.
   local declared_all = ARGV[7]
-  if declared_all ~= current[8] then
+  if declared_all ~= current[7] then
     local declared = split(declared_all)
-    local stored = current[8] and split(current[8]) or {}
+    local stored = current[7] and split(current[7]) or {}
     -- A record of an older devicegate kept each value in its own field too, and `df` then held
     -- the declaration as sent (an empty part there may hide a stored value), or no `df` at all:
     -- read those fields once where `df` has no value to compare with (a newer record: never).
     if not is_new then
-      local gap = not current[8]
+      local gap = not current[7]
       for i = 1, #FIELDS do
         gap = gap or (declared[i] and not stored[i])
       end
@@ -221,6 +230,7 @@ local function enforce(KEYS, ARGV, now_us)
         end
       end
     end
+    local history_cap = num(ARGV[5])
     local merged = {}
     for i = 1, #FIELDS do
       local new, old = declared[i], stored[i]
@@ -228,7 +238,7 @@ local function enforce(KEYS, ARGV, now_us)
         merged[i] = new
         -- A first value is information, not a change: only a differing stored one is history.
         if old and history_cap > 0 then
-          redis.call('LPUSH', history, table.concat({int(stamp), FIELDS[i], old, new}, '\31'))
+          redis.call('LPUSH', history, table.concat({at, FIELDS[i], old, new}, '\31'))
           redis.call('LTRIM', history, 0, history_cap - 1)
         end
       else
@@ -236,12 +246,15 @@ local function enforce(KEYS, ARGV, now_us)
       end
     end
     local merged_all = table.concat(merged, '\31')
-    if merged_all ~= current[8] then
+    if merged_all ~= current[7] then
       updates[#updates + 1] = {{FIELD_DECLARED}}
       updates[#updates + 1] = merged_all
     end
   end
   redis.call('HSET', record, unpack(updates))
+  if reply[1] ~= 0 then
+    redis.call('HINCRBY', record, {{FIELD_DENIED}}, 1)
+  end
   -- The list is ordered by last activity to the second: skip the index write in between.
   if is_new or stamp - last >= INDEX_STEP_MS then
     redis.call('ZADD', active, stamp, device_id)
