@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bare_proxy import command, compile_proxy
 from loadgen import (
     FLEET_LUA,
     GRACE,
@@ -52,12 +53,15 @@ from procs import (
     Proc,
     Processes,
     free_port,
+    http_status,
     rss_bytes,
     tree,
+    wait_until,
 )
 from report import report
 from servers import (
     PROXY_BODY,
+    START_TIMEOUT,
     Gateway,
     RedisServer,
     device_total,
@@ -73,6 +77,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 SCALE_STEPS = (100_000, 1_000_000)
 PEER = "openresty-peer"  # its target key
+BARE = ("bare-proxy", "bare-proxy-redis")  # bench/bare_proxy.py, without and with Redis
 MIN_REGISTER_RATE = 500  # devices/s assumed at worst when bounding a registration step
 
 
@@ -330,6 +335,16 @@ def scale(
     procs.stop(gateway.proc)
 
 
+def start_bare(
+    procs: Processes, name: str, argv: list[str], port: int, timeout: float = START_TIMEOUT
+) -> Proc:
+    """A bare proxy (bench/bare_proxy.py), ready when it answers 200 on `port`."""
+    proc = procs.start(name, argv)
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(proc, f"{url} answering 200", lambda: http_status(url) == 200, timeout)
+    return proc
+
+
 # ---- open loop ----
 
 
@@ -433,6 +448,19 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
             targets.append(Target(PEER, label, port, peer, store))
     elif nginx:
         notes.append("no redis-server: the openresty-peer target is skipped")
+    # The floor under the gateway: the same protocols and parser, no enforcement; and the
+    # same with one pipelined EVALSHA a request (bench/breakdown.py splits the difference).
+    bare_argv, build = compile_proxy(procs.workdir / "bare-proxy", sys.executable)
+    results["machine"]["bare_proxy_build"] = build
+    for key, label, redis_url in (
+        (BARE[0], "bare proxy, 1 worker", None),
+        (BARE[1], "bare proxy + 1 EVALSHA, 1 worker", store.url if store else None),
+    ):
+        if key == BARE[1] and not store:
+            continue
+        port = free_port()
+        bare = start_bare(procs, key, command(bare_argv, port, upstream_port, redis_url), port)
+        targets.append(Target(key, label, port, bare, store if redis_url else None))
     one = 1 if workers_flag else None
     if store:
         g = start_gateway(
@@ -506,7 +534,7 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
     if store and steps:
         # The throughput targets on Redis are done: stop them so they hold no memory meanwhile.
         for t in targets:
-            if t.key.startswith("gateway") or t.key == PEER:
+            if t.key.startswith("gateway") or t.key in (PEER, *BARE):
                 procs.stop(t.proc)
         workers = (opts.workers if opts.workers > 1 else 1) if workers_flag else None
         scale(procs, load, binary, upstream_port, store, workers, steps, results)
@@ -515,13 +543,13 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
 
 
 def ratios_of(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """req/s of the peer and each gateway over nginx's, the upstream's and (gateways) the
-    peer's; and CPU per request over the peer's."""
+    """req/s of the peer, the bare proxies and each gateway over nginx's, the upstream's and
+    (gateways) the peer's; and CPU per request over the peer's."""
     base = figures["upstream"]["load"]
     proxy = figures.get("nginx-proxy", {}).get("load")
     peer = figures.get(PEER, {}).get("load")
     ratios: dict[str, dict[str, float | None]] = {}
-    for key in (PEER, "gateway-1w", "gateway-Nw", "gateway-memory"):
+    for key in (PEER, *BARE, "gateway-1w", "gateway-Nw", "gateway-memory"):
         if key not in figures:
             continue
         m = figures[key]["load"]
@@ -529,7 +557,7 @@ def ratios_of(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, float |
             "vs_nginx_proxy": m["rps"] / proxy["rps"] if proxy else None,
             "vs_upstream_alone": m["rps"] / base["rps"],
         }
-        if key != PEER:
+        if key.startswith("gateway"):
             row["vs_openresty_peer"] = m["rps"] / peer["rps"] if peer else None
             row["cpu_per_req_vs_openresty_peer"] = (
                 m["cpu_us_per_req"] / peer["cpu_us_per_req"]
