@@ -19,9 +19,10 @@ from setuptools import setup
 
 # The request's path: parsing and framing, the envelope of the gateway's own answers, the
 # exchange, the upstream pool, the verdict, the one script call (its arguments, packing and
-# circuit breaker), the counters and the value types. The admin side and the Store's
-# redis-py code stay plain, and so does dataplane/sides.py: tests subclass its two base
-# classes, and an interpreted class cannot inherit from a compiled one.
+# circuit breaker), the embedded store's enforce (its record, buckets and list order), the
+# counters and the value types. The admin side and the Store's redis-py code stay plain,
+# and so does dataplane/sides.py: tests subclass its two base classes, and an interpreted
+# class cannot inherit from a compiled one.
 HOT_MODULES = [
     "gateway/dataplane/wire.py",
     "gateway/envelope.py",
@@ -44,6 +45,10 @@ HOT_MODULES = [
     "gateway/store/slots.py",
     "gateway/store/cluster_scripts.py",
     "gateway/store/breaker.py",
+    "gateway/store/native.py",
+    "gateway/store/native_record.py",
+    "gateway/store/native_bucket.py",
+    "gateway/store/native_order.py",
     "gateway/metrics.py",
     "gateway/model.py",
 ]

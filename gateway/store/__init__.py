@@ -25,6 +25,14 @@
     epoch.py           the epoch marker that tells such a loss (pure)
     snapshot.py        the blocked ids kept on disk for a start while Redis is down
     lua/*.lua          the scripts
+    contract.py        DeviceStore and BlockedIds: what callers ask of either store
+    opening.py         open_store: the NativeStore for memory://, else the Store
+    native.py          NativeStore: the embedded store, the same contract in plain Python
+    native_record.py   a device's record, a slotted object
+    native_bucket.py   the token bucket's arithmetic, and the client addresses' buckets
+    native_order.py    the list's order by activity, filed when a list is asked for
+    native_listing.py  the list and the searches over the records in memory
+    native_blocked.py  the BlockedIds surface over the embedded store's own blocked ids
 
 Names are imported on first use (PEP 562), so that a pure module (`gateway.store.keys`)
 imports without redis.
@@ -32,24 +40,33 @@ imports without redis.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gateway.store.contract import BlockedIds, DeviceStore
     from gateway.store.listing import BlockedFilter
+    from gateway.store.native import NativeStore
+    from gateway.store.opening import open_store
     from gateway.store.store import Store
 
-__all__ = ["BlockedFilter", "Store"]
+__all__ = ["BlockedFilter", "BlockedIds", "DeviceStore", "NativeStore", "Store", "open_store"]
+
+# Each name and the module it lives in.
+_HOMES = {
+    "BlockedFilter": "gateway.store.listing",
+    "BlockedIds": "gateway.store.contract",
+    "DeviceStore": "gateway.store.contract",
+    "NativeStore": "gateway.store.native",
+    "Store": "gateway.store.store",
+    "open_store": "gateway.store.opening",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Store":
-        from gateway.store.store import Store
-
-        globals()[name] = Store
-        return Store
-    if name == "BlockedFilter":
-        from gateway.store.listing import BlockedFilter
-
-        globals()[name] = BlockedFilter
-        return BlockedFilter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
