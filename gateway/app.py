@@ -23,7 +23,7 @@ from gateway.dataplane import DataPlane, start_public
 from gateway.errors import AdminTokenError
 from gateway.metrics import Metrics
 from gateway.state import admin_token_file, write_atomic
-from gateway.store import Store
+from gateway.store import DeviceStore, open_store
 from gateway.store.blocked import BlockedSeed
 
 log = logging.getLogger("gateway")
@@ -96,7 +96,7 @@ class Running:
 async def serve(
     settings: Settings,
     *,
-    store: Store | None = None,
+    store: DeviceStore | None = None,
     on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
     admin: bool = True,
@@ -115,12 +115,14 @@ async def serve(
     # Before anything opens: a refusal (AdminTokenError) leaves nothing to clean up.
     token = admin_token(settings) if admin else ""
     own_store = store is None
-    store = store or Store.from_settings(settings.redis, history_size=settings.devices.history_size)
+    store = store or open_store(settings.redis, history_size=settings.devices.history_size)
     metrics = metrics or Metrics()
     keeper = await follow_blocked(
         store, settings, metrics, seed=blocked_seed, keep_snapshot=keep_snapshot
     )
-    plane = DataPlane(settings, store, metrics)
+    # DataPlane still names the Redis Store; it hands the store to the Enforcer, which
+    # takes any DeviceStore (compiled, it does not check the type).
+    plane = DataPlane(settings, store, metrics)  # type: ignore[arg-type]
     admin_app = create_admin_app(
         store,
         token or "-",

@@ -20,8 +20,8 @@ from gateway.config import RedisSettings, Settings
 from gateway.errors import SnapshotError
 from gateway.metrics import Metrics
 from gateway.state import state_dir
-from gateway.store import Store
-from gateway.store.blocked import BlockedSeed, BlockedSet, wall_ms
+from gateway.store import BlockedIds, DeviceStore
+from gateway.store.blocked import BlockedSeed, wall_ms
 from gateway.store.snapshot import (
     Snapshot,
     SnapshotWriter,
@@ -73,7 +73,7 @@ class BlockedKeeper:
     """Keeps the process's metrics and snapshot in step with its blocked set."""
 
     def __init__(
-        self, blocked: BlockedSet, metrics: Metrics, writer: SnapshotWriter | None
+        self, blocked: BlockedIds, metrics: Metrics, writer: SnapshotWriter | None
     ) -> None:
         self.blocked = blocked
         self.metrics = metrics
@@ -101,7 +101,7 @@ class BlockedKeeper:
 
 
 async def follow_blocked(
-    store: Store,
+    store: DeviceStore,
     settings: Settings,
     metrics: Metrics,
     *,

@@ -42,9 +42,9 @@ def _config_path(arg: str | None, env: Mapping[str, str]) -> str | None:
 
 async def _reindex(settings: Settings, out: TextIO, err: TextIO) -> int:
     """`gateway reindex`: every device of the store into the search indexes."""
-    from gateway.store import Store
+    from gateway.store import open_store
 
-    store = Store.from_settings(settings.redis)
+    store = open_store(settings.redis)
     try:
         count = await store.reindex()
     except StoreError as exc:

@@ -26,7 +26,7 @@ from gateway.identity import HeaderLookup, IdentityReader, client_ip
 from gateway.metrics import Metrics
 from gateway.model import Bucket, ReplyCode
 from gateway.ratelimit import BucketPolicy, rate_limit_headers, retry_after_seconds
-from gateway.store import Store
+from gateway.store import DeviceStore
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class Enforcer:
     __slots__ = ("_metrics", "_on_error", "_store", "identity", "max_body", "policy",
                  "registration", "require_id", "trusted", "upload_methods")  # fmt: skip
 
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: DeviceStore, metrics: Metrics | None = None
+    ) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
         self._on_error: Literal["open", "closed"] = settings.redis.on_error

@@ -1,6 +1,6 @@
 """What a Redis URL names (pure): one server, a Redis Cluster, or a Sentinel-watched primary.
 
-    memory://                                           an embedded engine (fakeredis)
+    memory://                                           the embedded store (NativeStore)
     redis://[user:password@]host[:port][/db]            one server (rediss:// with TLS)
     unix://[user:password@]/path/redis.sock[?db=N]      one server on a Unix socket
     redis+cluster://[user:password@]host:port[,host:port...]

@@ -39,7 +39,7 @@ from gateway.blocked_ids import follow_blocked
 from gateway.config import Settings
 from gateway.errors import WorkerFailed
 from gateway.metrics import Metrics, SharedCounters, render
-from gateway.store import Store
+from gateway.store import open_store
 from gateway.store.blocked import BlockedSeed
 
 log = logging.getLogger("gateway")
@@ -110,7 +110,7 @@ async def supervise(
     directory = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     counters_path = directory / f"devicegate-{os.getpid()}.metrics"
     counters = SharedCounters(counters_path, workers, create=True)
-    store = Store.from_settings(settings.redis, history_size=settings.devices.history_size)
+    store = open_store(settings.redis, history_size=settings.devices.history_size)
     own = Metrics()
     keeper = await follow_blocked(store, settings, own, keep_snapshot=True)
     token = admin_token(settings)

@@ -25,13 +25,14 @@ from gateway.errors import BadRequest, StoreUnavailable
 from gateway.identity import device_id_problem
 from gateway.metrics import Metrics, Renderable
 from gateway.model import Bucket, Replication
-from gateway.store import Store
 from gateway.store.blocked import wall_ms
+from gateway.store.contract import DeviceStore
 from gateway.store.snapshot import SnapshotWriter
 
 logger = logging.getLogger("gateway.admin")
 
-STORE_KEY: Final = web.AppKey("admin_store", Store)
+# A Protocol is no class to pass as the key's type: it goes in as the type argument.
+STORE_KEY: Final = web.AppKey[DeviceStore]("admin_store")
 METRICS_KEY: Final = web.AppKey("admin_metrics", Renderable)
 SNAPSHOT_KEY: Final = web.AppKey("admin_snapshot", SnapshotWriter)
 
@@ -206,7 +207,7 @@ def parse_bucket(body: bytes) -> Bucket:
 # ---- handlers ----------------------------------------------------------------------------
 
 
-def _target(request: web.Request, *, new: bool = False) -> tuple[Store, str]:
+def _target(request: web.Request, *, new: bool = False) -> tuple[DeviceStore, str]:
     return request.app[STORE_KEY], check_device_id(request.match_info["id"], new=new)
 
 
@@ -398,7 +399,7 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 def create_admin_app(
-    store: Store,
+    store: DeviceStore,
     token: str,
     metrics: Renderable | None = None,
     *,
