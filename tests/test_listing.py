@@ -120,6 +120,32 @@ async def test_cursor_walk_gives_every_device_once_in_order(store: Store, clock:
     assert first.next_cursor is None and first.total == 40
 
 
+async def test_the_list_moves_a_device_when_its_last_active_enters_another_second(
+    store: Store, clock: FakeClock
+) -> None:
+    """The order is by last activity to the second: a device moves when its last_active
+    enters another second, however often it calls (the index is not written in between)."""
+    clock.now_us = (clock.now_us // 1_000_000 + 1) * 1_000_000 + 500_000  # at x.500 s
+
+    async def order() -> list[str]:
+        return [d.id for d in (await store.list_page()).devices]
+
+    await seen(store, "a")
+    clock.advance(1)
+    await seen(store, "b")
+    assert await order() == ["b", "a"]
+    clock.advance(498)  # x.999: the same second as both
+    await seen(store, "a")
+    assert await order() == ["b", "a"]
+    clock.advance(1)  # (x+1).000: another second
+    await seen(store, "a")
+    assert await order() == ["a", "b"]
+    for _ in range(10):  # b calls every 300 ms, never a second apart: it still moves
+        clock.advance(300)
+        await seen(store, "b")
+    assert await order() == ["b", "a"]
+
+
 async def test_cursor_neither_repeats_nor_skips_a_device_that_did_not_move(
     store: Store, clock: FakeClock
 ) -> None:

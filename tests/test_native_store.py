@@ -112,6 +112,9 @@ test_rename_and_clear = test_store.test_rename_and_clear
 test_rate_limit_override_takes_precedence = test_store.test_rate_limit_override_takes_precedence
 test_anonymous_buckets_are_per_address = test_store.test_anonymous_buckets_are_per_address
 test_list_is_most_recent_first_with_paging = test_store.test_list_is_most_recent_first_with_paging
+test_the_list_moves_a_device_when_its_last_active_enters_another_second = (
+    test_listing.test_the_list_moves_a_device_when_its_last_active_enters_another_second
+)
 test_list_blocked_filters = test_store.test_list_blocked_filters
 test_list_orders_never_seen_blocked_devices_by_block_time = (
     test_store.test_list_orders_never_seen_blocked_devices_by_block_time
@@ -349,27 +352,6 @@ def test_a_deleted_device_comes_back_new(native: NativeStore, clock: FakeClock) 
 
 
 # ---- the list's order ----------------------------------------------------------------------
-
-
-def test_the_list_moves_a_device_when_its_last_active_moved_a_second(
-    native: NativeStore, clock: FakeClock
-) -> None:
-    request(native, DeviceIdentity("a"))
-    clock.advance(1)
-    request(native, DeviceIdentity("b"))
-
-    def order() -> list[str]:
-        return [d.id for d in done(native.list_page()).devices]
-
-    assert order() == ["b", "a"]
-    clock.advance(998)
-    request(native, DeviceIdentity("a"))  # 999 ms after its last request: its score stays
-    clock.advance(998)
-    request(native, DeviceIdentity("a"))  # as enforce.lua: measured from the last request
-    assert order() == ["b", "a"]
-    clock.advance(1000)
-    request(native, DeviceIdentity("a"))  # a second after it: it moves
-    assert order() == ["a", "b"]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])

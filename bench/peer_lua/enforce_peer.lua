@@ -116,7 +116,7 @@ if ARGV[4] ~= current[8] then
   updates[#updates + 1] = ARGV[4]
 end
 redis.call('HSET', record, unpack(updates))
-if is_new or stamp - last >= INDEX_STEP_MS then
+if is_new or math.floor(stamp / INDEX_STEP_MS) ~= math.floor(last / INDEX_STEP_MS) then
   redis.call('ZADD', active, stamp, ARGV[3])
 end
 return reply

@@ -10,11 +10,12 @@ rename.lua, delete.lua and the list's scripts are the specification
 through (the bounds of the two searches), gateway.store.native_listing says what differs.
 
 A known device's request is a dict lookup and a few integer operations: no await, no
-copy. Its activity score moves only when the request comes a second or more after its
-last one (as enforce.lua's index write), and then only queues the record for the list's
-order. Time is the injected clock (epoch microseconds, the scripts' ARGV[1]), else the
-wall clock. Everything lives as long as the process: one process only (gateway run runs
-one worker on it), and nothing survives a restart.
+copy. Its activity score moves only when last_active enters another second (as
+enforce.lua's index write: at most once a second however often the device calls), and then
+only queues the record for the list's order. Time is the injected clock (epoch
+microseconds, the scripts' ARGV[1]), else the wall clock. Everything lives as long as the
+process: one process only (gateway run runs one worker on it), and nothing survives a
+restart.
 
 Compiled in the compiled build (setup.py).
 """
@@ -45,7 +46,7 @@ from gateway.store.native_order import ActivityOrder
 from gateway.store.native_record import ABSENT, DeviceRecord
 from gateway.typedefs import Clock
 
-INDEX_STEP_MS: Final = 1000  # the activity score moves when last_active moves this much
+INDEX_STEP_MS: Final = 1000  # the activity score moves when last_active enters another second
 _POLICY_DEVICE: Final = "device"
 _POLICY_ANONYMOUS: Final = "anonymous"
 _POLICY_REGISTRATION: Final = "registration"
@@ -169,7 +170,7 @@ class NativeStore:
             or (identity.model and identity.model != record.model)
         ):
             self._declare(record, identity, stamp)
-        if stamp - last >= INDEX_STEP_MS:  # a second after its last request: it moves
+        if stamp // INDEX_STEP_MS != last // INDEX_STEP_MS:  # into another second: it moves
             record.score = stamp
             self._order.touch(record)
         return reply

@@ -4,7 +4,7 @@ What a Redis record holds in its hash (gateway.store.keys), held as attributes: 
 the timestamps (epoch ms, ABSENT when the Redis field would be missing), the block, the
 rate-limit override, the token bucket, the six declared values (None: never declared), the
 custom name and the history. Besides, where the device sits in the list: `score` is its
-activity index score (enforce.lua's `active` zset: moved when last_active moved by a second,
+activity index score (enforce.lua's `active` zset: moved when last_active enters another second,
 or set by a block), `listed` the score it is filed under in the embedded list's order.
 
 Compiled in the compiled build (setup.py): a known device's request reads and writes these

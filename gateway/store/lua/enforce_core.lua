@@ -51,7 +51,7 @@
 
 local COST = 1000
 local MICROS = 1000000
-local INDEX_STEP_MS = 1000  -- the activity index moves when last_active moved this much
+local INDEX_STEP_MS = 1000  -- the activity index moves when last_active enters another one
 
 -- The clock of a call: ARGV[1] in microseconds, or "" for Redis TIME (read once by the caller
 -- and passed as `time_us`: a batch reads it once for all its requests).
@@ -255,8 +255,10 @@ local function enforce(KEYS, ARGV, now_us)
   if reply[1] ~= 0 then
     redis.call('HINCRBY', record, {{FIELD_DENIED}}, 1)
   end
-  -- The list is ordered by last activity to the second: skip the index write in between.
-  if is_new or stamp - last >= INDEX_STEP_MS then
+  -- The list is ordered by last activity to the second: the index moves when last_active
+  -- enters another second (so at most once a second however often the device calls), not
+  -- in between.
+  if is_new or math.floor(stamp / INDEX_STEP_MS) ~= math.floor(last / INDEX_STEP_MS) then
     redis.call('ZADD', active, stamp, device_id)
     if is_new then
       ix_add(active, device_id)
