@@ -120,9 +120,7 @@ async def serve(
     keeper = await follow_blocked(
         store, settings, metrics, seed=blocked_seed, keep_snapshot=keep_snapshot
     )
-    # DataPlane still names the Redis Store; it hands the store to the Enforcer, which
-    # takes any DeviceStore (compiled, it does not check the type).
-    plane = DataPlane(settings, store, metrics)  # type: ignore[arg-type]
+    plane = DataPlane(settings, store, metrics)
     admin_app = create_admin_app(
         store,
         token or "-",

@@ -23,7 +23,7 @@ from gateway.dataplane.upstream import UpstreamPool
 from gateway.enforce import Enforcement, Enforcer
 from gateway.metrics import Metrics
 from gateway.model import DEVICE_FIELDS
-from gateway.store import Store
+from gateway.store import DeviceStore
 
 SWEEP_INTERVAL: Final = 1.0  # seconds between two checks of every connection's deadlines
 SHUTDOWN_POLL: Final = 0.05  # seconds between two looks at the connections left at a stop
@@ -35,7 +35,7 @@ class DataPlane(Connections):
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: DeviceStore,
         metrics: Metrics | None = None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
