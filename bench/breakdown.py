@@ -114,13 +114,16 @@ def _gw(module: str, names: str) -> str:
 
 def _bare(names: str) -> str:
     """The same for bench/bare_proxy.py (one module: mypyc names carry no module)."""
-    return rf"^CPy[A-Za-z]*_(?:{names})"
+    return rf"^CPy[A-Za-z]*_(?:__mypyc_\w*?_)?(?:{names})"
 
 
 # (phase, pattern), first match wins. A pattern is searched in the function's name, without
 # callgrind's context (`f'caller'caller2...` -> `f`), unless it starts with "'": then in the
 # whole, context included (the background rules: who called decides).
 PHASE_RULES: Final[tuple[tuple[str, str], ...]] = (
+    # A compiled class's GC slots: the collector runs them ("" leaves them to their callers).
+    # Its dealloc stays with its module's phase: an object's phase pays for freeing it.
+    ("", r"^(?:CPyDef_|\w+___)\w*[^_]_(?:traverse|clear)$"),
     # Time-driven work, whatever the load: the timers' callbacks (the deadline sweep, the
     # store's reply timer, sleeps) and every step of a coroutine that is not compiled (the
     # data plane's are): the blocked-ids poll, the pub/sub listener, the admin server.
@@ -198,13 +201,19 @@ _RULES: Final = [
 _READERS: Final = [(phase, re.compile(pattern)) for phase, pattern in READERS]
 
 
-def phase_of(node_name: str) -> str | None:
-    """The phase a rule puts a function in (`node_name`: callgrind's, context included)."""
+def rule_for(node_name: str) -> str | None:
+    """The phase the first matching rule names ("": its callers'), None when none matches
+    (`node_name`: callgrind's, context included)."""
     name = node_name.split("'", 1)[0]
     for phase, in_context, pattern in _RULES:
         if pattern.search(node_name if in_context else name):
             return phase
     return None
+
+
+def phase_of(node_name: str) -> str | None:
+    """The phase a rule puts a function in, or None: its callers' phases."""
+    return rule_for(node_name) or None
 
 
 # ---- callgrind's output -------------------------------------------------------------------
@@ -390,7 +399,7 @@ def breakdown(
     unmapped: dict[str, float] = defaultdict(float)  # compiled functions no rule names
     for (caller, callee), slot in loaded.calls.items():
         name = function(callee)
-        if name.startswith("CPyDef_") and function(caller) != name and phase_of(name) is None:
+        if name.startswith("CPyDef_") and function(caller) != name and rule_for(name) is None:
             unmapped[_display(callee)] += slot[1 + ir] * (1.0 - shares[callee].get(BACKGROUND, 0))
     for node, own in loaded.self_cost.items():
         name = function(node)
@@ -762,6 +771,7 @@ class CpuRun:
     user_us: float
     system_us: float
     wakeups: float  # voluntary context switches of the target per request
+    loadavg: float  # the machine's 1-minute load average as the round started
 
 
 def cpu(setup: Setup, spec: TargetSpec, opts: Options, load: Load) -> dict[str, Any]:
@@ -774,6 +784,7 @@ def cpu(setup: Setup, spec: TargetSpec, opts: Options, load: Load) -> dict[str, 
         load.run(url, opts.connections, 2)  # warm-up: the fleet registered, pools filled
         for _ in range(opts.rounds):
             time.sleep(0.5)
+            loadavg = os.getloadavg()[0]
             u0, s0, w0 = cpu_times(proc.pid)
             result = load.run(url, opts.connections, opts.seconds)
             u1, s1, w1 = cpu_times(proc.pid)
@@ -788,6 +799,7 @@ def cpu(setup: Setup, spec: TargetSpec, opts: Options, load: Load) -> dict[str, 
                     user_us=(u1 - u0) / n * 1e6,
                     system_us=(s1 - s0) / n * 1e6,
                     wakeups=(w1 - w0) / n,
+                    loadavg=loadavg,
                 )
             )
     finally:
@@ -798,7 +810,9 @@ def cpu(setup: Setup, spec: TargetSpec, opts: Options, load: Load) -> dict[str, 
         f"  {spec.label}: {median.rps:,.0f} req/s, {median.user_us:.1f} us user + "
         f"{median.system_us:.1f} us system per request (median of {len(runs)}: "
         + ", ".join(f"{r.user_us + r.system_us:.1f}" for r in runs)
-        + ")",
+        + "; load average "
+        + ", ".join(f"{r.loadavg:.2f}" for r in runs)
+        + " as they started)",
         flush=True,
     )
     return {**asdict(median), "rounds": [asdict(r) for r in runs]}
