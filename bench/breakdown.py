@@ -604,6 +604,7 @@ class Setup:
     upstream_port: int
     store: RedisServer
     bare_argv: list[str]
+    target_cpus: set[int] | None  # --pin: the target's CPU (everything else has the others)
 
 
 def gateway_command(workdir: Path, name: str, python: str, valgrind: list[str]) -> Path:
@@ -620,10 +621,34 @@ def gateway_command(workdir: Path, name: str, python: str, valgrind: list[str]) 
     return path
 
 
+def pin(root: int, cpus: set[int]) -> None:
+    """Every thread of a process tree on `cpus` (threads it starts later inherit it)."""
+    for pid in tree(root):
+        try:
+            tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:
+                pass  # gone meanwhile
+
+
 def start_target(
     setup: Setup, spec: TargetSpec, name: str, valgrind: list[str]
 ) -> tuple[Proc, int]:
-    """One fresh target process (under `valgrind` when given), ready to serve."""
+    """One fresh target process (under `valgrind` when given), ready to serve, on its own
+    CPU with --pin."""
+    proc, port = _start_target(setup, spec, name, valgrind)
+    if setup.target_cpus:
+        pin(proc.pid, setup.target_cpus)
+    return proc, port
+
+
+def _start_target(
+    setup: Setup, spec: TargetSpec, name: str, valgrind: list[str]
+) -> tuple[Proc, int]:
     workdir = setup.procs.workdir
     if spec.key == "gateway":
         gw = start_gateway(
@@ -674,6 +699,7 @@ class Options:
     rounds: int
     connections: int
     bare_plain: bool
+    pin: bool
     skip_callgrind: bool
     skip_cpu: bool
     top: int
@@ -774,25 +800,30 @@ class CpuRun:
     loadavg: float  # the machine's 1-minute load average as the round started
 
 
-def cpu(setup: Setup, spec: TargetSpec, opts: Options, load: Load) -> dict[str, Any]:
-    """Step 2: the target without valgrind; the median round (by CPU per request), and
-    every round."""
-    proc, port = start_target(setup, spec, f"{_slug(spec.key)}-cpu", [])
-    url = f"http://127.0.0.1:{port}"
-    runs = []
+def cpu(setup: Setup, specs: list[TargetSpec], opts: Options, load: Load) -> dict[str, Any]:
+    """Step 2: the targets without valgrind, all started, measured in turn round after round
+    (whatever else the machine does then is spread over all of them); per target the median
+    round (by CPU per request) and every round."""
+    started: dict[str, tuple[TargetSpec, Proc, str]] = {}
+    runs: dict[str, list[CpuRun]] = {}
     try:
-        load.run(url, opts.connections, 2)  # warm-up: the fleet registered, pools filled
-        for _ in range(opts.rounds):
-            time.sleep(0.5)
-            loadavg = os.getloadavg()[0]
-            u0, s0, w0 = cpu_times(proc.pid)
-            result = load.run(url, opts.connections, opts.seconds)
-            u1, s1, w1 = cpu_times(proc.pid)
-            if not proc.alive() or result.requests == 0:
-                raise BenchError(f"{spec.label}: no answers; its log:\n{proc.log_tail()}")
-            n = result.requests
-            runs.append(
-                CpuRun(
+        for spec in specs:
+            proc, port = start_target(setup, spec, f"{_slug(spec.key)}-cpu", [])
+            url = f"http://127.0.0.1:{port}"
+            started[spec.key] = (spec, proc, url)
+            runs[spec.key] = []
+            load.run(url, opts.connections, 2)  # warm-up: the fleet registered, pools filled
+        for r in range(opts.rounds):
+            for key, (spec, proc, url) in started.items():
+                time.sleep(0.5)
+                loadavg = os.getloadavg()[0]
+                u0, s0, w0 = cpu_times(proc.pid)
+                result = load.run(url, opts.connections, opts.seconds)
+                u1, s1, w1 = cpu_times(proc.pid)
+                if not proc.alive() or result.requests == 0:
+                    raise BenchError(f"{spec.label}: no answers; its log:\n{proc.log_tail()}")
+                n = result.requests
+                got = CpuRun(
                     rps=result.rps,
                     requests=n,
                     errors=result.non_2xx + result.socket_errors,
@@ -801,21 +832,26 @@ def cpu(setup: Setup, spec: TargetSpec, opts: Options, load: Load) -> dict[str, 
                     wakeups=(w1 - w0) / n,
                     loadavg=loadavg,
                 )
-            )
+                runs[key].append(got)
+                print(
+                    f"  round {r + 1}/{opts.rounds}, {spec.label}: {got.rps:,.0f} req/s, "
+                    f"{got.user_us:.1f} us user + {got.system_us:.1f} us system per request",
+                    flush=True,
+                )
     finally:
-        setup.procs.stop(proc)
-    runs.sort(key=lambda r: r.user_us + r.system_us)
-    median = runs[(len(runs) - 1) // 2]
-    print(
-        f"  {spec.label}: {median.rps:,.0f} req/s, {median.user_us:.1f} us user + "
-        f"{median.system_us:.1f} us system per request (median of {len(runs)}: "
-        + ", ".join(f"{r.user_us + r.system_us:.1f}" for r in runs)
-        + "; load average "
-        + ", ".join(f"{r.loadavg:.2f}" for r in runs)
-        + " as they started)",
-        flush=True,
-    )
-    return {**asdict(median), "rounds": [asdict(r) for r in runs]}
+        for _, proc, _ in started.values():
+            setup.procs.stop(proc)
+    out = {}
+    for key, rounds in runs.items():
+        totals = sorted(r.user_us + r.system_us for r in rounds)
+        median = sorted(rounds, key=lambda r: r.user_us + r.system_us)[(len(rounds) - 1) // 2]
+        out[key] = {
+            **asdict(median),
+            "total_us_min": totals[0],
+            "total_us_max": totals[-1],
+            "rounds": [asdict(r) for r in rounds],  # in the order they ran
+        }
+    return out
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -888,21 +924,40 @@ def render(results: dict[str, Any]) -> str:
         parts += [
             "",
             f"CPU time per request, us ({s.get('load_tool', 'wrk')} -c{s['connections']}, "
-            f"{s['seconds']} s, median of {s['rounds']}: user time measured and split by the "
-            "instruction shares above; system time measured):",
+            f"{s['seconds']} s, median of {s['rounds']} interleaved rounds: user time measured "
+            "and split by the instruction shares above; system time measured):",
         ]
         rows = []
         for phase, label in [
             *PHASES,
             ("background", "background (per-second work, at this rate)"),
-            ("system", "kernel (system time: sockets, epoll)"),
         ]:
-            if any(us.values()) or phase == "system":
+            if any(us.values()):
                 rows.append(row(label, {k: u.get(phase) if u else None for k, u in us.items()}, 1))
+        for name, label in (
+            ("user_us", "user time (measured)"),
+            ("system_us", "kernel (system time: sockets, epoll)"),
+        ):
+            if name == "system_us" or not any(us.values()):
+                rows.append(row(label, {k: c[name] if c else None for k, c in cpu_of.items()}, 1))
         rows.append(
             row(
                 "total (measured)",
                 {k: c["user_us"] + c["system_us"] if c else None for k, c in cpu_of.items()},
+                1,
+            )
+        )
+        rows.append(
+            row(
+                "  lowest round",
+                {k: c["total_us_min"] if c else None for k, c in cpu_of.items()},
+                1,
+            )
+        )
+        rows.append(
+            row(
+                "  highest round",
+                {k: c["total_us_max"] if c else None for k, c in cpu_of.items()},
                 1,
             )
         )
@@ -1006,6 +1061,16 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
         "valgrind": _first_line(["valgrind", "--version"]),
         **probe,
     }
+    cpus = sorted(os.sched_getaffinity(0))
+    target_cpus = None
+    if opts.pin and len(cpus) >= 2:
+        # The target alone on the last CPU; this process and all it starts (the upstream,
+        # Redis, the load generator) on the others, so they never share the target's core.
+        target_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))
+        results["settings"]["pinned"] = {"target": cpus[-1], "others": cpus[:-1]}
+    elif opts.pin:
+        results["notes"].append("one usable CPU: nothing pinned")
     bare_argv, bare_build = compile_proxy(procs.workdir / "bare", python, plain=opts.bare_plain)
     results["machine"]["bare_build"] = bare_build
     if bare_build != "compiled (mypyc)" and not opts.bare_plain:
@@ -1017,7 +1082,9 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
     )
     _, upstream_port, kind = start_upstream(procs, which("nginx"))
     results["machine"]["upstream"] = kind
-    setup = Setup(procs, python, upstream_port, RedisServer(procs, redis_server), bare_argv)
+    setup = Setup(
+        procs, python, upstream_port, RedisServer(procs, redis_server), bare_argv, target_cpus
+    )
     targets: dict[str, Any] = results["targets"]
     for key in opts.targets:
         targets[key] = {"label": TARGETS[key].label}
@@ -1032,8 +1099,8 @@ def run(opts: Options, procs: Processes, results: dict[str, Any]) -> None:
             "auto", gateway_command(procs.workdir, "gateway", python, []), opts.devices
         )
         results["settings"]["load_tool"] = load.tool
-        for key in opts.targets:
-            got = cpu(setup, TARGETS[key], opts, load)
+        measured = cpu(setup, [TARGETS[key] for key in opts.targets], opts, load)
+        for key, got in measured.items():
             targets[key]["cpu"] = got
             targets[key]["us"] = user_split(targets[key].get("callgrind"), got)
 
@@ -1084,7 +1151,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="callers of context callgrind keeps per function (8)",
     )
     p.add_argument("--seconds", type=int, default=5, help="seconds per CPU-time run (5)")
-    p.add_argument("--rounds", type=int, default=3, help="CPU-time runs per target (3)")
+    p.add_argument(
+        "--rounds", type=int, default=7, help="CPU-time runs per target, interleaved (7)"
+    )
     p.add_argument(
         "--connections", type=int, default=64, help="connections of the CPU-time load (64)"
     )
@@ -1092,6 +1161,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--bare-plain",
         action="store_true",
         help="run the bare proxy as plain Python, not compiled with mypyc",
+    )
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the target to a CPU of its own (default: pinned to the last usable "
+        "CPU, everything else to the others)",
     )
     p.add_argument("--no-callgrind", action="store_true", help="CPU time only")
     p.add_argument("--no-cpu", action="store_true", help="instructions only")
@@ -1121,6 +1196,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         rounds=a.rounds,
         connections=a.connections,
         bare_plain=a.bare_plain,
+        pin=not a.no_pin,
         skip_callgrind=a.no_callgrind,
         skip_cpu=a.no_cpu,
         top=a.top,
