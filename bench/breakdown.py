@@ -380,6 +380,7 @@ class Breakdown:
     calls_per_request: dict[str, float]
     phase_functions: dict[str, list[tuple[str, float]]]  # the costliest of each phase
     top_self: list[tuple[str, float]]
+    top_own_self: list[tuple[str, float]]  # the gateway's or bare proxy's compiled functions
     top_inclusive: list[tuple[str, float]]
     unmapped: list[tuple[str, float]]  # compiled functions no rule names: their callers' phase
 
@@ -396,6 +397,7 @@ def breakdown(
     by_function: dict[str, float] = defaultdict(float)
     in_phase: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     own_cost: dict[str, float] = defaultdict(float)  # per function, the background left out
+    compiled_cost: dict[str, float] = defaultdict(float)  # the same, mypyc's functions
     unmapped: dict[str, float] = defaultdict(float)  # compiled functions no rule names
     for (caller, callee), slot in loaded.calls.items():
         name = function(callee)
@@ -411,6 +413,8 @@ def breakdown(
                 syscalls[phase] += own[sc] * share
         foreground = 1.0 - shares[node].get(BACKGROUND, 0.0)
         own_cost[_display(node)] += own[ir] * foreground
+        if name.startswith(("CPyDef_", "CPyPy_", "CPyDunder_")) or "___" in name:
+            compiled_cost[_display(node)] += own[ir] * foreground
         if sc is not None and own[sc] and not vdso:
             by_function[name] += own[sc] * foreground
     # The shared read path, split by the reads each kind of socket got.
@@ -449,6 +453,7 @@ def breakdown(
         calls_per_request={k: v * per for k, v in counted_calls(loaded, shares).items()},
         phase_functions={p: [(n, c * per) for n, c in _top(fns, 6)] for p, fns in in_phase.items()},
         top_self=[(n, c * per) for n, c in _top(own_cost, top)],
+        top_own_self=[(n, c * per) for n, c in _top(compiled_cost, top)],
         top_inclusive=[(n, c * per) for n, c in top_inclusive(loaded, shares, top)],
         unmapped=[(n, c * per) for n, c in _top(unmapped, top) if c * per >= 1],
     )
@@ -887,8 +892,10 @@ def render(results: dict[str, Any]) -> str:
     diffs = _diffs(keys)
     head = ["per request", *(TARGETS[k].label for k in keys), *(d[0] for d in diffs)]
 
-    def row(label: str, values: dict[str, float | None], digits: int = 0) -> list[str]:
-        d = [_minus(values[a], values[b]) for _, a, b in diffs]
+    def row(
+        label: str, values: dict[str, float | None], digits: int = 0, diff: bool = True
+    ) -> list[str]:
+        d = [_minus(values[a], values[b]) if diff else None for _, a, b in diffs]
         return [label, *_cells((values[k] for k in keys), digits), *_cells(d, digits)]
 
     cg = {k: results["targets"][k].get("callgrind") for k in keys}
@@ -961,12 +968,15 @@ def render(results: dict[str, Any]) -> str:
                 1,
             )
         )
-        rows.append(row("req/s", {k: c["rps"] if c else None for k, c in cpu_of.items()}))
+        rows.append(
+            row("req/s", {k: c["rps"] if c else None for k, c in cpu_of.items()}, diff=False)
+        )
         rows.append(
             row(
                 "wake-ups (voluntary context switches)",
                 {k: c["wakeups"] if c else None for k, c in cpu_of.items()},
                 2,
+                diff=False,
             )
         )
         parts.append(table(head, rows))
@@ -981,6 +991,10 @@ def render(results: dict[str, Any]) -> str:
                 parts.append(f"  {phase}: {shown}")
         parts += ["", f"{TARGETS[k].label}: functions with the most instructions of their own"]
         parts.append(table(["function", "Ir/req"], [[n, f"{v:,.0f}"] for n, v in c["top_self"]]))
+        parts += ["", f"{TARGETS[k].label}: its own functions' own instructions"]
+        parts.append(
+            table(["function", "Ir/req"], [[n, f"{v:,.0f}"] for n, v in c["top_own_self"]])
+        )
         parts += ["", f"{TARGETS[k].label}: its own functions, callees included"]
         parts.append(
             table(["function", "Ir/req"], [[n, f"{v:,.0f}"] for n, v in c["top_inclusive"]])
