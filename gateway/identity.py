@@ -58,6 +58,7 @@ _ID_STORED: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LENGTH}}}").fullmatch
 # arrives as U+DC80-U+DCFF, which neither orjson nor redis-py could encode later.
 _FIELD_BAD: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]").search
 _NONE: Final[tuple[str, ...]] = ()
+IDENTITY_CACHE: Final = 8192  # identities IdentityReader keeps (~3 MB; dropped at once: ~1 ms)
 # The lone-surrogate range, built at import: mypyc takes no surrogate in a string literal.
 _SURROGATES: Final = (chr(0xD800), chr(0xDFFF))
 
@@ -90,11 +91,17 @@ class FieldValues(dict[str, list[str]]):
 
 
 class IdentityReader:
-    """Reads and validates the device identification headers of one request."""
+    """Reads and validates the device identification headers of one request.
 
-    __slots__ = ("_fields", "_id_key", "_id_name")
+    A device sends the same headers request after request: the identity read from one set of
+    values is kept (up to IDENTITY_CACHE of them, all dropped at once when full), so that the
+    checks run once per distinct set, not once per request. The identity returned may be
+    shared between requests: nobody changes one.
+    """
 
-    def __init__(self, devices: DeviceSettings) -> None:
+    __slots__ = ("_cache", "_cache_size", "_fields", "_id_key", "_id_name")
+
+    def __init__(self, devices: DeviceSettings, *, cache_size: int = IDENTITY_CACHE) -> None:
         names = devices.headers
         # Lookups use lower-cased names: FieldValues holds them so, a multidict folds case.
         self._id_name: str = names.id
@@ -102,6 +109,9 @@ class IdentityReader:
         self._fields: tuple[tuple[str, str], ...] = tuple(
             (getattr(names, f), getattr(names, f).lower()) for f in DEVICE_FIELDS
         )
+        # The values as read (the id, then each field's one value or None) -> the identity.
+        self._cache: dict[tuple[str | None, ...], DeviceIdentity] = {}
+        self._cache_size = cache_size
 
     def read(self, headers: HeaderLookup) -> DeviceIdentity | None:
         """The declared identity, None if anonymous; raises IdentityError naming the header."""
@@ -111,18 +121,34 @@ class IdentityReader:
         if len(ids) > 1:
             raise IdentityError(self._id_name, _REPEATED)
         device_id = ids[0]
+        found = [headers.getall(key, _NONE) for _, key in self._fields]
+        read: list[str | None] = [device_id]
+        for values in found:
+            if len(values) > 1:
+                return self._check(device_id, found)  # raises: the field was sent twice
+            read.append(values[0] if values else None)
+        key = tuple(read)
+        identity = self._cache.get(key)
+        if identity is None:
+            identity = self._check(device_id, found)
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[key] = identity
+        return identity
+
+    def _check(self, device_id: str, found: list[Sequence[str]]) -> DeviceIdentity:
+        """The identity of these values, every rule checked; IdentityError naming the header."""
         # The rule inline (a pattern and a set lookup): a call here costs every request.
         if _ID_OK(device_id) is None or (len(device_id) <= 2 and device_id in _DOT_IDS):
             raise IdentityError(self._id_name, device_id_problem(device_id) or _ID_CHARS)
         values: list[str | None] = []
-        for name, key in self._fields:
-            found = headers.getall(key, _NONE)
-            if not found:
+        for (name, _), field in zip(self._fields, found, strict=True):
+            if not field:
                 values.append(None)
                 continue
-            if len(found) > 1:
+            if len(field) > 1:
                 raise IdentityError(name, _REPEATED)
-            value = found[0]
+            value = field[0]
             if len(value) > MAX_FIELD_LENGTH:
                 raise IdentityError(name, _FIELD_LONG)
             bad = _FIELD_BAD(value)

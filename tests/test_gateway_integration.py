@@ -26,7 +26,7 @@ from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
 from gateway.admin import create_admin_app
-from gateway.app import Running, serve
+from gateway.app import YOUNG_THRESHOLD, Running, serve
 from gateway.config import Settings, parse_config
 from gateway.dataplane import DataPlane, start_public
 from gateway.logs import ACCESS_LOGGER, JsonFormatter
@@ -851,9 +851,12 @@ async def test_serve_runs_both_listeners_until_stop_is_set(
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     frozen: list[int] = []
+    young: list[int] = []
+    thresholds = gc.get_threshold()
 
     async def on_ready(running: Running) -> None:
         frozen.append(gc.get_freeze_count())
+        young.append(gc.get_threshold()[0])
         ready.set_result(running)
 
     gc.unfreeze()  # earlier tests' serve() froze their own start-up
@@ -867,6 +870,8 @@ async def test_serve_runs_both_listeners_until_stop_is_set(
         running = ready.result()
         # What start-up built is out of the collector's sight before the first request.
         assert frozen and frozen[0] > 1000, frozen
+        # The young collections run every YOUNG_THRESHOLD net allocations, not every 700.
+        assert young == [YOUNG_THRESHOLD] and thresholds[0] < YOUNG_THRESHOLD
         assert running == Running(
             public_url=f"http://127.0.0.1:{public_port}",
             admin_url=f"http://127.0.0.1:{admin_port}",
@@ -881,6 +886,7 @@ async def test_serve_runs_both_listeners_until_stop_is_set(
 
         stop.set()
         await asyncio.wait_for(task, WAIT)  # returns cleanly: no exception, no hang
+        assert gc.get_threshold() == thresholds  # given back on the way out
     finally:
         if not task.done():
             stop.set()

@@ -166,6 +166,40 @@ def test_every_field_header_is_validated() -> None:
         assert getattr(DEFAULT.read(headers((ID, "d1"), (name, "v"))), field) == "v"
 
 
+def test_the_same_headers_give_the_same_identity_checked_once() -> None:
+    """A device's next request with the same values reuses the identity (the checks ran
+    once); other values, or one value more or less, are read and checked afresh."""
+    reader = IdentityReader(DeviceSettings())
+    first = reader.read(headers((ID, "dev-1"), (APP, "FieldApp")))
+    again = reader.read(headers((ID, "dev-1"), (APP, "FieldApp")))
+    assert first is again and first == DeviceIdentity("dev-1", "FieldApp")
+    other = reader.read(headers((ID, "dev-1"), (APP, "Courier")))
+    fewer = reader.read(headers((ID, "dev-1")))
+    assert other == DeviceIdentity("dev-1", "Courier") and other is not first
+    assert fewer == DeviceIdentity("dev-1") and fewer is not first
+
+
+def test_an_invalid_value_is_refused_every_time() -> None:
+    """Only identities that passed every check are kept: a refused one is refused again,
+    also after a valid request of the same device."""
+    reader = IdentityReader(DeviceSettings())
+    assert reader.read(headers((ID, "dev-1"), (APP, "ok"))) is not None
+    for _ in range(2):
+        with pytest.raises(IdentityError, match=APP):
+            reader.read(headers((ID, "dev-1"), (APP, "bad\x01")))
+        with pytest.raises(IdentityError, match=APP):
+            reader.read(headers((ID, "dev-1"), (APP, "ok"), (APP, "ok")))  # sent twice
+        with pytest.raises(IdentityError, match=ID):
+            reader.read(headers((ID, "dev 1"), (APP, "ok")))
+
+
+def test_the_kept_identities_are_bounded() -> None:
+    reader = IdentityReader(DeviceSettings(), cache_size=10)
+    for i in range(35):
+        assert reader.read(headers((ID, f"dev-{i}"))) == DeviceIdentity(f"dev-{i}")
+        assert len(reader._cache) <= 10
+
+
 def test_configured_header_names_are_used() -> None:
     custom = DeviceHeaders(
         id="X-Client-Id",

@@ -108,6 +108,40 @@ async def test_undeclared_fields_keep_their_stored_values(store: Store) -> None:
     assert await store.history("phone-1") == []
 
 
+async def test_a_device_s_keys_and_declared_fields_are_kept_per_identity(
+    store: Store, clock: FakeClock
+) -> None:
+    """The data plane reuses one identity object while a device sends the same headers
+    (gateway.identity): its KEYS and ARGV are built once. Another object, with other values,
+    is read afresh: the change reaches the record and its history."""
+    script = store._enforce_script
+    first = DeviceIdentity("kept-1", "FieldApp", "2.4.1")
+    for _ in range(3):
+        await store.enforce(first, "198.51.100.7", BUCKET, upload=False)
+        clock.advance(10)
+    kept = script._devices["kept-1"]
+    assert kept[0] is first and kept[2] == "FieldApp\x1f2.4.1\x1f\x1f\x1f\x1f"
+    newer = DeviceIdentity("kept-1", "FieldApp", "2.5.0")
+    await store.enforce(newer, "198.51.100.7", BUCKET, upload=False)
+    assert script._devices["kept-1"][0] is newer
+    assert script._devices["kept-1"][1] is kept[1]  # the keys: the id's, kept
+    device = await store.get_device("kept-1")
+    assert device is not None and device.application_version == "2.5.0"
+    assert device.request_count == 4
+    [change] = await store.history("kept-1") or []
+    assert (change.field, change.old, change.new) == ("application_version", "2.4.1", "2.5.0")
+
+
+async def test_the_kept_devices_are_bounded(clock: FakeClock) -> None:
+    store = Store.memory(clock=clock)
+    store._enforce_script._device_cache = 5
+    for i in range(12):
+        reply = await store.enforce(DeviceIdentity(f"b-{i}"), "198.51.100.7", BUCKET, upload=False)
+        assert reply.new_device
+        assert len(store._enforce_script._devices) <= 5
+    await store.close()
+
+
 async def test_changes_are_recorded_newest_first(store: Store, clock: FakeClock) -> None:
     await call(store)
     clock.advance(1_000)

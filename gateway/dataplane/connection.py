@@ -314,7 +314,8 @@ class ClientConnection(ClientSide):
         parser = self._parser
         method = parser.get_method()
         url = self._url
-        if parser.get_http_version() not in ("1.0", "1.1"):
+        version = parser.get_http_version()  # a new string each call: asked once
+        if version != "1.1" and version != "1.0":
             # llhttp reads HTTP/0.9 and 2.0 request lines; only HTTP/1.x is served here.
             raise self._refusal(answers.VERSION)
         if (
@@ -366,7 +367,7 @@ class ClientConnection(ClientSide):
             peer_bytes=self.peer_bytes,
             peer_trusted=self.peer_trusted,
             keep_alive=parser.should_keep_alive() and not self._closing,
-            http11=parser.get_http_version() == "1.1",
+            http11=version == "1.1",
             content_length=content_length,
             chunked=chunked,
             expect_continue=expect,

@@ -12,7 +12,7 @@ admin side is redis-py and needs no compiling. `Store.enforce` is this class's `
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from gateway.errors import StoreUnavailable
 from gateway.model import Bucket, DeviceIdentity, EnforceReply, ReplyCode
@@ -25,6 +25,7 @@ _POLICY_DEVICE: Final = "device"
 _POLICY_ANONYMOUS: Final = "anonymous"
 _POLICY_REGISTRATION: Final = "registration"
 _REFUSED_NEW: Final = 2  # reply[6]: the registration budget refused a new device
+DEVICE_CACHE: Final = 8192  # devices whose keys and declared fields are kept, dropped at once
 
 ScriptCall = Callable[[Sequence[str], Sequence[str | int]], Awaitable[Any]]
 
@@ -53,6 +54,7 @@ class EnforceScript:
         history_size: int,
         clock: Clock | None,
         one_node: bool = True,
+        device_cache: int = DEVICE_CACHE,
     ) -> None:
         self._keys = keys
         self._breaker = breaker
@@ -61,6 +63,11 @@ class EnforceScript:
         self._history_size = str(history_size)
         self._clock = clock
         self._one_node = one_node  # every key on one node: a registration is one call
+        # Device id -> (the identity last seen for it, its KEYS, its declared fields joined):
+        # a device's next request with the same identity object (gateway.identity keeps them)
+        # builds neither again.
+        self._devices: dict[str, tuple[DeviceIdentity, tuple[str, str, str, str], str]] = {}
+        self._device_cache = device_cache
 
     def now(self) -> str:
         """The scripts' clock argument: "" (they read Redis TIME), or the injected clock."""
@@ -85,7 +92,8 @@ class EnforceScript:
             keys: Sequence[str] = (self._keys.anonymous_bucket(client_ip),)
             args: tuple[str | int, ...] = (self.now(), bucket.rate_milli, bucket.burst)
             return _reply(await self.call(keys, args), bucket, _POLICY_ANONYMOUS)
-        keys = self._keys.enforce(identity.id)
+        device_keys, declared = self._device(identity)
+        keys = device_keys
         args = (
             self.now(),
             bucket.rate_milli,
@@ -93,8 +101,7 @@ class EnforceScript:
             "1" if upload else "0",
             self._history_size,
             identity.id,
-            # ARGV[7]: the declared fields in DEVICE_FIELDS order, "" when absent, joined.
-            SEPARATOR.join([value or "" for value in identity.fields()]),
+            declared,
             "0" if registration is None else "1",
         )
         if registration is not None and self._one_node:
@@ -115,13 +122,27 @@ class EnforceScript:
             reply = await self.call(keys, (*args[:-1], "0"))
         return _reply(reply, bucket, _POLICY_DEVICE)
 
+    def _device(self, identity: DeviceIdentity) -> tuple[tuple[str, str, str, str], str]:
+        """The device's KEYS and ARGV[7] (the declared fields in DEVICE_FIELDS order, "" when
+        absent, joined), kept for the device's next request."""
+        device_id = identity.id
+        known = self._devices.get(device_id)
+        if known is not None and known[0] is identity:
+            return known[1], known[2]
+        keys = known[1] if known is not None else self._keys.enforce(device_id)
+        declared = SEPARATOR.join([value or "" for value in identity.fields()])
+        if known is None and len(self._devices) >= self._device_cache:
+            self._devices.clear()
+        self._devices[device_id] = (identity, keys, declared)
+        return keys, declared
+
     async def call(self, keys: Sequence[str], args: Sequence[str | int]) -> list[int]:
         """One enforce.lua call, through the circuit breaker (a cluster's caller keeps one
         per node itself: one failing primary must not skip the others)."""
         breaker = self._breaker
         if breaker is None:
             assert self._pipeline is not None
-            return [int(x) for x in await self._pipeline.call(keys, args)]
+            return cast(list[int], await self._pipeline.call(keys, args))
         if not breaker.allow():
             raise StoreUnavailable("Redis is failing; the circuit breaker skips it for now")
         try:
@@ -137,7 +158,7 @@ class EnforceScript:
             breaker.abandon()  # cancelled: neither a success nor a failure of Redis
             raise
         breaker.success()
-        return [int(x) for x in reply]
+        return cast(list[int], reply)  # integers, as hiredis (and fakeredis) read them
 
 
 def _reply(reply: list[int], bucket: Bucket, policy: str) -> EnforceReply:
