@@ -1032,6 +1032,7 @@ def probe_gateway(python: str) -> dict[str, str]:
     code, out = run_bounded(
         [
             python,
+            "-P",  # not the current directory first: a checkout there would shadow PYTHONPATH
             "-c",
             "import gateway, gateway.dataplane.exchange as e; "
             "print(gateway.__file__); print(e.__file__)",
