@@ -23,7 +23,7 @@ from gateway.store.reset import RESTORE_CHUNK, StoreReset
 from tests.rig.clock import FakeClock
 from tests.rig.engine_fixtures import RedisEngine, all_ports, primary_port_for
 from tests.rig.redis_cluster import RedisCluster
-from tests.rig.redis_server import RedisServer
+from tests.rig.redis_server import RedisServer, calls, command_stats
 from tests.rig.upstream import CountingUpstream
 from tests.rig.waits import until, until_async
 
@@ -101,6 +101,27 @@ async def test_a_missed_message_is_caught_up_by_the_poll(redis_engine: RedisEngi
     assert len(follower.blocked) == 2
     await follower.close()
     await admin.close()
+
+
+async def test_a_poll_on_one_node_is_one_mget(own_redis: RedisServer) -> None:
+    """Every process polls once a second: on one server (and Sentinel) the epoch marker and
+    the 256 shard versions are one MGET, not 257 commands through redis-py's pipeline, and
+    a block whose message was missed is still found by it."""
+    store = Store.from_settings(RedisSettings(url=own_redis.url, timeout=1.0))
+    await store.blocked.poll()  # the first: sets the epoch marker
+    keys = store.keys.device("missed")
+    with redis.Redis(port=own_redis.port) as raw:
+        raw.hset(keys.record, mapping={"rc": 0, "b": 1})
+        raw.zadd(keys.blocked, {"missed": 1})
+        raw.incr(keys.blocked_version)
+        raw.config_resetstat()
+    await store.blocked.poll()
+    assert "missed" in store.blocked
+    stats = command_stats(own_redis)
+    assert calls(stats, "mget") == 1
+    assert calls(stats, "get") <= 1  # the epoch, read again after the shard that moved
+    assert calls(stats, "zrange") == 1  # only the shard that moved
+    await store.close()
 
 
 @pytest.mark.parametrize("on_error", ["open", "closed"])
