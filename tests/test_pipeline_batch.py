@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from gateway.errors import StoreUnavailable
-from gateway.store.pipeline import BATCH_MAX, Batching, ScriptPipeline
+from gateway.store.pipeline import BATCH_MAX, MAX_IN_FLIGHT, Batching, ScriptPipeline
 from gateway.store.scripts import CROSS_SLOT
 from tests.rig.redis_server import RedisServer, calls, command_stats, reset_stats
 
@@ -234,3 +234,18 @@ async def test_a_batch_error_fails_every_member(own_redis: RedisServer) -> None:
         assert await p.call(["k"], ["alone"]) == [b"k", b"alone"]
     finally:
         await p.close()
+
+
+async def test_the_in_flight_bound_counts_calls_not_batches(batching: ScriptPipeline) -> None:
+    """MAX_IN_FLIGHT calls may wait at once, however few commands carry them: the next one
+    is refused at once, and the calls waiting are all answered."""
+    results = await asyncio.gather(
+        *(batching.call([f"k{i}"], [str(i)]) for i in range(MAX_IN_FLIGHT + 1)),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, StoreUnavailable)]
+    assert len(refused) == 1 and "too many store calls" in str(refused[0])
+    assert isinstance(results[-1], StoreUnavailable)  # the one past the bound
+    assert sum(isinstance(r, list) for r in results) == MAX_IN_FLIGHT
+    assert batching._waiting == 0
+    assert await batching.call(["k"], ["after"]) == [b"k", b"after"]

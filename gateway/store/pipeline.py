@@ -184,6 +184,7 @@ class ScriptPipeline:
         self._batch_sha = hashlib.sha1(self._batch_script).hexdigest().encode()
         self._batching = batch is not None
         self._cross_slot = batch is not None and batch.cross_slot
+        self._waiting = 0  # calls waiting for their answer (MAX_IN_FLIGHT)
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
@@ -230,7 +231,7 @@ class ScriptPipeline:
         `asking` sends ASKING ahead of it (a cluster's ASK redirect, followed once)."""
         if self._transport is None:
             await self._connect()
-        if len(self._pending) + len(self._outbox) >= MAX_IN_FLIGHT:
+        if self._waiting >= MAX_IN_FLIGHT:  # calls, not commands: a batch carries many
             raise StoreUnavailable("too many store calls in flight")
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -243,7 +244,11 @@ class ScriptPipeline:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        self._waiting += 1
+        try:
+            return await future
+        finally:
+            self._waiting -= 1
 
     async def connect(self) -> None:
         """Open the connection now (it opens on first use otherwise)."""
