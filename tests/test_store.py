@@ -124,7 +124,7 @@ async def test_a_device_s_keys_and_declared_fields_are_kept_per_identity(
     newer = DeviceIdentity("kept-1", "FieldApp", "2.5.0")
     await store.enforce(newer, "198.51.100.7", BUCKET, upload=False)
     assert script._devices["kept-1"][0] is newer
-    assert script._devices["kept-1"][1] is kept[1]  # the keys: the id's, kept
+    assert script._devices["kept-1"][1] == kept[1]  # the keys: the id's, kept
     device = await store.get_device("kept-1")
     assert device is not None and device.application_version == "2.5.0"
     assert device.request_count == 4
