@@ -425,17 +425,13 @@ class ScriptPipeline:
             not_primary = message.startswith(_NOT_PRIMARY)
             what = "Redis is not a usable primary" if not_primary else "Redis error"
             error = StoreUnavailable(f"{what}: {message}")
-            for member in members:
-                if member.future is not None and not member.future.done():
-                    member.future.set_exception(error)
+            _fail(batch, error)
             if not_primary:
                 self._fail_all(error)  # the calls in flight behind it meet the same
             return
         if not isinstance(reply, list) or len(reply) != len(members):
-            error = StoreUnavailable(f"Redis answered a batch of {len(members)} with {reply!r}")
-            for member in members:
-                if member.future is not None and not member.future.done():
-                    member.future.set_exception(error)
+            count = len(members)
+            _fail(batch, StoreUnavailable(f"Redis answered a batch of {count} with {reply!r}"))
             return
         for member, entry in zip(members, reply, strict=True):
             if (
@@ -477,10 +473,7 @@ class ScriptPipeline:
         call in flight (each meets NOSCRIPT: Redis answers in order), and send the call again,
         once; a second NOSCRIPT fails it."""
         if call.retried:
-            error = StoreUnavailable("Redis error: NOSCRIPT again after loading the script")
-            for member in call.members or (call,):
-                if member.future is not None and not member.future.done():
-                    member.future.set_exception(error)
+            _fail(call, StoreUnavailable("Redis error: NOSCRIPT again after loading the script"))
             return
         call.retried = True
         if not self._reloading:
@@ -517,6 +510,11 @@ class ScriptPipeline:
         if transport is not None:
             transport.abort()
         for call in calls:
-            for member in call.members or (call,):
-                if member.future is not None and not member.future.done():
-                    member.future.set_exception(error)
+            _fail(call, error)
+
+
+def _fail(call: _Call, error: StoreUnavailable) -> None:
+    """Fail the caller of `call`, or of each call a batch carries, that still waits."""
+    for member in call.members or (call,):
+        if member.future is not None and not member.future.done():
+            member.future.set_exception(error)
