@@ -45,6 +45,8 @@ def engine_runner(request: pytest.FixtureRequest) -> Iterator[tuple[asyncio.Runn
         yield loop, engine.url
 
 
+rates = st.integers(min_value=1, max_value=50_000)  # milli-tokens per second
+bursts = st.integers(min_value=1, max_value=20)
 steps = st.lists(
     # Elapsed microseconds before each request; negative steps are a clock going backwards.
     st.one_of(
@@ -61,8 +63,8 @@ steps = st.lists(
     max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    rate_milli=st.integers(min_value=1, max_value=50_000),
-    burst=st.integers(min_value=1, max_value=20),
+    rate_milli=rates,
+    burst=bursts,
     elapsed=steps,
     anonymous=st.booleans(),
 )
@@ -82,8 +84,8 @@ def test_lua_bucket_matches_the_model(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    rate_milli=st.integers(min_value=1, max_value=50_000),
-    burst=st.integers(min_value=1, max_value=20),
+    rate_milli=rates,
+    burst=bursts,
     elapsed=steps,
     anonymous=st.booleans(),
 )
@@ -103,8 +105,8 @@ def test_lua_bucket_matches_the_model_on_cluster_and_sentinel(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    rate_milli=st.integers(min_value=1, max_value=50_000),
-    burst=st.integers(min_value=1, max_value=20),
+    rate_milli=rates,
+    burst=bursts,
     elapsed=steps,
     anonymous=st.booleans(),
     lanes=st.integers(min_value=2, max_value=6),
@@ -124,8 +126,8 @@ def test_lua_bucket_matches_the_model_batched(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    rate_milli=st.integers(min_value=1, max_value=50_000),
-    burst=st.integers(min_value=1, max_value=20),
+    rate_milli=rates,
+    burst=bursts,
     elapsed=steps,
     lanes=st.integers(min_value=2, max_value=6),
 )
